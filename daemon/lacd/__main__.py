@@ -1,0 +1,3 @@
+from lacd.cli import main
+
+main()

@@ -1,0 +1,273 @@
+"""Settings: one TOML file plus LACD_* environment overrides, validated once at the edge.
+
+Where the file is found, first match wins: ``--config PATH``, ``$LACD_CONFIG``,
+``~/.config/lacd/config.toml``, ``/etc/lacd/config.toml``; with none of them the embedded
+defaults apply. Any key can be overridden by ``LACD_<SECTION>_<KEY>`` (``LACD_QUEUE_THRESHOLD=8``).
+
+Every key is declared once, in the section dataclasses below, with its type, default, check and
+help text; :func:`render_default_config` writes the commented file that ``lacd init`` creates from
+the same declarations, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the key and where it came from."""
+
+
+def _key(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "lacd")
+
+
+@dataclass(frozen=True)
+class Watch:
+    log: Path = _key(Path("~/agent_interactions.jsonl"), "the agent's log: agent_interactions.jsonl")
+    poll_interval: float = _key(1.0, "seconds between stat polls (the fallback when no file event arrives)", _between(0.05, 60))
+    max_line_bytes: int = _key(16 * 1024 * 1024, "lines longer than this are rejected without being read into memory", _at_least(1024))
+    rotate_wait: float = _key(5.0, "seconds a rotated-away file is still read for late appends", _at_least(0))
+    batch_lines: int = _key(2000, "lines committed per SQLite transaction during a backfill", _at_least(1))
+
+
+@dataclass(frozen=True)
+class State:
+    dir: Path = _key(Path(_default_state_dir()), "database, lock and run folders live here")
+
+
+@dataclass(frozen=True)
+class Queue:
+    threshold: int = _key(50, "a training run starts once this many usable lessons are pending", _at_least(1))
+
+
+@dataclass(frozen=True)
+class Curation:
+    duplicate: bool = _key(True, "exclude an exact duplicate of an earlier lesson's conversation")
+    no_reply: bool = _key(True, "exclude a lesson with no non-empty reply")
+    empty_prompt: bool = _key(True, "exclude a lesson whose user prompt is empty")
+    fabricated_output: bool = _key(True, "exclude a lesson where the model wrote its own <tool_output>")
+    all_tools_failed: bool = _key(True, "exclude a lesson where every tool execution failed")
+
+
+@dataclass(frozen=True)
+class Model:
+    base: str = _key("smollm2-135m", "base model: a local HF folder, a .gguf file, an HF hub id in the local cache, ollama:<model>, or smollm2-135m")
+    name: str = _key("lacd-coder", "Ollama model name; versions are registered as <name>:v<N>, the active one as <name>:latest")
+
+
+@dataclass(frozen=True)
+class Ollama:
+    host: str = _key("http://127.0.0.1:11434", "the Ollama server lacd registers models with")
+
+
+@dataclass(frozen=True)
+class Export:
+    converter: str = _key("builtin", "builtin (one streaming pass) or llama.cpp (merge, then run llama_cpp_convert)", _one_of("builtin", "llama.cpp"))
+    llama_cpp_convert: str = _key("", "path of llama.cpp's convert_hf_to_gguf.py, for converter = llama.cpp")
+    outtype: str = _key("f16", "GGUF tensor type: f16, bf16, f32 or q8_0", _one_of("f16", "bf16", "f32", "q8_0"))
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str = _key("info", "debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
+    format: str = _key("auto", "auto (console on a TTY, JSON otherwise), console or json", _one_of("auto", "console", "json"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of lacd's configuration; built only by :func:`load`."""
+
+    watch: Watch = field(default_factory=Watch)
+    state: State = field(default_factory=State)
+    queue: Queue = field(default_factory=Queue)
+    curation: Curation = field(default_factory=Curation)
+    model: Model = field(default_factory=Model)
+    ollama: Ollama = field(default_factory=Ollama)
+    export: Export = field(default_factory=Export)
+    log: Log = field(default_factory=Log)
+    source: str = "embedded defaults"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state.dir / "lacd.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state.dir / "lacd.lock"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.state.dir / "runs"
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Settings)
+    if f.default_factory is not dataclasses.MISSING
+}
+
+
+def find_config(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read, or None for the embedded defaults."""
+    if explicit:
+        return _must_exist(Path(explicit).expanduser(), "--config")
+    if env.get("LACD_CONFIG"):
+        return _must_exist(Path(env["LACD_CONFIG"]).expanduser(), "LACD_CONFIG")
+    for candidate in (Path("~/.config/lacd/config.toml").expanduser(), Path("/etc/lacd/config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _must_exist(path: Path, origin: str) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} (from {origin}) does not exist; `lacd init` writes one")
+    return path
+
+
+def load(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    path = find_config(explicit, env)
+    raw = _read_toml(path) if path else {}
+    base_dir = path.parent if path else Path.cwd()
+    sections = {}
+    for name, cls in SECTIONS.items():
+        given = raw.pop(name, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{name}] must be a table in {path}")
+        sections[name] = _build_section(name, cls, given, env, base_dir, path)
+    if raw:
+        raise ConfigError(f"unknown section [{sorted(raw)[0]}] in {path}; known: {', '.join(SECTIONS)}")
+    _reject_unknown_env(env)
+    return Settings(**sections, source=str(path) if path else "embedded defaults")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+
+
+def _build_section(name, cls, given, env, base_dir, path):
+    values = {}
+    for f in dataclasses.fields(cls):
+        env_name = f"LACD_{name}_{f.name}".upper()
+        in_file = given.pop(f.name, None)
+        if env_name in env:
+            value, origin, rel = env[env_name], env_name, Path.cwd()
+        elif in_file is not None:
+            value, origin, rel = in_file, str(path), base_dir
+        else:
+            continue
+        values[f.name] = _coerce(f, value, f"[{name}] {f.name}", origin, rel)
+    if given:
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"unknown key [{name}] {sorted(given)[0]} in {path}; known keys: {known}")
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name, f.default)
+        if isinstance(value, Path):
+            values[f.name] = value.expanduser()
+    return cls(**values)
+
+
+def _coerce(f: dataclasses.Field, value: Any, key: str, origin: str, rel: Path) -> Any:
+    kind = type(f.default)
+    try:
+        out = _convert(kind, value, rel)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r} (from {origin})") from None
+    problem = f.metadata["check"](out) if f.metadata.get("check") else None
+    if problem:
+        raise ConfigError(f"{key}: {problem} (got {value!r}, from {origin})")
+    return out
+
+
+def _convert(kind: type, value: Any, rel: Path) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise TypeError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    if issubclass(kind, Path):
+        if not isinstance(value, str) or not value:
+            raise TypeError(value)
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (rel / p)
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _type_name(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, "a path")
+
+
+def _reject_unknown_env(env: Mapping[str, str]) -> None:
+    known = {f"LACD_{s}_{f.name}".upper() for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    known |= {"LACD_CONFIG"}
+    for name in env:
+        if name.startswith("LACD_") and name not in known:
+            raise ConfigError(f"unknown environment variable {name}; known: LACD_CONFIG, LACD_<SECTION>_<KEY> for the keys `lacd init` writes")
+
+
+def render_default_config() -> str:
+    """The commented TOML that `lacd init` writes: every key, its default and what it does."""
+    lines = ["# lacd configuration. Every key is shown with its default; any key can be", "# overridden by LACD_<SECTION>_<KEY> in the environment.", ""]
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{f.name} = {_toml_value(f.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,172 @@
+"""From one log line to a lesson: parse, rebuild the conversation in order, decide if it is usable.
+
+Three line shapes are read (see shared/fixtures/local-ai-coder/README.md):
+
+* local-ai-coder v1: ``{"user_prompt", "ai_responses": [...], "tool_executions": [...]}``
+* local-ai-coder v2: the same with ``user_message``; only the first ``<tool_code>`` of a reply runs
+* OpenAI style: ``{"messages": [{"role": ..., "content": ..., "tool_calls": [...]}, ...]}``
+
+The canonical form is a list of ``{"role", "content"}`` messages (plus ``tool_calls`` for OpenAI
+lines); the agent's system prompt is not part of it (it is configuration, added when formatting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+TOOL_CODE = re.compile(r"<tool_code>.*?</tool_code>", re.S)
+PLAN = re.compile(r"<plan>.*?</plan>", re.S)
+FABRICATED = re.compile(r"<tool_output|<tool_error")
+FAILED_OUTPUT = re.compile(r"^\s*<(tool_output_error|tool_error)>")
+ROLES = ("system", "user", "assistant", "tool")
+
+# curation reasons, in the order they are checked; the first that applies is recorded
+REASONS = ("empty_prompt", "no_reply", "fabricated_output", "all_tools_failed", "duplicate")
+
+
+class LineRejected(Exception):
+    """The line cannot become a lesson; ``reason`` says why (stored in the rejects table)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Parsed:
+    format: str
+    messages: list[dict[str, Any]]
+    conversation: str  # canonical JSON of the messages
+    conv_hash: str
+    unmatched_tools: int = 0  # tool executions that no reply's call accounts for
+
+    def flaw(self, rules: dict[str, bool]) -> str | None:
+        """The first curation reason (other than duplicate) that excludes this lesson, if any."""
+        checks = {
+            "empty_prompt": lambda: not _first(self.messages, "user").strip(),
+            "no_reply": lambda: not any(m["content"].strip() or m.get("tool_calls") for m in _all(self.messages, "assistant")),
+            "fabricated_output": lambda: any(FABRICATED.search(m["content"]) for m in _all(self.messages, "assistant")),
+            "all_tools_failed": lambda: _all_failed(self.messages),
+        }
+        for reason, check in checks.items():
+            if rules.get(reason, True) and check():
+                return reason
+        return None
+
+
+def parse_line(text: str) -> Parsed:
+    """Parse one decoded log line; raise LineRejected with a clear reason."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LineRejected(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise LineRejected(f"unknown shape: a JSON {type(obj).__name__}, expected an object")
+    if "messages" in obj:
+        fmt, messages, unmatched = "openai", _openai_messages(obj["messages"]), 0
+    elif "ai_responses" in obj and ("user_prompt" in obj or "user_message" in obj):
+        fmt = "local-ai-coder/v1" if "user_prompt" in obj else "local-ai-coder/v2"
+        messages, unmatched = _agent_messages(obj, first_call_only=fmt.endswith("v2"))
+    else:
+        keys = ", ".join(sorted(obj)[:6]) or "none"
+        raise LineRejected(f"unknown shape: keys {keys}; expected user_prompt/user_message + ai_responses, or messages")
+    conversation = json.dumps({"messages": messages}, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.blake2b(conversation.encode(), digest_size=16).hexdigest()
+    return Parsed(fmt, messages, conversation, digest, unmatched)
+
+
+def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
+    prompt = obj.get("user_prompt", obj.get("user_message"))
+    replies = obj["ai_responses"]
+    executions = obj.get("tool_executions") or []
+    if not isinstance(prompt, str):
+        raise LineRejected("unknown shape: the user prompt is not a string")
+    if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+        raise LineRejected("unknown shape: ai_responses is not a list of strings")
+    if not isinstance(executions, list) or not all(_is_execution(e) for e in executions):
+        raise LineRejected("unknown shape: tool_executions is not a list of {tool_call, tool_output}")
+    calls = [_calls_in(r, first_call_only) for r in replies]
+    messages = [{"role": "user", "content": prompt}]
+    pos = 0
+    for i, reply in enumerate(replies):
+        if reply.strip():
+            messages.append({"role": "assistant", "content": reply})
+        take = _executions_for(reply, calls[i], sum(c for c in calls[i + 1:] if c > 0), len(executions) - pos)
+        for execution in executions[pos:pos + take]:
+            messages.append({"role": "tool", "content": execution["tool_output"]})
+        pos += take
+    return messages, len(executions) - pos
+
+
+def _calls_in(reply: str, first_call_only: bool) -> int:
+    """How many tool executions a reply causes; -1 for a plan (the agent runs its steps itself)."""
+    n = len(TOOL_CODE.findall(reply))
+    if first_call_only:
+        n = min(n, 1)
+    if n == 0 and PLAN.search(reply):
+        return -1
+    return n
+
+
+def _executions_for(reply: str, calls: int, needed_later: int, remaining: int) -> int:
+    if calls >= 0:
+        return min(calls, remaining)
+    return max(0, remaining - needed_later)  # a plan takes every step not owed to a later reply
+
+
+def _is_execution(e: Any) -> bool:
+    return isinstance(e, dict) and isinstance(e.get("tool_call"), str) and isinstance(e.get("tool_output"), str)
+
+
+def _openai_messages(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise LineRejected("unknown shape: messages is not a non-empty list")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise LineRejected(f"unknown shape: message {i} has no role among {', '.join(ROLES)}")
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise LineRejected(f"unknown shape: message {i} content is not a string")
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        out.append(msg)
+    if not any(m["role"] == "user" for m in out):
+        raise LineRejected("unknown shape: messages has no user message")
+    return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    if not isinstance(calls, list):
+        raise LineRejected(f"unknown shape: message {i} tool_calls is not a list")
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise LineRejected(f"unknown shape: message {i} has a tool call without a name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise LineRejected(f"unknown shape: message {i} tool call arguments are not JSON") from None
+        out.append({"name": fn["name"], "arguments": args})
+    return out
+
+
+def _first(messages: list[dict], role: str) -> str:
+    return next((m["content"] for m in messages if m["role"] == role), "")
+
+
+def _all(messages: list[dict], role: str) -> list[dict]:
+    return [m for m in messages if m["role"] == role]
+
+
+def _all_failed(messages: list[dict]) -> bool:
+    tools = _all(messages, "tool")
+    return bool(tools) and all(FAILED_OUTPUT.match(m["content"]) for m in tools)

@@ -1,0 +1,266 @@
+"""Read the agent's log from the last committed offset to its end, through every rotation.
+
+The tailer is the only writer of lessons. One call of :meth:`Tailer.sync` looks at what the log
+path names now (same file grown, truncated, rewritten, rotated away, replaced, deleted), reads
+complete lines from every file it follows, and commits them batch by batch through the Store.
+
+Files it follows: ``current`` (the file at the path) and ``draining`` (earlier generations that
+were rotated, deleted or replaced; read until nothing new arrived for ``rotate_wait`` seconds,
+so a writer still appending to a renamed file loses nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import structlog
+
+from lacd.ingest.identity import Cursor, continues, find_continuation
+from lacd.ingest.lessons import LineRejected, parse_line
+from lacd.ingest.store import PREFIX_CHARS, CommitStats, LineLesson, LineReject, Store
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 1 << 20
+BATCH_BYTES = 8 << 20
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class Line:
+    offset: int
+    length: int  # including the newline
+    data: bytes | None  # None: longer than the cap, only `prefix` was kept
+    prefix: bytes = b""
+
+
+@dataclass
+class Tracked:
+    cursor: Cursor
+    fd: int
+    since: float  # when it was opened or last grew or was retired (for rotate_wait)
+    draining: bool = False
+
+
+@dataclass
+class SyncStats:
+    lessons: int = 0
+    pending: int = 0
+    rejected: int = 0
+    excluded: Counter = field(default_factory=Counter)
+
+    def add(self, c: CommitStats) -> None:
+        self.lessons += c.lessons
+        self.pending += c.pending
+        self.rejected += c.rejected
+        self.excluded.update(c.excluded)
+
+
+def iter_lines(fd: int, start: int, end: int, max_line: int) -> Iterator[Line]:
+    """Complete lines between `start` and `end`; a line over `max_line` bytes is never held whole."""
+    pos = line_start = start
+    parts: list[bytes] = []
+    held = 0
+    too_long = False
+    prefix = b""
+    while pos < end:
+        buf = os.pread(fd, min(CHUNK, end - pos), pos)
+        if not buf:
+            break
+        i = 0
+        while True:
+            j = buf.find(b"\n", i)
+            piece = buf[i:] if j < 0 else buf[i:j]
+            if not too_long and held + len(piece) > max_line:
+                too_long, prefix, parts, held = True, (b"".join(parts) + piece)[:PREFIX_CHARS * 4], [], 0
+            elif not too_long:
+                parts.append(piece)
+                held += len(piece)
+            if j < 0:
+                break
+            stop = pos + j + 1
+            yield Line(line_start, stop - line_start, None if too_long else b"".join(parts), prefix)
+            line_start, parts, held, too_long, prefix, i = stop, [], 0, False, b"", j + 1
+        pos += len(buf)
+
+
+def classify(line: Line) -> LineLesson | LineReject | None:
+    """A lesson, a reject, or None for a blank line."""
+    if line.data is None:
+        text = line.prefix.decode("utf-8", "replace")[:PREFIX_CHARS]
+        return LineReject(line.offset, line.length, f"line longer than the cap ({line.length - 1} bytes)", text)
+    data = line.data[3:] if line.offset == 0 and line.data.startswith(BOM) else line.data
+    if data.endswith(b"\r"):
+        data = data[:-1]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return LineReject(line.offset, line.length, f"invalid UTF-8 at byte {exc.start}",
+                          data[:PREFIX_CHARS].decode("utf-8", "replace"))
+    if not text.strip():
+        return None
+    try:
+        return LineLesson(line.offset, line.length, text, parse_line(text))
+    except LineRejected as exc:
+        return LineReject(line.offset, line.length, exc.reason, text[:PREFIX_CHARS])
+
+
+class Tailer:
+    def __init__(self, path: os.PathLike, store: Store, *, max_line: int, rotate_wait: float,
+                 batch_lines: int, clock: Callable[[], float] = time.monotonic):
+        self.path = os.path.abspath(os.fspath(path))
+        self.store = store
+        self.max_line = max_line
+        self.rotate_wait = rotate_wait
+        self.batch_lines = batch_lines
+        self.clock = clock
+        self.current: Tracked | None = None
+        self.draining: list[Tracked] = []
+        self.saved: Cursor | None = None  # the active generation the database remembers
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Pick up where the database says the last process stopped."""
+        self.saved, draining = self.store.open_sources(self.path)
+        for cursor in draining:
+            self._resume_elsewhere(cursor, note="rotated away before a restart")
+
+    def close(self) -> None:
+        for t in self._followed():
+            os.close(t.fd)
+        self.current, self.draining = None, []
+
+    def sync(self) -> SyncStats:
+        """Follow the path, read every followed file to its last complete line, commit."""
+        stats = SyncStats()
+        self._follow()
+        for t in list(self._followed()):
+            self._read(t, stats)
+        self._expire()
+        return stats
+
+    def _followed(self) -> list[Tracked]:
+        return ([self.current] if self.current else []) + self.draining
+
+    # -- what the path names now ------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            st = None
+        if st is None and self.saved:
+            self._resume_elsewhere(self.saved, note="the log was missing when lacd started")
+            self.saved = None
+        cur = self.current
+        if cur and st and (st.st_dev, st.st_ino) == (cur.cursor.dev, cur.cursor.inode):
+            if not continues(cur.fd, cur.cursor):
+                self._restart_generation(cur, st)
+            return
+        if cur:
+            self._retire(cur)
+        if st:
+            self.current = self._adopt(st)
+
+    def _retire(self, t: Tracked) -> None:
+        """The path no longer names this file: read it to its end, then keep draining it."""
+        self._read(t, SyncStats())
+        t.draining, t.since = True, self.clock()
+        self.draining.append(t)
+        self.current = None
+        self.store.set_state(t.cursor, "draining", note="rotated, replaced or deleted")
+
+    def _adopt(self, st: os.stat_result) -> Tracked | None:
+        """Open the file at the path: the continuation of a known generation, or a new one."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_ino != st.st_ino:
+            os.close(fd)  # replaced between stat and open: the next sync looks again
+            return None
+        for t in list(self.draining):
+            if t.cursor.offset and continues(fd, t.cursor):  # same bytes, new inode: an atomic replace
+                self.draining.remove(t)
+                os.close(t.fd)
+                return self._continue(fd, st, t.cursor, "replaced by a file with the same content")
+        saved, self.saved = self.saved, None
+        if saved and continues(fd, saved):
+            return self._continue(fd, st, saved, None)
+        if saved:
+            self._resume_elsewhere(saved, note="the file at the path changed while lacd was stopped", skip={(st.st_dev, st.st_ino)})
+        return Tracked(self.store.new_source(self.path, st.st_dev, st.st_ino), fd, self.clock())
+
+    def _continue(self, fd: int, st: os.stat_result, cursor: Cursor, note: str | None) -> Tracked:
+        cursor = replace(cursor, path=self.path, dev=st.st_dev, inode=st.st_ino)
+        self.store.set_state(cursor, "active", note=note)
+        return Tracked(cursor, fd, self.clock())
+
+    def _restart_generation(self, cur: Tracked, st: os.stat_result) -> None:
+        """Same inode, other bytes: truncated (copytruncate too) or rewritten in place."""
+        old = cur.cursor
+        self._resume_elsewhere(old, note="truncated or rewritten in place", skip={(st.st_dev, st.st_ino)})
+        cur.cursor = self.store.new_source(self.path, st.st_dev, st.st_ino)
+        cur.since = self.clock()
+
+    def _resume_elsewhere(self, cursor: Cursor, note: str, skip: set | None = None) -> None:
+        """Finish a generation from a file beside the log that still holds it, or record it lost."""
+        found = find_continuation(os.path.dirname(cursor.path), cursor, skip or set())
+        if found is None:
+            lost = "its file is gone: lines written after the last read offset could not be read"
+            self.store.set_state(cursor, "lost", note=f"{note}; {lost}")
+            log.warning("source_lost", source=cursor.source_id, offset=cursor.offset, reason=note)
+            return
+        st = os.stat(found)
+        cursor = replace(cursor, path=found, dev=st.st_dev, inode=st.st_ino)
+        self.store.set_state(cursor, "draining", note=f"{note}; finishing it from {found}")
+        self.draining.append(Tracked(cursor, os.open(found, os.O_RDONLY), self.clock(), draining=True))
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for t in list(self.draining):
+            if now - t.since >= self.rotate_wait:
+                self.draining.remove(t)
+                os.close(t.fd)
+                self.store.set_state(t.cursor, "done")
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def _read(self, t: Tracked, stats: SyncStats) -> None:
+        size = os.fstat(t.fd).st_size
+        if size <= t.cursor.offset:
+            return
+        lessons: list[LineLesson] = []
+        rejects: list[LineReject] = []
+        pending_bytes = 0
+        end = t.cursor.offset
+        for line in iter_lines(t.fd, t.cursor.offset, size, self.max_line):
+            record = classify(line)
+            if isinstance(record, LineLesson):
+                lessons.append(record)
+            elif isinstance(record, LineReject):
+                rejects.append(record)
+            end = line.offset + line.length
+            pending_bytes += line.length
+            if len(lessons) + len(rejects) >= self.batch_lines or pending_bytes >= BATCH_BYTES:
+                self._commit(t, end, lessons, rejects, stats)
+                lessons, rejects, pending_bytes = [], [], 0
+        if end > t.cursor.offset:
+            self._commit(t, end, lessons, rejects, stats)
+
+    def _commit(self, t: Tracked, end: int, lessons, rejects, stats: SyncStats) -> None:
+        moved = replace(t.cursor)
+        moved.advance(t.fd, end)
+        result = self.store.commit(moved, lessons, rejects)
+        t.cursor, t.since = moved, self.clock()
+        stats.add(result)
+        log.info("ingest_batch", source=moved.source_id, offset=end, lessons=result.lessons,
+                 pending=result.pending, rejected=result.rejected, excluded=dict(result.excluded))

@@ -1,0 +1,85 @@
+"""The tables. The schema itself is only ever changed through Alembic migrations (migrations/)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Source(Base):
+    """One generation of the watched log: a file identity and how far it has been read.
+
+    ``offset`` always sits just after a complete line, and moves only in the transaction that
+    stores the rows of the lines before it. ``head_hash`` covers the first ``head_len`` bytes and
+    ``marker_hash`` the ``marker_len`` bytes just before ``offset``: together they tell whether a
+    file is still the one this row describes (see lacd.ingest.identity).
+    """
+
+    __tablename__ = "sources"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    dev: Mapped[int] = mapped_column(Integer)
+    inode: Mapped[int] = mapped_column(Integer)
+    head_len: Mapped[int] = mapped_column(Integer, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64), default="")
+    offset: Mapped[int] = mapped_column(Integer, default=0)
+    marker_len: Mapped[int] = mapped_column(Integer, default=0)
+    marker_hash: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), index=True)  # active | draining | done | lost
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Lesson(Base):
+    """One complete log line that parsed into a conversation; identified by its place in the file."""
+
+    __tablename__ = "lessons"
+    __table_args__ = (UniqueConstraint("source_id", "offset", name="uq_lessons_place"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
+    offset: Mapped[int] = mapped_column(Integer)
+    length: Mapped[int] = mapped_column(Integer)
+    ingested_at: Mapped[float] = mapped_column(Float)
+    format: Mapped[str] = mapped_column(String(32))
+    conversation: Mapped[str] = mapped_column(Text)  # canonical JSON: {"messages": [...]}
+    raw: Mapped[str] = mapped_column(Text)  # the line as written (decoded, without its newline)
+    conv_hash: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # pending | trained | excluded (indexed with id below)
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    trained_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Reject(Base):
+    """A line that could not become a lesson, kept with its reason and a prefix for the CLI."""
+
+    __tablename__ = "rejects"
+    __table_args__ = (UniqueConstraint("source_id", "offset", name="uq_rejects_place"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
+    offset: Mapped[int] = mapped_column(Integer)
+    length: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Run(Base):
+    """A training cycle (the learning-cycle issue fills in its stages)."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lesson_count: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+Index("ix_lessons_status_id", Lesson.status, Lesson.id)

@@ -1,0 +1,77 @@
+"""The lesson queue seen from outside the tailer: counts, listings, what a run trains on.
+
+Every function takes an open SQLAlchemy connection, so callers decide read-only or write.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import Connection, func, select
+
+from lacd.models import Lesson, Reject, Run, Source
+
+STATUSES = ("pending", "trained", "excluded")
+
+
+def pending_count(conn: Connection) -> int:
+    return conn.execute(select(func.count()).select_from(Lesson).where(Lesson.status == "pending")).scalar_one()
+
+
+def counts(conn: Connection) -> dict:
+    """Totals by status, exclusions by reason, and the number of rejected lines."""
+    by_status = dict(conn.execute(select(Lesson.status, func.count()).group_by(Lesson.status)).all())
+    excluded = dict(conn.execute(
+        select(Lesson.reason, func.count()).where(Lesson.status == "excluded").group_by(Lesson.reason)).all())
+    rejected = conn.execute(select(func.count()).select_from(Reject)).scalar_one()
+    return {
+        "lessons_total": sum(by_status.values()),
+        "pending": by_status.get("pending", 0),
+        "trained": by_status.get("trained", 0),
+        "excluded": excluded,
+        "rejected": rejected,
+    }
+
+
+def list_lessons(conn: Connection, status: str | None = None, reason: str | None = None, limit: int = 50) -> list[dict]:
+    q = select(Lesson.id, Lesson.source_id, Lesson.offset, Lesson.length, Lesson.ingested_at, Lesson.format,
+               Lesson.status, Lesson.reason, Lesson.trained_run_id, Lesson.conversation)
+    if status:
+        q = q.where(Lesson.status == status)
+    if reason:
+        q = q.where(Lesson.reason == reason)
+    rows = conn.execute(q.order_by(Lesson.id.desc()).limit(limit)).all()
+    return [_lesson_dict(r) for r in rows]
+
+
+def _lesson_dict(row) -> dict:
+    messages = json.loads(row.conversation)["messages"]
+    prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return {
+        "id": row.id, "source": row.source_id, "offset": row.offset, "length": row.length,
+        "ingested_at": row.ingested_at, "format": row.format, "status": row.status, "reason": row.reason,
+        "trained_run": row.trained_run_id, "turns": len(messages), "prompt": prompt,
+    }
+
+
+def list_rejects(conn: Connection, limit: int = 50) -> list[dict]:
+    rows = conn.execute(select(Reject).order_by(Reject.id.desc()).limit(limit)).all()
+    return [{"id": r.id, "source": r.source_id, "offset": r.offset, "length": r.length,
+             "reason": r.reason, "prefix": r.prefix, "created_at": r.created_at} for r in rows]
+
+
+def sources(conn: Connection) -> list[dict]:
+    rows = conn.execute(select(Source).order_by(Source.id.desc()).limit(20)).all()
+    return [{"id": r.id, "path": r.path, "inode": r.inode, "offset": r.offset, "state": r.state,
+             "note": r.note, "updated_at": r.updated_at} for r in rows]
+
+
+def runs(conn: Connection, limit: int = 10) -> list[dict]:
+    rows = conn.execute(select(Run).order_by(Run.id.desc()).limit(limit)).all()
+    return [_run_dict(r) for r in rows]
+
+
+def _run_dict(r) -> dict:
+    return {"id": r.id, "status": r.status, "stage": r.stage, "created_at": r.created_at,
+            "finished_at": r.finished_at, "lessons": r.lesson_count, "error": r.error,
+            "progress": json.loads(r.progress) if r.progress else None}
