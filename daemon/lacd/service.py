@@ -1,6 +1,6 @@
 """The daemon: one process per state dir, a clear start, loop and stop.
 
-    initialize()  lock the state dir, migrate, catch up on the log, start the watcher, READY=1
+    initialize()  (state dir locked) migrate, catch up on the log, start the watcher, READY=1
     loop_once()   supervise the watcher, read the log to its end, commit (the health check)
     shutdown()    STOPPING=1, stop the watcher, close files, release the lock
 
@@ -10,6 +10,7 @@ the loop, so SIGTERM is answered within one poll interval and never interrupts a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -34,11 +35,11 @@ def prepare_state_dir(settings: Settings) -> None:
     settings.state.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def open_tailer(settings: Settings, engine) -> Tailer:
-    rules = {f: getattr(settings.curation, f) for f in settings.curation.__dataclass_fields__}
-    store = Store(engine, rules)
+def open_tailer(settings: Settings, engine, interrupted=lambda: False) -> Tailer:
+    rules = dataclasses.asdict(settings.curation)
     w = settings.watch
-    return Tailer(w.log, store, max_line=w.max_line_bytes, rotate_wait=w.rotate_wait, batch_lines=w.batch_lines)
+    return Tailer(w.log, Store(engine, rules), max_line=w.max_line_bytes, rotate_wait=w.rotate_wait,
+                  batch_lines=w.batch_lines, interrupted=interrupted)
 
 
 def catch_up(settings: Settings) -> SyncStats:
@@ -72,11 +73,10 @@ class Service:
         self.failures = 0
 
     def initialize(self) -> None:
-        prepare_state_dir(self.settings)
-        self.lock.acquire()
+        """Called with the state dir locked."""
         engine = db.write_engine(self.settings.db_path)
         db.migrate(engine)
-        self.tailer = open_tailer(self.settings, engine)
+        self.tailer = open_tailer(self.settings, engine, interrupted=lambda: self.stopping)
         self.tailer.start()
         stats = self.tailer.sync()
         self.watcher.supervise()
@@ -91,8 +91,10 @@ class Service:
     def run(self) -> None:
         """Run until SIGTERM/SIGINT; the only place that decides what a failure means."""
         self._install_signals()
-        self.initialize()
+        prepare_state_dir(self.settings)
+        self.lock.acquire()
         try:
+            self.initialize()
             while not self.stopping:
                 delay = self._step()
                 self.wake.wait(delay)

@@ -112,13 +112,15 @@ def classify(line: Line) -> LineLesson | LineReject | None:
 
 class Tailer:
     def __init__(self, path: os.PathLike, store: Store, *, max_line: int, rotate_wait: float,
-                 batch_lines: int, clock: Callable[[], float] = time.monotonic):
+                 batch_lines: int, clock: Callable[[], float] = time.monotonic,
+                 interrupted: Callable[[], bool] = lambda: False):
         self.path = os.path.abspath(os.fspath(path))
         self.store = store
         self.max_line = max_line
         self.rotate_wait = rotate_wait
         self.batch_lines = batch_lines
         self.clock = clock
+        self.interrupted = interrupted  # checked between batches: a stop never waits for a backfill
         self.current: Tracked | None = None
         self.draining: list[Tracked] = []
         self.saved: Cursor | None = None  # the active generation the database remembers
@@ -146,7 +148,8 @@ class Tailer:
         return stats
 
     def _followed(self) -> list[Tracked]:
-        return ([self.current] if self.current else []) + self.draining
+        """Older generations first, so lessons keep the order in which they were written."""
+        return self.draining + ([self.current] if self.current else [])
 
     # -- what the path names now ------------------------------------------------------------------
 
@@ -253,6 +256,8 @@ class Tailer:
             if len(lessons) + len(rejects) >= self.batch_lines or pending_bytes >= BATCH_BYTES:
                 self._commit(t, end, lessons, rejects, stats)
                 lessons, rejects, pending_bytes = [], [], 0
+                if self.interrupted():
+                    return
         if end > t.cursor.offset:
             self._commit(t, end, lessons, rejects, stats)
 

@@ -1,0 +1,55 @@
+"""Shared fixtures: every test gets its own state dir, log and environment (no user config leaks in)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "local-ai-coder"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """No LACD_* variable, user config or XDG path from the machine reaches a test."""
+    for name in list(os.environ):
+        if name.startswith("LACD_") or name == "NOTIFY_SOCKET":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "home" / ".local" / "state"))
+    (tmp_path / "home").mkdir()
+
+
+def agent_line(i: int, prompt: str | None = None) -> str:
+    """A usable local-ai-coder v1 line, unique for each i."""
+    return json.dumps({
+        "user_prompt": prompt if prompt is not None else f"read the file notes{i}.txt",
+        "ai_responses": [f"<tool_code>\nread_file('notes{i}.txt')\n</tool_code>", f"The file notes{i}.txt says hello {i}."],
+        "tool_executions": [{"tool_call": f"read_file('notes{i}.txt')", "tool_output": f"<tool_output>hello {i}</tool_output>"}],
+    })
+
+
+def lacd_env(tmp_path: Path, log: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LACD_")}
+    env.update(LACD_STATE_DIR=str(tmp_path / "state"), LACD_WATCH_LOG=str(log), LACD_LOG_FORMAT="json")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lacd", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,331 @@
+"""The tailer on real files: every way a log can grow, rotate, shrink or be replaced.
+
+Each test writes real bytes to a real file, runs the tailer against a real SQLite database, and
+checks the stored lessons are exactly the complete lines written, in order, none twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from sqlalchemy import select
+
+from conftest import FIXTURES, agent_line
+from lacd import db
+from lacd.ingest.store import Store
+from lacd.ingest.tailer import Tailer
+from lacd.models import Lesson, Reject, Source
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class Harness:
+    def __init__(self, tmp_path, max_line=1 << 20, rules=None):
+        self.dir = tmp_path / "logs"
+        self.dir.mkdir()
+        self.log = self.dir / "agent_interactions.jsonl"
+        self.engine = db.write_engine(tmp_path / "state" / "lacd.db")
+        db.migrate(self.engine)
+        self.clock = Clock()
+        self.max_line = max_line
+        self.rules = rules or {}
+        self.tailer = self.start()
+
+    def start(self) -> Tailer:
+        """A new tailer on the same database: what a restarted daemon does."""
+        t = Tailer(self.log, Store(self.engine, self.rules), max_line=self.max_line, rotate_wait=5.0,
+                   batch_lines=3, clock=self.clock)
+        t.start()
+        return t
+
+    def restart(self) -> None:
+        self.tailer.close()
+        self.tailer = self.start()
+
+    def sync(self, advance: float = 0.0):
+        self.clock.now += advance
+        return self.tailer.sync()
+
+    def write(self, text: str | bytes, path=None, mode="ab") -> None:
+        data = text.encode() if isinstance(text, str) else text
+        with open(path or self.log, mode) as fh:
+            fh.write(data)
+
+    def lines(self, *ids: int) -> str:
+        return "".join(agent_line(i) + "\n" for i in ids)
+
+    def stored(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(Lesson.raw).order_by(Lesson.id)).scalars())
+
+    def stored_ids(self) -> list[int]:
+        return [int(json.loads(r)["user_prompt"].split("notes")[1].split(".")[0]) for r in self.stored()]
+
+    def rejects(self) -> list[tuple[int, str]]:
+        with self.engine.connect() as conn:
+            return [(r.offset, r.reason) for r in conn.execute(select(Reject).order_by(Reject.id))]
+
+    def sources(self):
+        with self.engine.connect() as conn:
+            return conn.execute(select(Source).order_by(Source.id)).all()
+
+
+@pytest.fixture
+def h(tmp_path):
+    return Harness(tmp_path)
+
+
+def test_append_while_running(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    h.write(h.lines(3, 4, 5, 6, 7))  # more than one batch (batch_lines=3)
+    h.sync()
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_partial_line_waits_for_its_newline_even_across_a_restart(h):
+    full = agent_line(2)
+    h.write(h.lines(1) + full[:40])
+    h.sync()
+    assert h.stored_ids() == [1]
+    h.restart()
+    h.sync()
+    assert h.stored_ids() == [1]
+    h.write(full[40:] + "\n")
+    h.sync()
+    assert h.stored_ids() == [1, 2]
+
+
+def test_missing_file_at_start_is_waited_for(h):
+    h.sync()
+    assert h.stored() == [] and h.sources() == []
+    h.write(h.lines(1))
+    h.sync()
+    assert h.stored_ids() == [1]
+
+
+def test_truncate_while_running_starts_a_new_generation(h):
+    h.write(h.lines(1, 2, 3))
+    h.sync()
+    with open(h.log, "r+b") as fh:
+        fh.truncate(0)
+    h.write(h.lines(4))
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3, 4]
+    assert [s.state for s in h.sources()] == ["lost", "active"]
+
+
+def test_truncate_and_rewrite_longer_while_stopped(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    h.tailer.close()
+    with open(h.log, "wb") as fh:  # same inode, different and longer content
+        fh.write(h.lines(10, 11, 12, 13).encode())
+    h.tailer = h.start()
+    h.sync()
+    assert h.stored_ids() == [1, 2, 10, 11, 12, 13]
+
+
+def test_rewrite_in_place_while_running_is_detected_by_the_marker(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    with open(h.log, "r+b") as fh:  # same inode, same size or longer, other bytes
+        fh.write(h.lines(7, 8, 9).encode())
+    h.sync()
+    assert h.stored_ids() == [1, 2, 7, 8, 9]
+
+
+def test_rename_rotation_with_the_writer_still_appending_to_the_old_file(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    rotated = h.dir / "agent_interactions.jsonl.1"
+    old = open(h.log, "ab")  # the writer keeps its descriptor across the rename
+    os.rename(h.log, rotated)
+    h.write(h.lines(3))  # a new file at the path
+    h.sync(advance=1)
+    old.write(h.lines(100).encode())  # late write to the rotated file
+    old.flush()
+    h.sync(advance=1)
+    h.write(h.lines(4))
+    h.sync(advance=10)  # past rotate_wait: the old generation is closed
+    old.write(h.lines(101).encode())
+    old.close()
+    h.sync(advance=1)
+    assert sorted(h.stored_ids()) == [1, 2, 3, 4, 100]
+    assert [s.state for s in h.sources()] == ["done", "active"]
+
+
+def test_rotation_while_stopped_finishes_the_old_file_first(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    h.tailer.close()
+    h.write(h.lines(3))  # written after the last read, before the rotation
+    os.rename(h.log, h.dir / "agent_interactions.jsonl.1")
+    h.write(h.lines(4, 5))
+    h.tailer = h.start()
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3, 4, 5]
+
+
+def test_copytruncate_reads_the_tail_from_the_copy(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    h.write(h.lines(3))  # not read yet when the rotator copies and truncates
+    shutil.copyfile(h.log, h.dir / "agent_interactions.jsonl.1")
+    with open(h.log, "r+b") as fh:
+        fh.truncate(0)
+    h.write(h.lines(4))
+    h.sync()
+    h.sync(advance=10)
+    assert h.stored_ids() == [1, 2, 3, 4]
+
+
+def test_delete_and_recreate_while_running(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    os.unlink(h.log)
+    h.sync()
+    h.write(h.lines(3))
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3]
+
+
+def test_delete_and_recreate_while_stopped_with_inode_reuse(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    h.tailer.close()
+    inode = os.stat(h.log).st_ino
+    os.unlink(h.log)
+    for attempt in range(50):  # most file systems hand the freed inode to the next file
+        h.write(h.lines(3, 4, 5, 6))
+        if os.stat(h.log).st_ino == inode:
+            break
+        os.unlink(h.log)
+    h.tailer = h.start()
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3, 4, 5, 6]
+
+
+def test_atomic_replace_with_new_content(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    tmp = h.dir / "agent_interactions.jsonl.tmp"
+    h.write(h.lines(3), path=tmp)
+    os.replace(tmp, h.log)
+    h.sync(advance=10)
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3]
+
+
+def test_atomic_replace_that_keeps_the_content_is_a_continuation(h):
+    h.write(h.lines(1, 2))
+    h.sync()
+    tmp = h.dir / "agent_interactions.jsonl.tmp"
+    shutil.copyfile(h.log, tmp)
+    h.write(h.lines(3), path=tmp)
+    os.replace(tmp, h.log)
+    h.sync()
+    h.write(h.lines(4))
+    h.sync(advance=10)
+    assert h.stored_ids() == [1, 2, 3, 4]
+
+
+def test_blank_lines_crlf_and_bom(h):
+    h.write(b"\xef\xbb\xbf" + agent_line(1).encode() + b"\r\n\n   \n\r\n" + agent_line(2).encode() + b"\r\n")
+    h.sync()
+    assert h.stored_ids() == [1, 2]
+    assert h.rejects() == []
+    assert all(not r.endswith("\r") and not r.startswith("\ufeff") for r in h.stored())
+
+
+def test_bad_lines_are_rejected_with_reasons_and_ingestion_goes_on(h):
+    bad = [b"{not json\n", b"\xff\xfe garbage \xc3\x28\n", b'["a list"]\n', b'{"hello": "world"}\n',
+           b'{"user_prompt": 5, "ai_responses": []}\n']
+    h.write(agent_line(1).encode() + b"\n" + b"".join(bad) + agent_line(2).encode() + b"\n")
+    h.sync()
+    assert h.stored_ids() == [1, 2]
+    reasons = [r for _, r in h.rejects()]
+    assert reasons[0].startswith("invalid JSON")
+    assert reasons[1].startswith("invalid UTF-8")
+    assert all(r.startswith("unknown shape") for r in reasons[2:])
+    assert len(reasons) == 5
+
+
+def test_overlong_line_is_rejected_without_holding_it(tmp_path):
+    h = Harness(tmp_path, max_line=4096)
+    huge = json.dumps({"user_prompt": "x" * (3 << 20), "ai_responses": ["ok"]})
+    h.write(h.lines(1) + huge + "\n" + h.lines(2))
+    h.sync()
+    assert h.stored_ids() == [1, 2]
+    [(offset, reason)] = h.rejects()
+    assert offset == len(h.lines(1)) and reason.startswith("line longer than the cap")
+
+
+def test_overlong_line_still_being_written_is_not_consumed(tmp_path):
+    h = Harness(tmp_path, max_line=1024)
+    h.write(h.lines(1) + "y" * 5000)
+    h.sync()
+    assert h.rejects() == []
+    h.write("\n" + h.lines(2))
+    h.sync()
+    assert h.stored_ids() == [1, 2] and len(h.rejects()) == 1
+
+
+def test_restart_never_reads_a_line_twice(h):
+    for i in range(1, 8):
+        h.write(h.lines(i))
+        h.sync()
+        h.restart()
+    h.sync()
+    assert h.stored_ids() == list(range(1, 8))
+
+
+def test_curation_excludes_with_reasons(tmp_path):
+    h = Harness(tmp_path)
+    lines = [
+        agent_line(1),
+        agent_line(1),  # duplicate conversation
+        json.dumps({"user_prompt": "", "ai_responses": ["hi"], "tool_executions": []}),
+        json.dumps({"user_prompt": "hello", "ai_responses": ["", " "], "tool_executions": []}),
+        json.dumps({"user_prompt": "write it", "ai_responses": ["<tool_code>\nwrite_file('a', 'b')\n</tool_code>\n<tool_output>done</tool_output>"],
+                    "tool_executions": [{"tool_call": "write_file('a', 'b')", "tool_output": "<tool_output>ok</tool_output>"}]}),
+        json.dumps({"user_message": "list", "ai_responses": ["<tool_code>\nlist_directory('.')\n</tool_code>", "It failed."],
+                    "tool_executions": [{"tool_call": "list_directory('.')", "tool_output": "<tool_error>EACCES</tool_error>"}]}),
+    ]
+    h.write("".join(l + "\n" for l in lines))
+    h.sync()
+    with h.engine.connect() as conn:
+        got = [(r.status, r.reason) for r in conn.execute(select(Lesson).order_by(Lesson.id))]
+    assert got == [("pending", None), ("excluded", "duplicate"), ("excluded", "empty_prompt"),
+                   ("excluded", "no_reply"), ("excluded", "fabricated_output"), ("excluded", "all_tools_failed")]
+
+
+def test_curation_rules_can_be_switched_off(tmp_path):
+    h = Harness(tmp_path, rules={"duplicate": False})
+    h.write(h.lines(1, 1))
+    h.sync()
+    with h.engine.connect() as conn:
+        assert list(conn.execute(select(Lesson.status)).scalars()) == ["pending", "pending"]
+
+
+@pytest.mark.skipif(not FIXTURES.exists(), reason="shared/fixtures is not beside this checkout")
+def test_real_fixture_lines(h):
+    data = (FIXTURES / "agent_interactions.jsonl").read_bytes()
+    h.write(data)
+    h.sync()
+    raw = [l for l in data.decode().split("\n") if l.strip()]
+    assert h.stored() == raw
+    assert h.rejects() == []
+    with h.engine.connect() as conn:
+        statuses = list(conn.execute(select(Lesson.status)).scalars())
+    assert statuses.count("pending") >= 10 and statuses.count("excluded") >= 10
