@@ -25,7 +25,7 @@ class DatabaseError(Exception):
 def write_engine(path: Path) -> Engine:
     """An engine for writers: WAL, synchronous=NORMAL, busy timeout, BEGIN IMMEDIATE."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = create_engine(f"sqlite+pysqlite:///{path}", poolclass=NullPool)
+    engine = create_engine(f"sqlite+pysqlite:///{path}")  # pooled: one connection per thread, reused
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):

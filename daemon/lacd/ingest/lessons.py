@@ -13,8 +13,9 @@ lines); the agent's system prompt is not part of it (it is configuration, added 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+
+import orjson
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +47,14 @@ class Parsed:
 
     def flaw(self, rules: dict[str, bool]) -> str | None:
         """The first curation reason (other than duplicate) that excludes this lesson, if any."""
-        checks = {
-            "empty_prompt": lambda: not _first(self.messages, "user").strip(),
-            "no_reply": lambda: not any(m["content"].strip() or m.get("tool_calls") for m in _all(self.messages, "assistant")),
-            "fabricated_output": lambda: any(FABRICATED.search(m["content"]) for m in _all(self.messages, "assistant")),
-            "all_tools_failed": lambda: _all_failed(self.messages),
-        }
-        for reason, check in checks.items():
+        replies = [m for m in self.messages if m["role"] == "assistant"]
+        checks = (
+            ("empty_prompt", lambda: not _first(self.messages, "user").strip()),
+            ("no_reply", lambda: not any(m["content"].strip() or m.get("tool_calls") for m in replies)),
+            ("fabricated_output", lambda: any(FABRICATED.search(m["content"]) for m in replies)),
+            ("all_tools_failed", lambda: _all_failed(self.messages)),
+        )
+        for reason, check in checks:
             if rules.get(reason, True) and check():
                 return reason
         return None
@@ -61,8 +63,8 @@ class Parsed:
 def parse_line(text: str) -> Parsed:
     """Parse one decoded log line; raise LineRejected with a clear reason."""
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
         raise LineRejected(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(obj, dict):
         raise LineRejected(f"unknown shape: a JSON {type(obj).__name__}, expected an object")
@@ -74,9 +76,9 @@ def parse_line(text: str) -> Parsed:
     else:
         keys = ", ".join(sorted(obj)[:6]) or "none"
         raise LineRejected(f"unknown shape: keys {keys}; expected user_prompt/user_message + ai_responses, or messages")
-    conversation = json.dumps({"messages": messages}, ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.blake2b(conversation.encode(), digest_size=16).hexdigest()
-    return Parsed(fmt, messages, conversation, digest, unmatched)
+    encoded = orjson.dumps({"messages": messages})
+    digest = hashlib.blake2b(encoded, digest_size=16).hexdigest()
+    return Parsed(fmt, messages, encoded.decode(), digest, unmatched)
 
 
 def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
@@ -90,12 +92,13 @@ def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
     if not isinstance(executions, list) or not all(_is_execution(e) for e in executions):
         raise LineRejected("unknown shape: tool_executions is not a list of {tool_call, tool_output}")
     calls = [_calls_in(r, first_call_only) for r in replies]
+    owed_after = _suffix_sums([max(c, 0) for c in calls])
     messages = [{"role": "user", "content": prompt}]
     pos = 0
     for i, reply in enumerate(replies):
         if reply.strip():
             messages.append({"role": "assistant", "content": reply})
-        take = _executions_for(reply, calls[i], sum(c for c in calls[i + 1:] if c > 0), len(executions) - pos)
+        take = _executions_for(calls[i], owed_after[i + 1], len(executions) - pos)
         for execution in executions[pos:pos + take]:
             messages.append({"role": "tool", "content": execution["tool_output"]})
         pos += take
@@ -112,7 +115,15 @@ def _calls_in(reply: str, first_call_only: bool) -> int:
     return n
 
 
-def _executions_for(reply: str, calls: int, needed_later: int, remaining: int) -> int:
+def _suffix_sums(values: list[int]) -> list[int]:
+    """out[i] = sum(values[i:]); out has one more entry (0) than values."""
+    out = [0] * (len(values) + 1)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = out[i + 1] + values[i]
+    return out
+
+
+def _executions_for(calls: int, needed_later: int, remaining: int) -> int:
     if calls >= 0:
         return min(calls, remaining)
     return max(0, remaining - needed_later)  # a plan takes every step not owed to a later reply
@@ -152,8 +163,8 @@ def _tool_calls(calls: Any, i: int) -> list[dict]:
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
+                args = orjson.loads(args) if args.strip() else {}
+            except orjson.JSONDecodeError:
                 raise LineRejected(f"unknown shape: message {i} tool call arguments are not JSON") from None
         out.append({"name": fn["name"], "arguments": args})
     return out
@@ -163,10 +174,6 @@ def _first(messages: list[dict], role: str) -> str:
     return next((m["content"] for m in messages if m["role"] == role), "")
 
 
-def _all(messages: list[dict], role: str) -> list[dict]:
-    return [m for m in messages if m["role"] == role]
-
-
 def _all_failed(messages: list[dict]) -> bool:
-    tools = _all(messages, "tool")
+    tools = [m for m in messages if m["role"] == "tool"]
     return bool(tools) and all(FAILED_OUTPUT.match(m["content"]) for m in tools)

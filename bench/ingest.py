@@ -1,0 +1,122 @@
+"""Ingestion numbers: backfill speed and memory, append-to-queued latency, idle CPU.
+
+    python bench/ingest.py                 # the README's numbers: a 1 GB log
+    python bench/ingest.py --size 50MB     # a quick look
+
+1. Backfill: a generated log of realistic local-ai-coder lines (lacd.samples, 10% noise) is read
+   by `lacd ingest` in a child process: lines/s, MB/s, and the child's peak RSS (ru_maxrss).
+2. Latency: `lacd run` on the same state; lines are appended one at a time at random intervals;
+   latency = the lesson's ingested_at minus the moment the line was flushed (p50, p99).
+3. Idle: the daemon's CPU time over a quiet period, as a percentage of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lacd.samples import generate_lines, write_log
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    for suffix, mult in units.items():
+        if text.upper().endswith(suffix):
+            return int(float(text[: -len(suffix)]) * mult)
+    return int(text)
+
+
+def env_for(work: Path, log: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LACD_")}
+    env.update(LACD_STATE_DIR=str(work / "state"), LACD_WATCH_LOG=str(log), LACD_LOG_LEVEL="warning",
+               LACD_LOG_FORMAT="json")
+    return env
+
+
+def backfill(work: Path, log: Path, size: int) -> dict:
+    started = time.perf_counter()
+    lines = write_log(log, size_bytes=size, seed=1, noise=0.1)
+    gen_s = time.perf_counter() - started
+    nbytes = log.stat().st_size
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lacd", "ingest"], env=env_for(work, log), check=True,
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"lines": lines, "mb": nbytes / 2**20, "generate_s": gen_s, "wall_s": wall,
+            "lines_per_s": lines / wall, "mb_per_s": nbytes / 2**20 / wall, "peak_rss_mb": peak_mb}
+
+
+def lesson_times(db: Path, marker: str) -> dict[int, float]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT raw, ingested_at FROM lessons WHERE raw LIKE ?", (f"%{marker}%",)).fetchall()
+    finally:
+        con.close()
+    return {int(json.loads(raw)["user_prompt"].rsplit(" ", 1)[1]): at for raw, at in rows}
+
+
+def latency_and_idle(work: Path, log: Path, n: int, idle_s: float) -> dict:
+    env = env_for(work, log)
+    daemon = subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3)  # start-up and catch-up
+        rng = random.Random(3)
+        template = json.loads(next(generate_lines(1, seed=9)))
+        written: dict[int, float] = {}
+        with open(log, "a") as fh:
+            for i in range(n):
+                template["user_prompt"] = f"latency probe {i}"
+                fh.write(json.dumps(template) + "\n")
+                fh.flush()
+                written[i] = time.time()
+                time.sleep(rng.uniform(0.01, 0.2))
+        time.sleep(3)
+        got = lesson_times(work / "state" / "lacd.db", "latency probe")
+        lat = sorted(got[i] - written[i] for i in written if i in got)
+        import psutil
+
+        proc = psutil.Process(daemon.pid)
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(idle_s)
+        idle_cpu = (sum(proc.cpu_times()[:2]) - before) / idle_s * 100
+        rss_mb = proc.memory_info().rss / 2**20
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    return {"probes": n, "received": len(lat), "p50_ms": 1000 * statistics.median(lat),
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "max_ms": 1000 * lat[-1],
+            "idle_cpu_pct": idle_cpu, "daemon_rss_mb": rss_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1GB", help="size of the generated log (default 1GB)")
+    ap.add_argument("--probes", type=int, default=300, help="lines appended for the latency test")
+    ap.add_argument("--idle", type=float, default=30.0, help="seconds of idleness measured")
+    ap.add_argument("--dir", help="work folder (default: a temporary one, removed after)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        work = Path(tmp)
+        log = work / "agent_interactions.jsonl"
+        b = backfill(work, log, parse_size(args.size))
+        lat = latency_and_idle(work, log, args.probes, args.idle)
+    print(f"| backfill | {b['mb']:.0f} MB, {b['lines']} lines | {b['wall_s']:.1f} s | {b['lines_per_s']:,.0f} lines/s | "
+          f"{b['mb_per_s']:.1f} MB/s | peak RSS {b['peak_rss_mb']:.0f} MB |")
+    print(f"| latency  | {lat['received']}/{lat['probes']} appended lines | p50 {lat['p50_ms']:.0f} ms | "
+          f"p99 {lat['p99_ms']:.0f} ms | max {lat['max_ms']:.0f} ms | |")
+    print(f"| idle     | {args.idle:.0f} s | {lat['idle_cpu_pct']:.2f}% of a core | RSS {lat['daemon_rss_mb']:.0f} MB | | |")
+
+
+if __name__ == "__main__":
+    main()
