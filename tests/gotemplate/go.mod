@@ -1,0 +1,3 @@
+module lacd.test/gotemplate
+
+go 1.19
