@@ -1,0 +1,222 @@
+"""lacd.pipeline.register against the Ollama stand-in, through the official ollama client."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import ollama
+import pytest
+import torch
+
+from lacd.pipeline import register as reg
+from ollama_standin import StandIn, free_port, start_process, stub_gguf
+
+CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n"
+)
+SYSTEM = "You are a helpful AI coding assistant."
+PARAMETERS = {"stop": ["<|im_end|>"], "num_ctx": 2048}
+
+
+@pytest.fixture
+def server(tmp_path):
+    with StandIn(tmp_path / "ollama") as standin:
+        yield standin
+
+
+@pytest.fixture
+def client(server):
+    return reg.make_client(server.host, timeout_s=30)
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """stubs(n) -> n small GGUF files with different digests (F16)."""
+    return lambda n: [stub_gguf(tmp_path / f"v{i}.gguf", name=f"run-{i}") for i in range(1, n + 1)]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny random Llama exported to GGUF by lacd's exporter, for tests that generate."""
+    from lacd.export import export_gguf
+    from tiny import make_tiny_llama
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_llama(folder / "hf", tokenizer="bpe")
+    return export_gguf(folder / "hf", None, folder / "tiny.gguf", outtype="f16").path
+
+
+def blob_requests(server, method: str) -> list[dict]:
+    return [r for r in server.requests if r["method"] == method and r["path"].startswith("/api/blobs/")]
+
+
+def test_push_blob_skips_the_upload_when_ollama_has_the_digest(server, client, stubs):
+    [gguf] = stubs(1)
+    first = reg.push_blob(client, gguf)
+    second = reg.push_blob(client, gguf)
+
+    assert first == second == reg.file_digest(gguf)
+    assert len(blob_requests(server, "HEAD")) == 2
+    assert len(blob_requests(server, "POST")) == 1
+    assert blob_requests(server, "POST")[0]["body"] == {"bytes": gguf.stat().st_size}
+
+
+def test_create_version_registers_template_system_parameters_and_quantize(server, client, stubs):
+    [gguf] = stubs(1)
+    statuses: list[str] = []
+    tag = reg.create_version(client, "coder", 1, gguf, CHATML, SYSTEM, PARAMETERS, "q8_0", statuses.append)
+
+    assert tag == "coder:v1"
+    assert statuses[0] == "parsing GGUF" and statuses[-1] == "success"
+    assert "quantizing F16 model to Q8_0" in statuses
+    shown = client.show(tag)
+    assert shown.template == CHATML
+    assert f'SYSTEM """{SYSTEM}"""' in shown.modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in shown.modelfile and "PARAMETER num_ctx 2048" in shown.modelfile
+    assert shown.details.quantization_level == "Q8_0"
+    [sent] = [r["body"] for r in server.requests if r["path"] == "/api/create"]
+    assert sent["files"] == {"model.gguf": reg.file_digest(gguf)}
+    assert (sent["template"], sent["system"], sent["parameters"]) == (CHATML, SYSTEM, PARAMETERS)
+    assert sent["quantize"] == "q8_0"
+    assert sent["stream"] is True
+
+
+def test_create_version_without_quantize_keeps_the_file_type(server, client, stubs):
+    [gguf] = stubs(1)
+    reg.create_version(client, "coder", 3, gguf, CHATML, "", {}, None)
+
+    [sent] = [r["body"] for r in server.requests if r["path"] == "/api/create"]
+    assert "quantize" not in sent and "system" not in sent and "parameters" not in sent
+    assert client.show("coder:v3").details.quantization_level == "F16"
+
+
+def test_refusals_are_register_errors_with_ollamas_message(client, tmp_path, stubs):
+    quantized = stub_gguf(tmp_path / "q8.gguf", file_type=7)
+    with pytest.raises(reg.RegisterError, match="only supported for F16, BF16 and F32 models") as err:
+        reg.create_version(client, "coder", 1, quantized, CHATML, SYSTEM, PARAMETERS, "q4_K_M")
+    assert err.value.status_code is None  # Ollama reports it inside the status stream
+
+    with pytest.raises(reg.RegisterError, match="not found") as err:
+        reg.promote(client, "coder", "coder:v7")
+    assert err.value.status_code == 404
+    assert not isinstance(err.value, reg.OllamaUnavailable)
+
+    if shutil.which("go") is not None:
+        [gguf] = stubs(1)
+        with pytest.raises(reg.RegisterError, match="template error") as err:
+            reg.create_version(client, "coder", 2, gguf, "{{ if .Messages }}unclosed", SYSTEM, PARAMETERS)
+        assert err.value.status_code == 400
+
+
+def test_promote_points_latest_at_the_version(client, stubs):
+    one, two = stubs(2)
+    reg.create_version(client, "coder", 1, one, CHATML, SYSTEM, PARAMETERS)
+    reg.create_version(client, "coder", 2, two, CHATML, SYSTEM, PARAMETERS)
+    versions = reg.list_versions(client, "coder")
+    assert sorted(versions) == [1, 2] and versions[1] != versions[2]
+
+    assert reg.promote(client, "coder", "coder:v1") == "coder:latest"
+    assert reg.latest_digest(client, "coder") == versions[1]
+    reg.promote(client, "coder", "coder:v2")
+    assert reg.latest_digest(client, "coder") == versions[2]
+
+
+def test_prune_keeps_the_newest_the_protected_and_the_one_in_use(server, client, stubs):
+    files = stubs(5)
+    for number, gguf in enumerate(files, start=1):
+        reg.create_version(client, "coder", number, gguf, CHATML, SYSTEM, PARAMETERS)
+    reg.create_version(client, "other", 1, files[0], CHATML, SYSTEM, PARAMETERS)
+    reg.promote(client, "coder", "coder:v2")
+
+    assert reg.prune_versions(client, "coder", keep=2, protect={"coder:v1"}) == ["coder:v3"]
+    assert sorted(reg.list_versions(client, "coder")) == [1, 2, 4, 5]
+    assert reg.prune_versions(client, "coder", keep=1, protect=set()) == ["coder:v4", "coder:v1"]
+    assert sorted(reg.list_versions(client, "coder")) == [2, 5]
+    assert {m.model for m in client.list().models} == {"coder:v2", "coder:v5", "coder:latest", "other:v1"}
+
+    uploads = len(blob_requests(server, "POST"))
+    reg.push_blob(client, files[3])  # v4's blob went with v4: Ollama needs it again
+    reg.push_blob(client, files[0])  # v1's blob is still used by other:v1
+    assert len(blob_requests(server, "POST")) == uploads + 1
+    with pytest.raises(ValueError):
+        reg.prune_versions(client, "coder", keep=-1, protect=set())
+
+
+def test_registered_model_answers_and_unload_all_empties_ps(server, client, tiny_gguf):
+    if shutil.which("go") is None:
+        pytest.skip("`go` is not installed: the stand-in renders .Messages templates with it")
+    tag = reg.create_version(client, "coder", 1, tiny_gguf, CHATML, SYSTEM, PARAMETERS)
+    reg.promote(client, "coder", tag)
+
+    answer = client.generate(model="coder:latest", prompt="list the files", options={"num_predict": 4})
+    assert answer.done and answer.eval_count > 0
+    assert server.prompts[-1].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nlist the files")
+    client.generate(model=tag)  # an empty prompt loads a model
+    assert {m.model for m in client.ps().models} == {"coder:latest", "coder:v1"}
+
+    assert sorted(reg.unload_all(client)) == ["coder:latest", "coder:v1"]
+    assert client.ps().models == []
+    unloads = [r["body"] for r in server.requests if r["path"] == "/api/generate" and "keep_alive" in r["body"]]
+    assert all(body["keep_alive"] == 0 and "prompt" not in body for body in unloads) and len(unloads) == 2
+    assert reg.unload_all(client) == []
+
+
+def test_nothing_listening_is_ollama_unavailable(tmp_path, stubs):
+    [gguf] = stubs(1)
+    client = reg.make_client(f"http://127.0.0.1:{free_port()}", timeout_s=5)
+
+    assert reg.is_reachable(client) is False
+    with pytest.raises(reg.OllamaUnavailable, match="not reachable at http://127.0.0.1"):
+        reg.create_version(client, "coder", 1, gguf, CHATML, SYSTEM, PARAMETERS)
+    with pytest.raises(reg.OllamaUnavailable):
+        reg.unload_all(client)
+
+
+def test_proxy_errors_count_as_unavailable(client):
+    with pytest.raises(reg.OllamaUnavailable, match="unavailable \\(503\\)"):
+        with reg.ollama_calls(client, "list models"):
+            raise ollama.ResponseError("service unavailable", 503)
+    with pytest.raises(reg.RegisterError, match="Ollama refused to list models: boom \\(HTTP 500\\)"):
+        with reg.ollama_calls(client, "list models"):
+            raise ollama.ResponseError("boom", 500)
+
+
+def test_ollama_down_then_back(tmp_path, stubs):
+    """Kill the stand-in process: register fails as unavailable; restart it: the same client works on."""
+    one, two = stubs(2)
+    store, port = tmp_path / "ollama", free_port()
+    procs = [start_process(store, port)]
+    try:
+        client = reg.make_client(f"http://127.0.0.1:{port}", timeout_s=30)
+        reg.create_version(client, "coder", 1, one, CHATML, SYSTEM, PARAMETERS)
+        assert reg.is_reachable(client)
+
+        procs[0].kill()
+        procs[0].wait(timeout=10)
+        assert reg.is_reachable(client) is False
+        with pytest.raises(reg.OllamaUnavailable):
+            reg.create_version(client, "coder", 2, two, CHATML, SYSTEM, PARAMETERS)
+
+        procs.append(start_process(store, port))
+        assert reg.is_reachable(client)
+        assert sorted(reg.list_versions(client, "coder")) == [1]  # the store kept v1
+        reg.create_version(client, "coder", 2, two, CHATML, SYSTEM, PARAMETERS)
+        reg.promote(client, "coder", "coder:v2")
+        assert reg.latest_digest(client, "coder") == reg.list_versions(client, "coder")[2]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_tags_and_versions():
+    assert reg.version_tag("coder", 3) == "coder:v3"
+    assert reg.parse_version("coder:v12", "coder") == 12
+    assert reg.parse_version("registry.example/library/coder:v2", "coder") == 2
+    assert reg.parse_version("coder:latest", "coder") is None
+    assert reg.parse_version("coder2:v1", "coder") is None
+    with pytest.raises(ValueError):
+        reg.version_tag("coder", 0)
