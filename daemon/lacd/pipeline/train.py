@@ -1,0 +1,909 @@
+"""The train stage: LoRA fine-tuning of the base model on the formatted lessons.
+
+The recipe reads top to bottom, like torchtune's single-device LoRA recipe:
+setup (device, data, model, optimizer, resume), train (packed micro-batches,
+optimizer steps, progress, checkpoints), save (adapter), cleanup.
+
+What it supports:
+- transformers + peft LoRA (r, alpha, dropout, target modules; "all-linear" by default);
+- device chosen automatically: CUDA with bf16 weights when present, else CPU fp32;
+  the attention implementation likewise (flash_attention_2 when installed, else sdpa);
+- padding-free packing (packing.py): lessons concatenated into token-budget
+  micro-batches with position_ids restarting per lesson, so no lesson attends
+  to another, and no padding token is ever computed;
+- loss only on labelled tokens, averaged over all labelled tokens of the whole
+  optimizer step (gradient accumulation included), so packing, padding and
+  accumulation do not change the maths;
+- AdamW (fused on CUDA), warmup then cosine or linear decay, gradient clipping;
+- held-out loss before and after training;
+- a progress JSON rewritten atomically after every step (for ``lacd status``);
+- checkpoints (adapter, optimizer, scheduler, RNG, step) every N steps and at
+  the end, committed by rename, resumed from the newest complete one: a run
+  killed and resumed ends with the same adapter as an uninterrupted run;
+- a child-process entry point (``python -m lacd.pipeline.train SPEC.json``) and
+  ``train_in_child``, which retries a CUDA out-of-memory with half the
+  micro-batch and twice the accumulation.
+
+Transformers detects packed rows only when the forward pass gets no
+attention_mask and no cache: every forward here passes ``use_cache=False``
+(the config default would create a DynamicCache, which silently disables the
+packed-sequence mask and lets lessons attend to each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import structlog
+import torch
+import torch.nn.functional as F
+
+from lacd.pipeline.packing import IGNORE_INDEX, collate_packed, labelled_token_count, pack
+
+log = structlog.get_logger(__name__)
+
+EXIT_ERROR = 2  # a TrainError: bad input or configuration; message on stderr
+EXIT_OOM = 75  # CUDA out of memory: retry with a smaller micro-batch
+_ERROR_PREFIX = "lacd train: error: "
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "COMPLETE"
+ProgressCallback = Callable[[dict], None]
+
+
+class TrainError(Exception):
+    """Training cannot run or did not finish; the message says why."""
+
+
+class TrainInterrupted(TrainError):
+    """Training was stopped on request before it finished; it resumes from its last checkpoint."""
+
+
+# --------------------------------------------------------------------------- spec and result
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training run needs; plain values, JSON round-trippable."""
+
+    base_dir: Path
+    dataset_dir: Path
+    out_dir: Path
+    checkpoint_dir: Path
+    progress_path: Path
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    epochs: int = 2
+    tokens_per_batch: int = 4096
+    grad_accum: int = 1
+    max_seq_len: int = 2048
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    attention: str = "auto"
+    gradient_checkpointing: bool = False
+    num_threads: int = 0
+
+    def to_json(self) -> str:
+        """The spec as a JSON object (paths as strings)."""
+        values = dataclasses.asdict(self)
+        for key, value in values.items():
+            if isinstance(value, Path):
+                values[key] = str(value)
+            elif isinstance(value, tuple):
+                values[key] = list(value)
+        return json.dumps(values, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainSpec":
+        """Parse a spec written by to_json; unknown keys are an error."""
+        values = json.loads(text)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TrainError(f"unknown training spec keys: {', '.join(unknown)}")
+        for key in ("base_dir", "dataset_dir", "out_dir", "checkpoint_dir", "progress_path"):
+            if key in values:
+                values[key] = Path(values[key])
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = tuple(values["target_modules"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports. tokens counts every trained (non-pad) token."""
+
+    adapter_dir: Path
+    heldout_loss_before: float | None
+    heldout_loss_after: float | None
+    steps: int
+    tokens: int
+    labelled_tokens: int
+    seconds: float
+    tokens_per_s: float
+    device: str
+    dtype: str
+    attention: str
+    tokens_per_batch: int
+    grad_accum: int
+    resumed_from_step: int | None = None
+    truncated_examples: int = 0
+
+    def to_json(self) -> str:
+        """The result as a JSON object."""
+        values = dataclasses.asdict(self)
+        values["adapter_dir"] = str(self.adapter_dir)
+        return json.dumps(values, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainResult":
+        """Parse a result written by to_json."""
+        values = json.loads(text)
+        values["adapter_dir"] = Path(values["adapter_dir"])
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- small pure pieces
+
+
+def choose_device(requested: str) -> tuple[torch.device, torch.dtype]:
+    """'auto' gives CUDA with bf16 when available, else CPU with fp32; 'cpu'/'cuda[:n]' force it."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {requested!r} requested but CUDA is not available")
+    if device.type not in ("cuda", "cpu"):
+        raise TrainError(f"unsupported training device {requested!r} (use auto, cpu or cuda)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def choose_attention(requested: str, device: torch.device) -> str:
+    """'auto' gives flash_attention_2 on CUDA when flash_attn is installed, else sdpa."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based).
+
+    Linear warmup over warmup_steps (reaching 1.0 at step warmup_steps), then
+    cosine or linear decay towards 0 at total_steps; 'constant' stays at 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    raise TrainError(f"unknown learning-rate schedule {schedule!r} (cosine, linear or constant)")
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One optimizer step: its epoch and its micro-batches (lists of example indices)."""
+
+    epoch: int
+    micro_batches: tuple[tuple[int, ...], ...]
+
+
+def plan_steps(
+    lengths: Sequence[int], tokens_per_batch: int, grad_accum: int, epochs: int, seed: int
+) -> list[PlannedStep]:
+    """All optimizer steps of a run, a pure function of the data and the spec.
+
+    The examples are packed once (first-fit decreasing); each epoch visits the
+    micro-batches in an order shuffled by (seed, epoch); consecutive groups of
+    grad_accum micro-batches form a step, and no step spans two epochs. Being
+    pure, the global step number alone is the data position of a checkpoint.
+    """
+    batches = [tuple(group) for group in pack(lengths, tokens_per_batch)]
+    steps: list[PlannedStep] = []
+    for epoch in range(epochs):
+        order = list(range(len(batches)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for start in range(0, len(order), grad_accum):
+            group = tuple(batches[i] for i in order[start : start + grad_accum])
+            steps.append(PlannedStep(epoch=epoch, micro_batches=group))
+    return steps
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy over targets that are not -100 (logits upcast to fp32)."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Summed next-token loss of a collated batch, or None if nothing in it is labelled.
+
+    Packed rows (position_ids, no attention_mask, batch of one) compute logits
+    only at positions whose next token is labelled (logits_to_keep), which
+    spares the vocabulary projection on prompts and tool outputs. Padded
+    batches (attention_mask) compute all logits: that is the reference path.
+    """
+    targets = batch["labels"][:, 1:]
+    if "attention_mask" in batch:
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        return token_loss_sum(logits[:, :-1], targets)
+    if batch["input_ids"].shape[0] != 1:
+        raise ValueError("packed batches hold exactly one row")
+    keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return None
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits
+    return token_loss_sum(logits[0], targets[0, keep])
+
+
+def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[int]]]) -> str:
+    """Hash of what decides the training trajectory: data, model, LoRA and optimizer settings.
+
+    A checkpoint is resumed only when its fingerprint matches, so a retry with a
+    different micro-batch (out-of-memory) or new data starts over cleanly.
+    """
+    digest = hashlib.sha256()
+    trajectory = {
+        name: getattr(spec, name)
+        for name in (
+            "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay", "schedule",
+            "warmup_ratio", "max_grad_norm", "epochs", "tokens_per_batch", "grad_accum",
+            "max_seq_len", "seed",
+        )
+    }
+    trajectory["base_dir"] = str(Path(spec.base_dir).resolve())
+    modules = spec.target_modules
+    trajectory["target_modules"] = modules if isinstance(modules, str) else list(modules)
+    digest.update(json.dumps(trajectory, sort_keys=True).encode())
+    for example in examples:
+        digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON to a temporary sibling, then rename it over path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _commit_folder(tmp: Path, final: Path) -> None:
+    """fsync every file of tmp, then rename it to final (replacing an old one)."""
+    for item in tmp.rglob("*"):
+        if item.is_file():
+            _fsync_path(item)
+    _fsync_path(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    found = []
+    if not checkpoint_dir.is_dir():
+        return found
+    for folder in checkpoint_dir.iterdir():
+        suffix = folder.name[len(CHECKPOINT_PREFIX):]
+        if folder.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+            if (folder / COMPLETE_MARKER).is_file():
+                found.append((int(suffix), folder))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def checkpoint_lock(checkpoint_dir: Path, timeout_s: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive lock on the checkpoint folder, so two trainers never share it."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / ".lock", "w") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrainError(
+                        f"another training process holds {checkpoint_dir}; not starting a second one"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _rng_state() -> dict:
+    """The RNG states dropout draws from (CPU and every CUDA device)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what _rng_state saved."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_examples(dataset_dir: Path, split: str, max_seq_len: int) -> tuple[list[dict], int]:
+    """Rows (input_ids, labels) of one split, truncated to max_seq_len; and how many were truncated.
+
+    A missing heldout split gives no rows; a missing train split is an error.
+    """
+    from datasets import load_from_disk
+
+    if not Path(dataset_dir).is_dir():
+        raise TrainError(f"formatted dataset not found at {dataset_dir}")
+    try:
+        splits = load_from_disk(str(dataset_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        raise TrainError(f"cannot read the formatted dataset at {dataset_dir}: {exc}") from exc
+    if split not in splits:
+        if split == "train":
+            raise TrainError(f"dataset at {dataset_dir} has no 'train' split")
+        return [], 0
+    rows = splits[split].select_columns(["input_ids", "labels"]).to_list()
+    truncated = 0
+    for row in rows:
+        if len(row["input_ids"]) != len(row["labels"]):
+            raise TrainError(f"dataset at {dataset_dir}: input_ids and labels differ in length")
+        if len(row["input_ids"]) > max_seq_len:
+            row["input_ids"] = row["input_ids"][:max_seq_len]
+            row["labels"] = row["labels"][:max_seq_len]
+            truncated += 1
+    return rows, truncated
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move every tensor of a batch to device."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: Sequence[Mapping], tokens_per_batch: int, device: torch.device
+) -> float | None:
+    """Mean loss per labelled token over examples (None when nothing is labelled)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for group in pack([len(e["input_ids"]) for e in examples], tokens_per_batch):
+        batch = _to_device(collate_packed([examples[i] for i in group]), device)
+        summed = loss_sum(model, batch)
+        if summed is not None:
+            total += float(summed)
+            count += labelled_token_count(batch)
+    model.train(was_training)
+    return total / count if count else None
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class _Counters:
+    """Cumulative numbers carried across resumes in the checkpoint state."""
+
+    step: int = 0
+    tokens: int = 0
+    labelled_tokens: int = 0
+    seconds: float = 0.0
+    heldout_loss_before: float | None = None
+
+
+@dataclass
+class LoRARecipe:
+    """One run of the train stage: setup, train, save, cleanup."""
+
+    spec: TrainSpec
+    on_progress: ProgressCallback | None = None
+    counters: _Counters = field(default_factory=_Counters)
+    resumed_from_step: int | None = None
+
+    # ---- setup
+
+    def setup(self) -> None:
+        """Choose the device, load data and model, wrap it with LoRA, build the optimizer, resume."""
+        spec = self.spec
+        if spec.num_threads > 0:
+            torch.set_num_threads(spec.num_threads)
+        self.device, self.dtype = choose_device(spec.device)
+        self.attention = choose_attention(spec.attention, self.device)
+        self._report("setup")
+        self.train_rows, truncated = load_examples(spec.dataset_dir, "train", spec.max_seq_len)
+        self.heldout_rows, truncated_heldout = load_examples(spec.dataset_dir, "heldout", spec.max_seq_len)
+        self.truncated = truncated + truncated_heldout
+        if not self.train_rows:
+            raise TrainError(f"dataset at {spec.dataset_dir} has no training examples")
+        self.steps = plan_steps(
+            [len(row["input_ids"]) for row in self.train_rows],
+            spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed,
+        )
+        self.fingerprint = data_fingerprint(spec, self.train_rows)
+        self.model = self._load_model()
+        self.optimizer = self._build_optimizer()
+        warmup = math.ceil(spec.warmup_ratio * len(self.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, len(self.steps), spec.schedule)
+        )
+        log.info(
+            "train_setup", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            attention=self.attention, train_examples=len(self.train_rows),
+            heldout_examples=len(self.heldout_rows), truncated=self.truncated,
+            total_steps=len(self.steps), tokens_per_batch=spec.tokens_per_batch,
+            grad_accum=spec.grad_accum, trainable_params=self._trainable_count(),
+        )
+        if not self._resume():
+            self._report("eval_before")
+            self.counters.heldout_loss_before = evaluate(
+                self.model, self.heldout_rows, spec.tokens_per_batch, self.device
+            )
+
+    def _load_model(self) -> torch.nn.Module:
+        """The base model on the chosen device, wrapped with fresh LoRA adapters (seeded)."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        spec = self.spec
+        if not (Path(spec.base_dir) / "config.json").is_file():
+            raise TrainError(f"base model folder {spec.base_dir} has no config.json")
+        kwargs = {"device_map": str(self.device)} if self.device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.base_dir, dtype=self.dtype, attn_implementation=self.attention, **kwargs
+        )
+        model.config.use_cache = False
+        if spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+        lora = LoraConfig(
+            r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(spec.seed)
+        model = get_peft_model(model, lora)
+        model.train()
+        return model
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The LoRA parameters, in a fixed order."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _trainable_count(self) -> int:
+        """Number of trainable (LoRA) parameters."""
+        return sum(p.numel() for _, p in self._trainable())
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the LoRA parameters; the fused kernel on CUDA."""
+        params = [p for _, p in self._trainable()]
+        return torch.optim.AdamW(
+            params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+
+    def _resume(self) -> bool:
+        """Load the newest complete checkpoint of this trajectory, if any. True if resumed.
+
+        Half-written checkpoints (temporary folders of a killed run) are removed first.
+        """
+        for stale in Path(self.spec.checkpoint_dir).glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for step, folder in reversed(complete_checkpoints(self.spec.checkpoint_dir)):
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            if state.get("fingerprint") != self.fingerprint:
+                log.warning("checkpoint_ignored", checkpoint=folder.name, reason="different data or settings")
+                continue
+            self._load_checkpoint(folder, state)
+            self.resumed_from_step = step
+            log.info("train_resumed", step=step, total_steps=len(self.steps))
+            return True
+        return False
+
+    def _load_checkpoint(self, folder: Path, state: Mapping[str, Any]) -> None:
+        """Restore adapter weights, optimizer, scheduler, RNG and counters from folder."""
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "adapter.safetensors")
+        params = dict(self._trainable())
+        if set(weights) != set(params):
+            raise TrainError(f"checkpoint {folder} does not match the model's LoRA parameters")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+        self.counters = _Counters(**state["counters"])
+
+    # ---- train
+
+    def train(self) -> None:
+        """Run the planned optimizer steps from the current one to the end."""
+        spec = self.spec
+        started = time.monotonic()
+        tokens_here = 0
+        total = len(self.steps)
+        for index in range(self.counters.step, total):
+            step_started = time.monotonic()
+            loss, tokens, labelled = self._optimizer_step(self.steps[index])
+            self.counters.step = index + 1
+            self.counters.tokens += tokens
+            self.counters.labelled_tokens += labelled
+            self.counters.seconds += time.monotonic() - step_started
+            tokens_here += tokens
+            elapsed = max(time.monotonic() - started, 1e-9)
+            done_here = index + 1 - (self.resumed_from_step or 0)
+            self._report(
+                "train", loss=loss, epoch=self.steps[index].epoch,
+                tokens_per_s=tokens_here / elapsed,
+                eta_s=(total - index - 1) * elapsed / max(done_here, 1),
+            )
+            log.debug("train_step", step=index + 1, total_steps=total, loss=loss)
+            every = spec.checkpoint_every
+            if (every > 0 and self.counters.step % every == 0) or self.counters.step == total:
+                self._save_checkpoint()
+
+    def _optimizer_step(self, planned: PlannedStep) -> tuple[float | None, int, int]:
+        """Forward/backward every micro-batch of one step, then clip and step.
+
+        Each micro-batch's summed loss is divided by the labelled tokens of the
+        whole step, so the gradient is that of the mean over the step's tokens.
+        Returns (mean loss or None, trained tokens, labelled tokens).
+        """
+        batches = [collate_packed([self.train_rows[i] for i in group]) for group in planned.micro_batches]
+        labelled = sum(labelled_token_count(b) for b in batches)
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        summed = torch.zeros((), device=self.device)
+        for batch in batches:
+            batch_loss = loss_sum(self.model, _to_device(batch, self.device))
+            if batch_loss is None:
+                continue
+            (batch_loss / max(labelled, 1)).backward()
+            summed += batch_loss.detach()
+        if self.spec.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self._trainable()], self.spec.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return (float(summed) / labelled if labelled else None), tokens, labelled
+
+    # ---- save
+
+    def _save_checkpoint(self) -> None:
+        """Write adapter, optimizer, scheduler, RNG and counters; commit by rename; prune old ones."""
+        from safetensors.torch import save_file
+
+        root = Path(self.spec.checkpoint_dir)
+        step = self.counters.step
+        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable()}
+        save_file(weights, tmp / "adapter.safetensors")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        state = {"fingerprint": self.fingerprint, "counters": dataclasses.asdict(self.counters)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        _commit_folder(tmp, root / f"{CHECKPOINT_PREFIX}{step}")
+        for _, old in complete_checkpoints(root)[: -max(self.spec.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint_saved", step=step)
+
+    def save(self) -> TrainResult:
+        """Evaluate held-out loss after training and write the adapter to out_dir (temp + rename)."""
+        spec = self.spec
+        self._report("eval_after")
+        after = evaluate(self.model, self.heldout_rows, spec.tokens_per_batch, self.device)
+        seconds = self.counters.seconds
+        result = TrainResult(
+            adapter_dir=Path(spec.out_dir),
+            heldout_loss_before=self.counters.heldout_loss_before,
+            heldout_loss_after=after,
+            steps=self.counters.step,
+            tokens=self.counters.tokens,
+            labelled_tokens=self.counters.labelled_tokens,
+            seconds=round(seconds, 3),
+            tokens_per_s=round(self.counters.tokens / seconds, 1) if seconds > 0 else 0.0,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            attention=self.attention,
+            tokens_per_batch=spec.tokens_per_batch,
+            grad_accum=spec.grad_accum,
+            resumed_from_step=self.resumed_from_step,
+            truncated_examples=self.truncated,
+        )
+        out = Path(spec.out_dir)
+        tmp = out.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        (tmp / "lacd_train.json").write_text(result.to_json(), encoding="utf-8")
+        _commit_folder(tmp, out)
+        self._report("done", loss=None)
+        log.info(
+            "train_done", steps=result.steps, tokens=result.tokens, seconds=result.seconds,
+            tokens_per_s=result.tokens_per_s, heldout_loss_before=result.heldout_loss_before,
+            heldout_loss_after=result.heldout_loss_after,
+        )
+        return result
+
+    # ---- cleanup and progress
+
+    def cleanup(self) -> None:
+        """Release the model and, on CUDA, its cached memory."""
+        for name in ("model", "optimizer", "scheduler"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _report(self, phase: str, **fields: Any) -> None:
+        """Rewrite the progress file and call on_progress."""
+        progress = {
+            "phase": phase,
+            "step": self.counters.step,
+            "total_steps": len(getattr(self, "steps", [])),
+            "epoch": None, "loss": None, "tokens_per_s": None, "eta_s": None,
+            "heldout_loss_before": self.counters.heldout_loss_before,
+            "updated_at": time.time(),
+        }
+        progress.update(fields)
+        write_json_atomic(Path(self.spec.progress_path), progress)
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+
+def run_training(spec: TrainSpec, on_progress: ProgressCallback | None = None) -> TrainResult:
+    """Train a LoRA adapter as spec says, resuming from its newest complete checkpoint."""
+    recipe = LoRARecipe(spec, on_progress)
+    with checkpoint_lock(Path(spec.checkpoint_dir)):
+        try:
+            recipe.setup()
+            recipe.train()
+            return recipe.save()
+        finally:
+            recipe.cleanup()
+
+
+# --------------------------------------------------------------------------- child process
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA out-of-memory error, whatever torch version raised it."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def halve_micro_batch(spec: TrainSpec) -> TrainSpec | None:
+    """The spec to retry after an out-of-memory: half the tokens per micro-batch, twice the
+    accumulation (same tokens per optimizer step); None when it cannot shrink further."""
+    if spec.tokens_per_batch < 2:
+        return None
+    return dataclasses.replace(
+        spec, tokens_per_batch=spec.tokens_per_batch // 2, grad_accum=spec.grad_accum * 2
+    )
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so no orphan keeps training."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Child entry point: python -m lacd.pipeline.train SPEC.json [--result RESULT.json]."""
+    parser = argparse.ArgumentParser(prog="python -m lacd.pipeline.train")
+    parser.add_argument("spec", type=Path, help="TrainSpec as JSON")
+    parser.add_argument("--result", type=Path, help="where to write the TrainResult JSON")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    from lacd import logs
+
+    logs.setup(level=args.log_level, fmt="json", stream=sys.stderr)
+    parent = os.environ.get("LACD_TRAIN_PARENT_PID")
+    _die_with_parent(int(parent) if parent else None)
+    try:
+        spec = TrainSpec.from_json(args.spec.read_text(encoding="utf-8"))
+        result = run_training(spec)
+    except TrainError as exc:
+        print(f"{_ERROR_PREFIX}{exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"lacd train: CUDA out of memory: {exc}", file=sys.stderr)
+        return EXIT_OOM
+    if args.result is not None:
+        write_json_atomic(args.result, json.loads(result.to_json()))
+    print(result.to_json())
+    return 0
+
+
+def _source_root() -> Path:
+    """The folder that holds the lacd package (daemon/ in a checkout)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _read_tail(path: Path, limit: int = 4000) -> str:
+    """The last `limit` characters of a text file ('' if missing)."""
+    if not path.exists():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - limit))
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def _run_child(
+    spec: TrainSpec,
+    python: str,
+    on_progress: ProgressCallback | None,
+    poll_s: float,
+    stop: threading.Event | None,
+) -> tuple[int, Path, Path]:
+    """Start one training child, relay its progress, wait for it. Returns (exit code, result, log)."""
+    workdir = Path(spec.checkpoint_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "child.log"
+    spec_path.write_text(spec.to_json(), encoding="utf-8")
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_source_root()), env.get("PYTHONPATH")]))
+    env["LACD_TRAIN_PARENT_PID"] = str(os.getpid())
+    command = [python, "-m", "lacd.pipeline.train", str(spec_path), "--result", str(result_path)]
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        log.info("train_child_started", pid=child.pid, tokens_per_batch=spec.tokens_per_batch,
+                 grad_accum=spec.grad_accum)
+        last_seen = None
+        waiter = stop if stop is not None else threading.Event()
+        while child.poll() is None:
+            if waiter.wait(poll_s):
+                _stop_child(child)
+                raise TrainInterrupted("training stopped on request; it resumes from its last checkpoint")
+            last_seen = _relay_progress(Path(spec.progress_path), last_seen, on_progress)
+        _relay_progress(Path(spec.progress_path), last_seen, on_progress)
+    return child.returncode, result_path, log_path
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    """SIGTERM the child, then SIGKILL it if it has not exited within 10 s."""
+    child.terminate()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _relay_progress(path: Path, last_seen: str | None, on_progress: ProgressCallback | None) -> str | None:
+    """Call on_progress with the progress file's content if it changed; returns what was seen."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return last_seen
+    if text != last_seen and on_progress is not None:
+        with contextlib.suppress(ValueError):
+            on_progress(json.loads(text))
+    return text
+
+
+def train_in_child(
+    spec: TrainSpec,
+    on_progress: ProgressCallback | None = None,
+    *,
+    python: str = sys.executable,
+    max_oom_retries: int = 3,
+    poll_s: float = 0.5,
+    stop: threading.Event | None = None,
+) -> TrainResult:
+    """Run training in a child process so a crash or CUDA OOM cannot take the caller down.
+
+    On out-of-memory, retry with half the micro-batch and twice the accumulation
+    (at most max_oom_retries times). Any other failure raises TrainError with
+    the tail of the child's output. Setting `stop` terminates the child and
+    raises TrainInterrupted. The child's output is kept in checkpoint_dir/child.log.
+    """
+    attempt = spec
+    for retry in range(max_oom_retries + 1):
+        code, result_path, log_path = _run_child(attempt, python, on_progress, poll_s, stop)
+        if code == 0 and result_path.is_file():
+            return TrainResult.from_json(result_path.read_text(encoding="utf-8"))
+        tail = _read_tail(log_path)
+        if code == EXIT_OOM:
+            smaller = halve_micro_batch(attempt)
+            if smaller is None or retry == max_oom_retries:
+                raise TrainError(
+                    f"training ran out of GPU memory even at {attempt.tokens_per_batch} tokens per "
+                    f"micro-batch; lower max_seq_len or use a smaller base model\n{tail}"
+                )
+            log.warning("train_out_of_memory", tokens_per_batch=attempt.tokens_per_batch,
+                        retry_tokens_per_batch=smaller.tokens_per_batch, retry_grad_accum=smaller.grad_accum)
+            attempt = smaller
+            continue
+        if code == EXIT_ERROR:
+            messages = [line for line in tail.splitlines() if line.startswith(_ERROR_PREFIX)]
+            reason = messages[-1].removeprefix(_ERROR_PREFIX) if messages else f"training failed\n{tail}"
+            raise TrainError(reason)
+        if code < 0:
+            name = signal.Signals(-code).name
+            raise TrainError(f"training process killed by {name} (out of host memory?)\n{tail}")
+        raise TrainError(f"training process exited with code {code}\n{tail}")
+    raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
