@@ -66,7 +66,9 @@ def test_migrate_up_and_down(tmp_path):
     up = run_cli("migrate", env=env)
     assert up.returncode == 0 and "at revision" in up.stdout
     assert run_cli("migrate", "--downgrade", "base", env=env).returncode == 0
-    assert run_cli("status", "--json", env=env).returncode == 2  # tables gone: says run migrate
+    down = run_cli("status", "--json", env=env)  # tables gone: status still answers, and says what to do
+    assert down.returncode == 0 and "run `lacd migrate`" in json.loads(down.stdout)["note"]
+    assert run_cli("lessons", env=env).returncode == 2
     assert run_cli("migrate", env=env).returncode == 0
 
 

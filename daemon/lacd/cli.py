@@ -15,7 +15,10 @@ from lacd.db import DatabaseError
 from lacd.ingest.lessons import REASONS
 from lacd.lock import LockHeld
 
-USER_ERRORS = (ConfigError, DatabaseError, LockHeld)
+def _user_errors() -> tuple[type[Exception], ...]:
+    from lacd.cycle import NothingToTrain
+
+    return (ConfigError, DatabaseError, LockHeld, NothingToTrain)
 
 
 class Lacd(click.Group):
@@ -24,7 +27,7 @@ class Lacd(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except _user_errors() as exc:
             click.echo(f"lacd: {exc}", err=True)
             ctx.exit(2)
 
@@ -134,6 +137,105 @@ def migrate(ctx, down_to):
     else:
         db.migrate(engine)
     click.echo(f"database {s.db_path} at revision {db.current_revision(engine) or 'base'}")
+
+
+@cli.command()
+@click.pass_context
+def train(ctx):
+    """Start a learning cycle now, whatever the threshold (through the daemon if it runs)."""
+    from lacd import cycle
+
+    s = settings_of(ctx)
+    queued = cycle.request_run(s)
+    if queued:
+        click.echo(f"run #{queued.run_id} handed to the running daemon; follow it with `lacd status`")
+        return
+    outcome = cycle.run_foreground(s, on_progress=_progress_printer())
+    click.echo(f"\nrun #{outcome.run_id}: {outcome.status}")
+    _print_outcome(s, outcome)
+
+
+@cli.command()
+@click.option("--dir", "work", type=click.Path(file_okay=False, path_type=Path), default=Path("lacd-quickstart"),
+              show_default=True, help="folder for the sample log and the state")
+@click.option("--lessons", default=48, show_default=True, help="sample lessons to generate")
+@click.pass_context
+def quickstart(ctx, work, lessons):
+    """A whole cycle on the embedded defaults: sample lessons, SmolLM2-135M, GGUF, Ollama if running."""
+    from lacd import quickstart as qs
+
+    s = qs.prepare(work.resolve(), lessons)
+    ctx.obj["settings"] = s
+    logs.setup(s.log.level, s.log.format)
+    click.echo(f"sample log: {s.watch.log} ({lessons} lessons); state: {s.state.dir}")
+    outcome = qs.run(s, on_progress=_progress_printer())
+    click.echo(f"\nrun #{outcome.run_id}: {outcome.status}")
+    _print_outcome(s, outcome)
+
+
+@cli.command("export")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="HF model folder")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), help="peft LoRA adapter folder")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="the GGUF file to write")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True)
+def export_cmd(base, adapter, out, outtype):
+    """Merge a LoRA adapter into its base model and write GGUF in one streaming pass."""
+    from lacd.export import export_gguf
+
+    logs.setup("warning")
+    result = export_gguf(base, adapter, out, outtype)
+    click.echo(f"wrote {result.path}: {result.n_tensors} tensors ({result.merged_tensors} merged), "
+               f"{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.1f} s")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models(ctx, as_json):
+    """Every registered version: run, lessons, status, which one is latest."""
+    rows = _read(ctx, queue.model_versions)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        mark = " <- latest" if r["active"] else ""
+        click.echo(f"{r['tag']:<28} run #{r['run']:<5} {r['lessons']:>6} lessons  {r['status']}{mark}")
+
+
+def _progress_printer():
+    state = {"stage": None}
+
+    def show(stage: str, p: dict) -> None:
+        if stage != state["stage"]:
+            state["stage"] = stage
+            click.echo(f"\n[{stage}]", nl=False)
+        if p.get("total_steps"):
+            loss = p.get("loss")
+            eta = p.get("eta_s")
+            click.echo(f"\r[{stage}] step {p.get('step')}/{p['total_steps']}"
+                       + (f"  loss {loss:.3f}" if loss is not None else "")
+                       + (f"  {p['tokens_per_s']:.0f} tok/s" if p.get("tokens_per_s") else "")
+                       + (f"  ETA {eta:.0f} s" if eta is not None else "") + "   ", nl=False)
+        elif p.get("tensors"):
+            click.echo(f"\r[{stage}] tensor {p['tensor']}/{p['tensors']}   ", nl=False)
+        elif p.get("ollama"):
+            click.echo(f"\r[{stage}] {p['ollama']}   ", nl=False)
+
+    return show
+
+
+def _print_outcome(s, outcome) -> None:
+    snap = status.snapshot(s)
+    run = next((r for r in snap["runs"] if r["id"] == outcome.run_id), None)
+    if snap["active_model"] and snap["active_model"]["run"] == outcome.run_id:
+        click.echo(f"registered with Ollama at {s.ollama.host} as {snap['active_model']['tag']} "
+                   f"and {s.model.name}:latest")
+    elif outcome.status.startswith("stopped after export"):
+        run_dir = s.runs_dir / str(outcome.run_id)
+        click.echo(f"no Ollama at {s.ollama.host}: the model is {run_dir / 'model.gguf'}\n"
+                   f"register it with:  cd {run_dir} && ollama create {s.model.name}:latest -f Modelfile")
+    elif run and run.get("error"):
+        raise click.ClickException(run["error"])
 
 
 def _read(ctx, fn):

@@ -44,6 +44,24 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
 
+def _window_check(value: str) -> str | None:
+    if value and parse_window(value) is None:
+        return "must look like HH:MM-HH:MM"
+    return None
+
+
+def parse_window(value: str) -> tuple[int, int] | None:
+    """'01:00-06:00' -> (60, 360) minutes after midnight; None when malformed."""
+    try:
+        start, end = (part.strip() for part in value.split("-"))
+        minutes = [int(t.split(":")[0]) * 60 + int(t.split(":")[1]) for t in (start, end)]
+    except (ValueError, IndexError):
+        return None
+    if not all(0 <= m < 24 * 60 for m in minutes) or minutes[0] == minutes[1]:
+        return None
+    return minutes[0], minutes[1]
+
+
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "lacd")
@@ -66,6 +84,41 @@ class State:
 @dataclass(frozen=True)
 class Queue:
     threshold: int = _key(50, "a training run starts once this many usable lessons are pending", _at_least(1))
+    max_lessons: int = _key(5000, "a run trains on at most this many usable lessons, newest first", _at_least(1))
+    heldout_pct: float = _key(10.0, "percent of lessons kept out of training for evaluation (chosen by lesson hash)", _between(0, 50))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    interval: float = _key(60.0, "seconds between checks whether a run should start", _at_least(1))
+    window: str = _key("", "only start runs inside this daily window, e.g. 01:00-06:00 (empty: any time)", _window_check)
+    cooldown: float = _key(0.0, "minutes to wait after a run ends before the next one starts", _at_least(0))
+
+
+@dataclass(frozen=True)
+class Train:
+    learning_rate: float = _key(2e-4, "AdamW learning rate", _between(1e-7, 1.0))
+    epochs: int = _key(2, "passes over the training lessons", _at_least(1))
+    tokens_per_batch: int = _key(4096, "token budget of one packed micro-batch", _at_least(64))
+    grad_accum: int = _key(1, "micro-batches per optimizer step", _at_least(1))
+    max_seq_len: int = _key(2048, "longest example in tokens", _at_least(64))
+    too_long: str = _key("truncate", "what happens to a longer example: truncate or drop", _one_of("truncate", "drop"))
+    lora_r: int = _key(16, "LoRA rank", _at_least(1))
+    lora_alpha: int = _key(32, "LoRA alpha (scale = alpha / r)", _at_least(1))
+    lora_dropout: float = _key(0.05, "LoRA dropout", _between(0, 0.9))
+    checkpoint_every: int = _key(50, "optimizer steps between checkpoints (a killed run resumes from the last)", _at_least(1))
+    seed: int = _key(0, "random seed (same lessons and seed: same model)")
+    device: str = _key("auto", "auto (CUDA bf16 if present, else CPU fp32), cuda or cpu", _one_of("auto", "cuda", "cpu"))
+    threads: int = _key(0, "CPU threads for training (0: half the cores, so the workstation stays usable)", _at_least(0))
+
+
+@dataclass(frozen=True)
+class Run:
+    retries: int = _key(3, "attempts of a failing stage before the run fails", _at_least(1))
+    backoff: float = _key(30.0, "seconds before the first retry; doubles each time (Ollama waits are capped at 10 minutes)", _at_least(0))
+    keep_runs: int = _key(3, "run folders kept on disk (older ones are deleted)", _at_least(1))
+    keep_gguf: bool = _key(False, "keep model.gguf in the run folder after Ollama has it")
+    min_free_gb: float = _key(2.0, "free disk (GB) required beyond a run's expected artifacts", _at_least(0))
 
 
 @dataclass(frozen=True)
@@ -81,11 +134,18 @@ class Curation:
 class Model:
     base: str = _key("smollm2-135m", "base model: a local HF folder, a .gguf file, an HF hub id in the local cache, ollama:<model>, or smollm2-135m")
     name: str = _key("lacd-coder", "Ollama model name; versions are registered as <name>:v<N>, the active one as <name>:latest")
+    system_prompt: str = _key("", "file with the agent's system prompt (empty: local-ai-coder's own, shipped with lacd)")
+    chat_family: str = _key("", "chat format: chatml or llama2 (empty: detected from the base model's chat template)", _one_of("", "chatml", "llama2"))
+    allow_download: bool = _key(False, "let a hub id be downloaded at run time (off: the local cache only)")
 
 
 @dataclass(frozen=True)
 class Ollama:
     host: str = _key("http://127.0.0.1:11434", "the Ollama server lacd registers models with")
+    quantize: str = _key("", "quantize when registering: q4_K_M or q8_0 (empty: as exported)", _one_of("", "q4_K_M", "q8_0"))
+    num_ctx: int = _key(4096, "context window registered as PARAMETER num_ctx", _at_least(256))
+    unload_before_training: bool = _key(False, "ask Ollama to unload its models from the GPU before training")
+    keep_versions: int = _key(5, "v<N> versions kept in Ollama; older ones are removed", _at_least(1))
 
 
 @dataclass(frozen=True)
@@ -108,6 +168,9 @@ class Settings:
     watch: Watch = field(default_factory=Watch)
     state: State = field(default_factory=State)
     queue: Queue = field(default_factory=Queue)
+    schedule: Schedule = field(default_factory=Schedule)
+    train: Train = field(default_factory=Train)
+    run: Run = field(default_factory=Run)
     curation: Curation = field(default_factory=Curation)
     model: Model = field(default_factory=Model)
     ollama: Ollama = field(default_factory=Ollama)

@@ -69,7 +69,11 @@ class Reject(Base):
 
 
 class Run(Base):
-    """A training cycle (the learning-cycle issue fills in its stages)."""
+    """A training cycle: its folder is <state dir>/runs/<id>/, its stages are RunStage rows.
+
+    status: queued -> running -> done | failed | rejected; ``waiting`` while a stage waits for a
+    retry (``next_try_at``) or for Ollama (``waiting_for`` says what).
+    """
 
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -80,6 +84,51 @@ class Run(Base):
     lesson_count: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     progress: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str] = mapped_column(String(32), default="threshold")
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    next_try_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    waiting_for: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RunStage(Base):
+    """One stage of one run: done once its output was renamed into place and this row says so."""
+
+    __tablename__ = "run_stages"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
+
+
+class RunLesson(Base):
+    """The lessons a run trains on, fixed when the run is created (later lessons wait)."""
+
+    __tablename__ = "run_lessons"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    lesson_id: Mapped[int] = mapped_column(ForeignKey("lessons.id"), primary_key=True)
+
+
+class ModelVersion(Base):
+    """A model registered with Ollama as <name>:v<version>; ``active`` is the one <name>:latest names."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_versions_name_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    tag: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))  # registered | promoted | rejected | removed
+    active: Mapped[int] = mapped_column(Integer, default=0)  # 1 for the version <name>:latest names
+    lesson_count: Mapped[int] = mapped_column(Integer, default=0)
+    digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    metrics: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 Index("ix_lessons_status_id", Lesson.status, Lesson.id)

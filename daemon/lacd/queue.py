@@ -9,7 +9,7 @@ import json
 
 from sqlalchemy import Connection, func, select
 
-from lacd.models import Lesson, Reject, Run, Source
+from lacd.models import Lesson, ModelVersion, Reject, Run, Source
 
 STATUSES = ("pending", "trained", "excluded")
 
@@ -72,6 +72,23 @@ def runs(conn: Connection, limit: int = 10) -> list[dict]:
 
 
 def _run_dict(r) -> dict:
-    return {"id": r.id, "status": r.status, "stage": r.stage, "created_at": r.created_at,
-            "finished_at": r.finished_at, "lessons": r.lesson_count, "error": r.error,
+    return {"id": r.id, "status": r.status, "stage": r.stage, "reason": r.reason, "created_at": r.created_at,
+            "started_at": r.started_at, "finished_at": r.finished_at, "lessons": r.lesson_count, "error": r.error,
+            "waiting_for": r.waiting_for, "next_try_at": r.next_try_at,
             "progress": json.loads(r.progress) if r.progress else None}
+
+
+def model_versions(conn: Connection) -> list[dict]:
+    rows = conn.execute(select(ModelVersion).order_by(ModelVersion.version.desc())).all()
+    return [_version_dict(r) for r in rows]
+
+
+def active_model(conn: Connection) -> dict | None:
+    row = conn.execute(select(ModelVersion).where(ModelVersion.active == 1)).first()
+    return _version_dict(row) if row else None
+
+
+def _version_dict(r) -> dict:
+    return {"tag": r.tag, "name": r.name, "version": r.version, "run": r.run_id, "status": r.status,
+            "active": bool(r.active), "lessons": r.lesson_count, "created_at": r.created_at, "digest": r.digest,
+            "metrics": json.loads(r.metrics) if r.metrics else None, "note": r.note}

@@ -71,6 +71,8 @@ class Service:
         self.tailer: Tailer | None = None
         self.watcher = Watcher(str(settings.watch.log), self.wake)
         self.failures = 0
+        self.worker = None
+        self.scheduler = None
 
     def initialize(self) -> None:
         """Called with the state dir locked."""
@@ -80,9 +82,22 @@ class Service:
         self.tailer.start()
         stats = self.tailer.sync()
         self.watcher.supervise()
+        self._start_learning(engine)
         log.info("daemon_ready", pid=os.getpid(), log=str(self.settings.watch.log), lessons=stats.lessons,
                  pending=stats.pending, rejected=stats.rejected, state_dir=str(self.settings.state.dir))
         self.notifier.ready(f"watching {self.settings.watch.log}")
+
+    def _start_learning(self, engine) -> None:
+        """The run worker (resumes an unfinished run first) and the scheduler that starts new ones."""
+        from lacd.runs import RunStore
+        from lacd.scheduler import Scheduler
+        from lacd.worker import RunExecutor, RunWorker
+
+        store = RunStore(engine)
+        self.worker = RunWorker(RunExecutor(self.settings, store, threading.Event()))
+        self.worker.start()
+        self.scheduler = Scheduler(self.settings, store, on_new_run=lambda _run: self.worker.wake())
+        self.scheduler.start()
 
     def loop_once(self) -> None:
         self.watcher.supervise()
@@ -120,6 +135,10 @@ class Service:
 
     def shutdown(self) -> None:
         self.notifier.stopping()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.worker is not None:
+            self.worker.stop()
         self.watcher.stop()
         if self.tailer is not None:
             self.tailer.close()

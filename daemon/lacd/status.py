@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from lacd import db, lock, queue
 from lacd.config import Settings
+
+
+TABLES = ("lessons", "rejects", "sources", "runs", "run_stages", "model_versions")
 
 
 def snapshot(settings: Settings) -> dict:
@@ -21,20 +25,34 @@ def snapshot(settings: Settings) -> dict:
     if not settings.db_path.exists():
         return out
     engine = db.read_engine(settings.db_path)
-    db.require_schema(engine, "lessons", "rejects", "sources", "runs")
+    try:
+        db.require_schema(engine, *TABLES)
+    except db.DatabaseError as exc:  # a daemon migrating right now, or never migrated
+        out["note"] = str(exc)
+        return out
     with engine.connect() as conn:
         out.update(queue.counts(conn))
         out["runs"] = queue.runs(conn)
         out["sources"] = queue.sources(conn)
+        out["active_model"] = queue.active_model(conn)
     out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting")), None)
+    out["scheduler"] = _scheduler_decision(settings)
     engine.dispose()
     return out
+
+
+def _scheduler_decision(settings: Settings) -> dict | None:
+    try:
+        return json.loads((settings.state.dir / "scheduler.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def render(s: dict) -> str:
     """The readable table."""
     daemon = f"running (pid {s['daemon']['pid']})" if s["daemon"]["running"] else "not running"
-    lines = [
+    lines = [f"note        {s['note']}"] if s.get("note") else []
+    lines += [
         f"daemon      {daemon}",
         f"log         {s['log']}",
         f"state dir   {s['state_dir']}",
@@ -45,10 +63,12 @@ def render(s: dict) -> str:
         lines.append(f"  excluded  {n:>6}  {reason}")
     run = s["current_run"]
     lines.append(f"current run {_run_line(run) if run else 'none'}")
+    if s.get("scheduler"):
+        lines.append(f"scheduler   {s['scheduler']['decision']}")
     for r in s["runs"][:5]:
         lines.append(f"  run {_run_line(r)}")
     model = s["active_model"]
-    lines.append(f"model       {model['tag'] if model else 'none registered yet'}")
+    lines.append(f"model       {model['tag'] + ' (latest), from run #' + str(model['run']) if model else 'none registered yet'}")
     for src in s["sources"][:3]:
         note = f"  ({src['note']})" if src["note"] else ""
         lines.append(f"  file #{src['id']} {src['state']:<8} offset {src['offset']}  {src['path']}{note}")
@@ -56,13 +76,20 @@ def render(s: dict) -> str:
 
 
 def _run_line(r: dict) -> str:
-    text = f"#{r['id']} {r['status']}"
-    if r.get("stage"):
+    text = f"#{r['id']} {r['status']} ({r['lessons']} lessons)"
+    if r.get("stage") and r["status"] != "done":
         text += f" at {r['stage']}"
     p = r.get("progress") or {}
     if p.get("total_steps"):
-        text += f"  step {p.get('step')}/{p['total_steps']} loss {p.get('loss', float('nan')):.3f}"
+        loss = p.get("loss")
+        text += f"  step {p.get('step')}/{p['total_steps']}" + (f" loss {loss:.3f}" if loss is not None else "")
+        if p.get("tokens_per_s"):
+            text += f" {p['tokens_per_s']:.0f} tok/s"
+        if p.get("eta_s") is not None:
+            text += f" ETA {p['eta_s'] / 60:.0f} min"
+    if r.get("waiting_for"):
+        text += f"  waiting for {r['waiting_for']}"
     if r.get("error"):
-        text += f"  error: {r['error']}"
+        text += f"  error: {r['error'][:200]}"
     age = time.time() - r["created_at"]
     return text + f"  ({age / 60:.0f} min ago)"

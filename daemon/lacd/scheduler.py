@@ -1,0 +1,87 @@
+"""Decides when a run starts: an APScheduler 3 interval job that only decides, never trains.
+
+A run starts when `pending >= [queue] threshold`, no run is active, the clock is inside the
+optional training window, and the cool-down since the last run has passed. Each decision is
+logged and kept in `last_decision` (shown by `lacd status` through the daemon's state file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from lacd import queue
+from lacd.config import Settings, parse_window
+from lacd.runs import RunStore
+
+log = structlog.get_logger(__name__)
+
+
+def in_window(window: str, now: datetime) -> bool:
+    """True when `now` falls inside 'HH:MM-HH:MM' (which may wrap past midnight); empty: always."""
+    if not window:
+        return True
+    start, end = parse_window(window)
+    minute = now.hour * 60 + now.minute
+    return start <= minute < end if start < end else (minute >= start or minute < end)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, store: RunStore, on_new_run: Callable[[int], None],
+                 now: Callable[[], datetime] = datetime.now):
+        self.settings = settings
+        self.store = store
+        self.on_new_run = on_new_run
+        self.now = now
+        self.state_file = Path(settings.state.dir) / "scheduler.json"
+        self.scheduler: BackgroundScheduler | None = None
+
+    def start(self) -> None:
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self.scheduler.add_job(self.check, "interval", seconds=self.settings.schedule.interval, max_instances=1,
+                               coalesce=True, next_run_time=self.now(), id="lacd-check")
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+
+    def check(self) -> str:
+        """Decide once; returns (and records) the reason for what was decided."""
+        decision, run_id = self._decide()
+        self._record(decision)
+        if run_id is not None:
+            log.info("run_scheduled", run=run_id, reason=decision)
+            self.on_new_run(run_id)
+        return decision
+
+    def _decide(self) -> tuple[str, int | None]:
+        s = self.settings
+        if self.store.active() is not None:
+            return "a run is already active", None
+        with self.store.engine.connect() as conn:
+            pending = queue.pending_count(conn)
+        if pending < s.queue.threshold:
+            return f"waiting for lessons: {pending} pending, threshold {s.queue.threshold}", None
+        now = self.now()
+        if not in_window(s.schedule.window, now):
+            return f"{pending} pending, outside the training window {s.schedule.window}", None
+        last = self.store.last_finished_at()
+        if last and s.schedule.cooldown and time.time() - last < s.schedule.cooldown * 60:
+            return f"{pending} pending, cooling down after the last run", None
+        run_id = self.store.create("threshold", s.queue.max_lessons)
+        if run_id is None:
+            return "no run created (a run became active)", None
+        return f"run #{run_id} started: {pending} pending >= threshold {s.queue.threshold}", run_id
+
+    def _record(self, decision: str) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"decision": decision, "at": time.time()}))
+        os.replace(tmp, self.state_file)

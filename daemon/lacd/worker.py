@@ -1,0 +1,151 @@
+"""Executes runs, one at a time, in a thread of the daemon (or in the foreground for `lacd train`).
+
+    RunExecutor.execute(run_id)  every stage not done yet, in order, with the retry policy
+    RunWorker                    start(), loop (pick the runnable run, execute it), stop()
+
+The retry policy lives here and only here: a stage that raises is retried after `backoff`
+seconds (doubling) up to `retries` attempts, then the run fails with the stage's error and its
+lessons stay pending. Ollama being unreachable is not a failure: the run waits (status
+`waiting`, `waiting_for` says for what) and retries without limit, at most 10 minutes apart.
+A stop request (SIGTERM) interrupts training; the run resumes there at the next start.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from lacd.config import Settings
+from lacd.pipeline.stages import STAGE_FUNCTIONS, STAGES, RunContext
+from lacd.runs import RunStore
+
+log = structlog.get_logger(__name__)
+
+OLLAMA_WAIT_CAP = 600.0
+
+
+class RunExecutor:
+    def __init__(self, settings: Settings, store: RunStore, stop: threading.Event, on_progress=None):
+        self.settings = settings
+        self.store = store
+        self.stop = stop
+        self.on_progress = on_progress  # the foreground `lacd train` draws its progress bar with it
+
+    def run_dir(self, run_id: int) -> Path:
+        path = self.settings.runs_dir / str(run_id)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    def execute(self, run_id: int, until: str | None = None) -> str:
+        """Run the stages not done yet (up to and including `until`); returns the run's status."""
+        done = {name for name, row in self.store.stages(run_id).items() if row.status == "done"}
+        for stage in STAGES:
+            if stage not in done:
+                if self.stop.is_set():
+                    return "interrupted"
+                outcome = self._attempt(run_id, stage)
+                if outcome != "done":
+                    return outcome
+            if stage == until:
+                return f"stopped after {stage}"
+        self.store.succeed(run_id)
+        log.info("run_done", run=run_id)
+        self.prune_run_dirs()
+        return "done"
+
+    def _attempt(self, run_id: int, stage: str) -> str:
+        from lacd.pipeline.register import OllamaUnavailable
+        from lacd.pipeline.train import TrainInterrupted
+
+        attempt = self.store.begin_stage(run_id, stage)
+        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self._reporter(run_id, stage), self.stop)
+        log.info("stage_started", run=run_id, stage=stage, attempt=attempt)
+        started = time.monotonic()
+        try:
+            result = STAGE_FUNCTIONS[stage](ctx)
+        except TrainInterrupted:
+            log.info("stage_interrupted", run=run_id, stage=stage)
+            return "interrupted"
+        except OllamaUnavailable as exc:
+            delay = min(OLLAMA_WAIT_CAP, self.settings.run.backoff * 2 ** (attempt - 1))
+            self.store.wait(run_id, stage, str(exc), delay, waiting_for=f"Ollama at {self.settings.ollama.host}")
+            log.warning("stage_waiting_for_ollama", run=run_id, stage=stage, retry_in=delay, error=str(exc))
+            return "waiting"
+        except Exception as exc:  # every stage failure is recorded; the policy below decides
+            return self._failed(run_id, stage, attempt, f"{type(exc).__name__}: {exc}")
+        result["seconds"] = round(time.monotonic() - started, 2)
+        self.store.finish_stage(run_id, stage, result)
+        log.info("stage_done", run=run_id, stage=stage, seconds=result["seconds"])
+        return "done"
+
+    def _failed(self, run_id: int, stage: str, attempt: int, error: str) -> str:
+        if attempt >= self.settings.run.retries:
+            self.store.fail(run_id, f"{stage} failed after {attempt} attempts: {error}")
+            log.error("run_failed", run=run_id, stage=stage, attempts=attempt, error=error)
+            self.prune_run_dirs()
+            return "failed"
+        delay = self.settings.run.backoff * 2 ** (attempt - 1)
+        self.store.wait(run_id, stage, error, delay, waiting_for=None)
+        log.warning("stage_failed", run=run_id, stage=stage, attempt=attempt, retry_in=delay, error=error)
+        return "waiting"
+
+    def _reporter(self, run_id: int, stage: str):
+        last = [0.0]
+
+        def report(progress: dict) -> None:
+            if self.on_progress:
+                self.on_progress(stage, progress)
+            now = time.monotonic()
+            if now - last[0] >= 1.0 or progress.get("phase") == "done":  # at most one write a second
+                last[0] = now
+                self.store.set_progress(run_id, progress)
+
+        return report
+
+    def prune_run_dirs(self) -> None:
+        """Keep the newest `keep_runs` finished run folders; never touch an active run's."""
+        active = self.store.active()
+        dirs = sorted((p for p in self.settings.runs_dir.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+        finished = [p for p in dirs if active is None or int(p.name) != active.id]
+        for old in finished[:-self.settings.run.keep_runs]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("run_dir_removed", run=int(old.name))
+
+
+class RunWorker:
+    """The daemon's run thread: start(), a loop that executes whatever run is due, stop()."""
+
+    def __init__(self, executor: RunExecutor, poll: float = 2.0):
+        self.executor = executor
+        self.poll = poll
+        self.wake_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.loop, name="lacd-runs", daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def loop(self) -> None:
+        while not self.executor.stop.is_set():
+            try:
+                run_id = self.executor.store.runnable()
+                if run_id is not None:
+                    self.executor.execute(run_id)
+                    continue
+            except Exception as exc:  # the database went away for a moment: try again later
+                log.error("run_worker_error", error=f"{type(exc).__name__}: {exc}")
+            self.wake_event.wait(self.poll)
+            self.wake_event.clear()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.executor.stop.set()
+        self.wake_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
