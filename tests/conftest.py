@@ -53,3 +53,6 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny, ollama_standin) for tests in subfolders
