@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,11 @@ def run_foreground(settings: Settings, on_progress: Callable[[str, dict], None] 
         store = RunStore(engine)
         run_id = _new_or_active(store, "manual", settings.queue.max_lessons)
         executor = RunExecutor(settings, store, threading.Event(), on_progress=on_progress)
-        status = executor.execute(run_id, until=None if register else "export")
+        until = None if register else "export"
+        status = executor.execute(run_id, until)
+        while status == "waiting":  # a retry with backoff, as the daemon would do it
+            time.sleep(max(0.0, (store.get(run_id).next_try_at or 0) - time.time()))
+            status = executor.execute(run_id, until)
         return Outcome(run_id, status)
     finally:
         state_lock.release()

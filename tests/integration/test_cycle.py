@@ -204,3 +204,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_failing_stage_is_retried_then_the_run_fails_visibly_and_lessons_stay_pending(tmp_path, standin):
+    env = cycle_env(tmp_path, tmp_path / "no-such-model", standin.host)
+    env.update(LACD_RUN_RETRIES="2", LACD_RUN_BACKOFF="0.2")
+    append_lessons(env, 4)
+    assert run_cli("ingest", env=env).returncode == 0
+    result = run_cli("train", env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    st = status(env)
+    run = st["runs"][0]
+    assert run["status"] == "failed" and run["error"].startswith("format failed after 2 attempts: BaseModelError")
+    assert st["pending"] == 4 and st["current_run"] is None
+    assert "format failed after 2 attempts" in run_cli("status", env=env).stdout
