@@ -39,6 +39,7 @@ def parse_size(text: str) -> int:
 def env_for(work: Path, log: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LACD_")}
     env.update(LACD_STATE_DIR=str(work / "state"), LACD_WATCH_LOG=str(log), LACD_LOG_LEVEL="warning",
+               LACD_QUEUE_THRESHOLD=str(10**9),  # measure ingestion alone: no training run starts
                LACD_LOG_FORMAT="json")
     return env
 

@@ -107,10 +107,10 @@ def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
 
 def _calls_in(reply: str, first_call_only: bool) -> int:
     """How many tool executions a reply causes; -1 for a plan (the agent runs its steps itself)."""
-    n = len(TOOL_CODE.findall(reply))
+    n = len(TOOL_CODE.findall(reply)) if "<tool_code>" in reply else 0
     if first_call_only:
         n = min(n, 1)
-    if n == 0 and PLAN.search(reply):
+    if n == 0 and "<plan>" in reply and PLAN.search(reply):
         return -1
     return n
 

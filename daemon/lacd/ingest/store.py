@@ -21,6 +21,10 @@ from lacd.models import Lesson, Reject, Source
 log = structlog.get_logger(__name__)
 
 PREFIX_CHARS = 200
+LESSON_COLUMNS = ("source_id", "offset", "length", "ingested_at", "format", "conversation", "raw", "conv_hash",
+                  "status", "reason", "trained_run_id")
+LESSON_INSERT = (f"INSERT INTO lessons ({', '.join(LESSON_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in LESSON_COLUMNS)})")
 
 
 @dataclass
@@ -87,8 +91,8 @@ class Store:
         with self.engine.begin() as conn:
             seen = self._known_hashes(conn, [l.parsed.conv_hash for l in lessons])
             rows = [self._lesson_row(cursor, l, seen, now, stats) for l in lessons]
-            if rows:
-                conn.execute(insert(Lesson), rows)
+            if rows:  # the hot path of a backfill: straight to the driver's executemany
+                conn.exec_driver_sql(LESSON_INSERT, [tuple(r[c] for c in LESSON_COLUMNS) for r in rows])
             if rejects:
                 conn.execute(insert(Reject), [dict(source_id=cursor.source_id, offset=r.offset, length=r.length,
                                                    reason=r.reason, prefix=r.prefix, created_at=now) for r in rejects])
