@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from lacd.lock import LockHeld
 def _user_errors() -> tuple[type[Exception], ...]:
     from lacd.cycle import NothingToTrain
 
-    return (ConfigError, DatabaseError, LockHeld, NothingToTrain)
+    from lacd.service import StateDirError
+
+    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError)
 
 
 class Lacd(click.Group):
@@ -37,6 +40,7 @@ class Lacd(click.Group):
 @click.pass_context
 def cli(ctx, config_path):
     """lacd: turns local-ai-coder's log into a model that gets better at your agent work."""
+    os.umask(0o077)  # everything lacd writes (database, datasets, checkpoints, models) is private
     ctx.obj = {"config_path": config_path}
 
 

@@ -30,9 +30,36 @@ log = structlog.get_logger(__name__)
 MAX_BACKOFF = 30.0
 
 
+class StateDirError(Exception):
+    """The state dir is readable by others; the message says how to fix it."""
+
+
 def prepare_state_dir(settings: Settings) -> None:
-    """Create the state dir private to its owner (0700)."""
-    settings.state.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create the state dir private to its owner (0700); refuse one that others can read."""
+    state = settings.state.dir
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = state.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise StateDirError(f"state dir {state} is open to other users (mode {mode:04o}) and lessons hold your code: "
+                            f"run `chmod 700 {state}`")
+
+
+def warn_if_remote_ollama(host: str) -> bool:
+    """Models hold the user's code: say so when they are sent to another machine."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    name = urlsplit(host if "://" in host else f"http://{host}").hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+        local = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    except (OSError, ValueError):
+        local = name == "localhost"
+    if not local:
+        log.warning("ollama_not_loopback", host=host,
+                    reason="models trained on your lessons will be uploaded to another machine")
+    return not local
 
 
 def open_tailer(settings: Settings, engine, interrupted=lambda: False) -> Tailer:
@@ -76,6 +103,7 @@ class Service:
 
     def initialize(self) -> None:
         """Called with the state dir locked."""
+        warn_if_remote_ollama(self.settings.ollama.host)
         engine = db.write_engine(self.settings.db_path)
         db.migrate(engine)
         self.tailer = open_tailer(self.settings, engine, interrupted=lambda: self.stopping)
