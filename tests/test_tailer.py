@@ -329,3 +329,30 @@ def test_real_fixture_lines(h):
     with h.engine.connect() as conn:
         statuses = list(conn.execute(select(Lesson.status)).scalars())
     assert statuses.count("pending") >= 10 and statuses.count("excluded") >= 10
+
+
+class FailingOnce(Store):
+    """A store whose second commit fails, as a full disk or a locked database would."""
+
+    def __init__(self, engine, rules):
+        super().__init__(engine, rules)
+        self.commits = 0
+
+    def commit(self, cursor, lessons, rejects):
+        self.commits += 1
+        if self.commits == 2:
+            raise OSError(28, "No space left on device")
+        return super().commit(cursor, lessons, rejects)
+
+
+def test_a_failed_commit_rewinds_to_what_the_database_holds(h):
+    store = FailingOnce(h.engine, {})
+    h.tailer.close()
+    h.tailer = Tailer(h.log, store, max_line=1 << 20, rotate_wait=5.0, batch_lines=3, clock=h.clock)
+    h.tailer.start()
+    h.write(h.lines(*range(1, 12)))  # four batches; the second fails, the read-ahead is dropped
+    with pytest.raises(OSError, match="No space left"):
+        h.sync()
+    assert h.stored_ids() == [1, 2, 3]
+    h.sync()
+    assert h.stored_ids() == list(range(1, 12))

@@ -12,7 +12,9 @@ so a writer still appending to a renamed file loses nothing).
 from __future__ import annotations
 
 import os
+import queue
 import stat
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -110,6 +112,60 @@ def classify(line: Line) -> LineLesson | LineReject | None:
         return LineReject(line.offset, line.length, exc.reason, text[:PREFIX_CHARS])
 
 
+class Committer:
+    """Commits batches in order on a thread of its own.
+
+    SQLite releases the GIL while it writes, so committing batch N overlaps with parsing batch
+    N+1 and a backfill uses both cores. At most `depth` batches wait. Each batch still commits its
+    rows and the cursor that covers them in one transaction; a failed commit stops the committer,
+    and :meth:`drain` raises it so the tailer can fall back to what the database holds.
+    """
+
+    def __init__(self, store: Store, depth: int = 2):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, cursor: Cursor, lessons, rejects, stats: SyncStats) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="lacd-commit", daemon=True)
+            self.thread.start()
+        self.queue.put((cursor, lessons, rejects, stats))
+
+    def drain(self) -> None:
+        """Wait until every submitted batch is committed; raise the first failure."""
+        self.queue.join()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout=30)
+            self.thread = None
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self._commit(*item)
+            except BaseException as exc:  # handed to the tailer's thread by drain()
+                self.error = exc
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+    def _commit(self, cursor: Cursor, lessons, rejects, stats: SyncStats) -> None:
+        result = self.store.commit(cursor, lessons, rejects)
+        stats.add(result)
+        log.info("ingest_batch", source=cursor.source_id, offset=cursor.offset, lessons=result.lessons,
+                 pending=result.pending, rejected=result.rejected, excluded=dict(result.excluded))
+
+
 class Tailer:
     def __init__(self, path: os.PathLike, store: Store, *, max_line: int, rotate_wait: float,
                  batch_lines: int, clock: Callable[[], float] = time.monotonic,
@@ -121,6 +177,7 @@ class Tailer:
         self.batch_lines = batch_lines
         self.clock = clock
         self.interrupted = interrupted  # checked between batches: a stop never waits for a backfill
+        self.committer = Committer(store)
         self.current: Tracked | None = None
         self.draining: list[Tracked] = []
         self.saved: Cursor | None = None  # the active generation the database remembers
@@ -134,6 +191,10 @@ class Tailer:
             self._resume_elsewhere(cursor, note="rotated away before a restart")
 
     def close(self) -> None:
+        self.committer.close()
+        self._close_files()
+
+    def _close_files(self) -> None:
         for t in self._followed():
             os.close(t.fd)
         self.current, self.draining = None, []
@@ -141,11 +202,25 @@ class Tailer:
     def sync(self) -> SyncStats:
         """Follow the path, read every followed file to its last complete line, commit."""
         stats = SyncStats()
-        self._follow()
-        for t in list(self._followed()):
-            self._read(t, stats)
-        self._expire()
+        try:
+            self._follow()
+            for t in list(self._followed()):
+                self._read(t, stats)
+            self.committer.drain()
+            self._expire()
+        except BaseException:
+            self._fall_back()
+            raise
         return stats
+
+    def _fall_back(self) -> None:
+        """After a failure, forget what was read ahead: the database says where to resume."""
+        try:
+            self.committer.drain()
+        except BaseException:  # noqa: S110 - the failure being handled is the one raised
+            pass
+        self._close_files()
+        self.start()
 
     def _followed(self) -> list[Tracked]:
         """Older generations first, so lessons keep the order in which they were written."""
@@ -176,6 +251,7 @@ class Tailer:
     def _retire(self, t: Tracked) -> None:
         """The path no longer names this file: read it to its end, then keep draining it."""
         self._read(t, SyncStats())
+        self.committer.drain()
         t.draining, t.since = True, self.clock()
         self.draining.append(t)
         self.current = None
@@ -264,8 +340,5 @@ class Tailer:
     def _commit(self, t: Tracked, end: int, lessons, rejects, stats: SyncStats) -> None:
         moved = replace(t.cursor)
         moved.advance(t.fd, end)
-        result = self.store.commit(moved, lessons, rejects)
-        t.cursor, t.since = moved, self.clock()
-        stats.add(result)
-        log.info("ingest_batch", source=moved.source_id, offset=end, lessons=result.lessons,
-                 pending=result.pending, rejected=result.rejected, excluded=dict(result.excluded))
+        self.committer.submit(moved, lessons, rejects, stats)
+        t.cursor, t.since = moved, self.clock()  # read ahead; on a failed commit, _fall_back rewinds
