@@ -9,29 +9,43 @@ attends to another. The first label of every lesson is set to -100 so the
 last token of one lesson is never trained to predict the first token of the
 next: with that, the shifted loss over a packed row is exactly the sum of the
 per-lesson losses, and packing does not change the maths.
+
+On CUDA the dense block-diagonal mask that sdpa gets is slow: it rules out
+the flash kernel and costs a (L, L) mask per forward. ``VARLEN_ATTENTION``
+is an attention implementation for transformers that runs PyTorch's own
+variable-length flash attention (``torch.nn.attention.varlen``) on the
+lesson boundaries that collate_packed returns (``cu_seq_lens``), so each
+lesson attends only to itself and no masked block is ever computed.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import inspect
+from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+VARLEN_ATTENTION = "lacd_varlen"
 
 
-def pack(lengths: Sequence[int], tokens_per_batch: int) -> list[list[int]]:
+def pack(lengths: Sequence[int], tokens_per_batch: int, order: Sequence[int] | None = None) -> list[list[int]]:
     """Group example indices into micro-batches of at most tokens_per_batch tokens.
 
-    First-fit decreasing: longest examples first, each into the first
-    micro-batch with room. An example longer than the budget gets a
-    micro-batch of its own. Ties are broken by index, so the result is a
+    First fit: each example, taken in `order`, goes into the first
+    micro-batch with room, or opens a new one. Without an order it is first-fit
+    decreasing (longest first, ties by index): the fewest micro-batches, used
+    for evaluation. Training passes a shuffled order, so each micro-batch
+    mixes lessons of all lengths like a random batch does. An example longer
+    than the budget gets a micro-batch of its own. The result is a
     deterministic function of the inputs; indices inside a micro-batch are
     ascending.
     """
     if tokens_per_batch < 1:
         raise ValueError(f"tokens_per_batch must be >= 1, not {tokens_per_batch}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     room: list[int] = []
     for index in order:
@@ -50,11 +64,14 @@ def collate_packed(examples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str,
     """One row: input_ids, labels and position_ids of the examples concatenated.
 
     Shapes are (1, total_tokens). position_ids restart at 0 for each example;
-    each example's first label is -100 (see the module docstring).
+    each example's first label is -100 (see the module docstring). Also the
+    lesson boundaries for varlen attention: cu_seq_lens (int32, the offsets
+    0, len0, len0+len1, ...) and max_length (0-d, the longest lesson).
     """
     input_ids: list[int] = []
     labels: list[int] = []
     position_ids: list[int] = []
+    boundaries = [0]
     for example in examples:
         ids = list(example["input_ids"])
         if not ids:
@@ -63,10 +80,13 @@ def collate_packed(examples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str,
         labels.append(IGNORE_INDEX)
         labels.extend(example["labels"][1 : len(ids)])
         position_ids.extend(range(len(ids)))
+        boundaries.append(boundaries[-1] + len(ids))
     return {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(boundaries, dtype=torch.int32),
+        "max_length": torch.tensor(max(b - a for a, b in zip(boundaries, boundaries[1:])) if input_ids else 0),
     }
 
 
@@ -97,3 +117,135 @@ def collate_padded(
 def labelled_token_count(batch: Mapping[str, torch.Tensor]) -> int:
     """How many tokens of a collated batch are predicted (labels after the shift)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# --------------------------------------------------------------------------- varlen attention
+
+
+def varlen_available(device: torch.device) -> bool:
+    """True when PyTorch's variable-length flash attention can run on device (CUDA, sm80 or newer)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention import varlen  # noqa: F401  (torch >= 2.10)
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+_VARLEN: dict[str, Any] = {}  # varlen_attn and its keyword names, filled by register_varlen_attention
+
+
+def _load_varlen() -> None:
+    """Import varlen_attn once, outside any compiled region (its signature changed after 2.10)."""
+    if _VARLEN:
+        return
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return
+    _VARLEN["fn"] = varlen_attn
+    _VARLEN["names"] = frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _boundaries_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seq_lens and the longest sequence, from position ids that restart at 0 (a host sync)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def _causal_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor,
+                     scale: float | None) -> torch.Tensor:
+    """Reference path (CPU, old torch): causal sdpa on each lesson separately. (T, H, D) in and out."""
+    if key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.empty_like(query)
+    bounds = cu.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor,
+                  max_length: int, scale: float | None) -> torch.Tensor:
+    """Causal varlen flash attention over (T, H, D) tensors, whichever torch signature is installed."""
+    if not _VARLEN:
+        raise RuntimeError(f"{VARLEN_ATTENTION} needs torch.nn.attention.varlen (torch >= 2.10)")
+    varlen_attn, names = _VARLEN["fn"], _VARLEN["names"]
+    options: dict[str, Any] = {}
+    if "window_size" in names:
+        options["window_size"] = (-1, 0)
+    else:
+        options["is_causal"] = True
+    if scale is not None and "scale" in names:
+        options["scale"] = scale
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in names:
+            options["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return varlen_attn(query, key, value, cu, cu, max_length, max_length, **options)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: causal attention inside each packed lesson.
+
+    query/key/value are (batch, heads, tokens, head_dim); the rows are read as
+    one flat stream of lessons, bounded by the cu_seq_lens_q/max_length_q
+    kwargs (collate_packed's boundaries) or else by position_ids restarting
+    at 0. A padded batch (an attention mask) goes to sdpa unchanged.
+    Returns (batch, tokens, heads, head_dim), as transformers expects.
+    """
+    if attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    batch, heads, tokens, dim = query.shape
+    cu, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None or max_length is None:
+        if kwargs.get("position_ids") is None:
+            raise ValueError(f"{VARLEN_ATTENTION} needs cu_seq_lens_q/max_length_q or position_ids")
+        cu, max_length = _boundaries_from_positions(kwargs["position_ids"])
+    flat = [t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim) for t in (query, key, value)]
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_varlen(*flat, cu.to(query.device, torch.int32), int(max_length), scaling)
+    else:
+        out = _causal_segments(*flat, cu, scaling)
+    return out.reshape(batch, tokens, heads, dim), None
+
+
+def varlen_attention_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask function paired with VARLEN_ATTENTION: none for packed rows, sdpa's for a padded batch."""
+    if kwargs.get("attention_mask") is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Make VARLEN_ATTENTION known to transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _load_varlen()
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_attention_mask)
+    return VARLEN_ATTENTION

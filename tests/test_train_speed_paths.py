@@ -1,0 +1,197 @@
+"""The GPU speed paths of the train stage, checked on the CPU: varlen attention over packed lessons,
+bf16 adapters under autocast, shuffled packing, the automatic choices and their log."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import structlog
+import torch
+from datasets import Dataset, DatasetDict
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lacd.pipeline import packing
+from lacd.pipeline.packing import IGNORE_INDEX, VARLEN_ATTENTION, collate_packed, collate_padded, pack
+from lacd.pipeline.train import (
+    TrainError,
+    TrainSpec,
+    activation_bytes_per_token,
+    choose_adapter_compute,
+    COMPILE_MIN_TOKENS,
+    apply_fused_kernels,
+    choose_attention,
+    compute_context,
+    loss_sum,
+    needs_checkpointing,
+    plan_steps,
+    run_training,
+    should_compile,
+)
+from tiny import make_tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def random_rows(count: int, seed: int, low: int = 3, high: int = 40) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        ids = [rng.randrange(3, 300) for _ in range(rng.randint(low, high))]
+        cut = rng.randint(1, len(ids) - 1)
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
+    return rows
+
+
+def test_collate_packed_gives_lesson_boundaries():
+    batch = collate_packed([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
+                            {"input_ids": [], "labels": []},
+                            {"input_ids": [4, 5], "labels": [4, 5]}])
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5]
+    assert batch["cu_seq_lens"].dtype == torch.int32
+    assert int(batch["max_length"]) == 3
+
+
+def test_varlen_attention_keeps_lessons_apart_and_matches_sdpa(tiny_dir):
+    """The registered varlen implementation (its CPU reference path) gives sdpa's block-mask logits,
+    with the boundaries passed as kwargs or found from position_ids; a padded batch still works."""
+    choose_attention(VARLEN_ATTENTION, torch.device("cpu"))
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=VARLEN_ATTENTION).eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    rows = random_rows(5, seed=1)
+    batch = collate_packed(rows)
+    with torch.no_grad():
+        assert float(loss_sum(varlen, batch)) == pytest.approx(float(loss_sum(sdpa, batch)), rel=1e-5)
+        found = varlen(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for row in rows:  # each lesson alone gives the same logits as inside the packed row
+            alone = sdpa(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0]
+            torch.testing.assert_close(found[start : start + len(alone)], alone, atol=1e-5, rtol=1e-4)
+            start += len(alone)
+        padded = collate_padded(rows[:3])
+        assert float(loss_sum(varlen, padded)) == pytest.approx(float(loss_sum(sdpa, padded)), rel=1e-5)
+
+
+def test_varlen_attention_receives_the_collated_boundaries(tiny_dir, monkeypatch):
+    choose_attention(VARLEN_ATTENTION, torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=VARLEN_ATTENTION).eval()
+    seen = []
+    original = packing._causal_segments
+    monkeypatch.setattr(packing, "_causal_segments", lambda q, k, v, cu, s: seen.append(cu.tolist())
+                        or original(q, k, v, cu, s))
+    batch = collate_packed(random_rows(3, seed=2))
+    with torch.no_grad():
+        loss_sum(model, batch)
+    assert seen and all(cu == batch["cu_seq_lens"].tolist() for cu in seen)
+
+
+def test_bf16_adapters_under_autocast_match_the_fp32_upcast(tiny_dir):
+    """lacd's bf16 adapters (peft's upcast off, autocast on) compute the loss and LoRA gradients that
+    peft's fp32 upcast computes, within bf16 rounding."""
+    from lacd.pipeline.train import _disable_adapter_upcast
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert all(p.dtype == torch.float32 for _, p in model.named_parameters() if p.requires_grad)
+    batch = collate_packed(random_rows(4, seed=3))
+
+    def loss_and_grads(dtype):
+        model.zero_grad(set_to_none=True)
+        with compute_context(torch.device("cpu"), dtype):
+            loss = loss_sum(model, batch)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference, reference_grads = loss_and_grads(None)
+    _disable_adapter_upcast(model)
+    fast, fast_grads = loss_and_grads(torch.bfloat16)
+    assert fast == pytest.approx(reference, rel=2e-2)
+    for name, grad in reference_grads.items():
+        assert fast_grads[name].dtype == torch.float32  # fp32 master weights keep fp32 gradients
+        relative = (fast_grads[name] - grad).norm() / grad.norm()
+        assert relative < 0.1, (name, float(relative))
+
+
+def test_automatic_choices_on_cpu():
+    cpu = torch.device("cpu")
+    assert choose_attention("auto", cpu) == "sdpa"
+    assert choose_adapter_compute("auto", torch.float32) is None
+    assert choose_adapter_compute("auto", torch.bfloat16) == torch.bfloat16
+    assert choose_adapter_compute("float32", torch.bfloat16) is None
+    with pytest.raises(TrainError):
+        choose_adapter_compute("fp8", torch.bfloat16)
+    assert needs_checkpointing("auto", cpu, 4096, 10**6, 32000) is False
+    assert needs_checkpointing(True, cpu, 1, 1, 1) is True
+    assert needs_checkpointing("off", cpu, 1, 1, 1) is False
+    with pytest.raises(TrainError):
+        needs_checkpointing("sometimes", cpu, 1, 1, 1)
+    cuda = torch.device("cuda")  # only compared, never used
+    assert should_compile("auto", cpu, 10 * COMPILE_MIN_TOKENS) is False
+    assert should_compile("auto", cuda, COMPILE_MIN_TOKENS) is True
+    assert should_compile("auto", cuda, COMPILE_MIN_TOKENS - 1) is False
+    assert should_compile("on", cpu, 1) is True and should_compile("off", cuda, 10**9) is False
+    with pytest.raises(TrainError):
+        should_compile("max", cpu, 1)
+    model = torch.nn.Linear(2, 2)
+    assert apply_fused_kernels(model, "auto", cpu, compiling=False) == "off"
+    assert apply_fused_kernels(model, "auto", cuda, compiling=True) == "off"
+    with pytest.raises(TrainError):
+        apply_fused_kernels(model, "triton", cpu, compiling=False)
+
+
+def test_activation_estimate_grows_with_dropout_and_upcast():
+    class Config:
+        hidden_size, intermediate_size, num_hidden_layers = 4096, 11008, 32
+
+    plain = activation_bytes_per_token(Config, 0.0, False)
+    assert 4e6 < plain < 7e6  # measured about 5.6 MB per token for CodeLlama-7B (bench/train_gpu.py)
+    assert plain < activation_bytes_per_token(Config, 0.05, False) < activation_bytes_per_token(Config, 0.05, True)
+
+
+def test_shuffled_packing_mixes_lengths_and_stays_within_budget():
+    lengths = [random.Random(i).choice([30, 60, 120, 250]) for i in range(300)]
+    order = list(range(300))
+    random.Random(5).shuffle(order)
+    groups = pack(lengths, 512, order)
+    assert sorted(i for g in groups for i in g) == list(range(300))
+    assert all(sum(lengths[i] for i in g) <= 512 for g in groups)
+    assert len(groups) <= -(-sum(lengths) // 512) + 3  # first fit in any order still packs tightly
+    def mixing(grouping):  # micro-batches holding three or more different lengths
+        return sum(1 for g in grouping if len({lengths[i] for i in g}) > 2)
+
+    assert mixing(groups) > len(groups) / 2 > 10 * mixing(pack(lengths, 512))  # FFD sorts by length
+    steps = plan_steps(lengths, 512, 1, 2, seed=0)
+    assert steps[0].micro_batches != steps[len(steps) // 2].micro_batches  # each epoch packs anew
+
+
+def test_run_log_says_which_device_dtype_and_attention(tiny_dir, tmp_path):
+    rows = random_rows(12, seed=4)
+    DatasetDict(train=Dataset.from_list(rows[:10]), heldout=Dataset.from_list(rows[10:])).save_to_disk(
+        str(tmp_path / "dataset"))
+    spec = TrainSpec(base_dir=tiny_dir, dataset_dir=tmp_path / "dataset", out_dir=tmp_path / "adapter",
+                     checkpoint_dir=tmp_path / "ckpt", progress_path=tmp_path / "progress.json",
+                     lora_r=4, lora_alpha=8, epochs=1, tokens_per_batch=128, checkpoint_every=100,
+                     num_threads=1, device="auto", attention=VARLEN_ATTENTION)
+    with structlog.testing.capture_logs() as events:
+        result = run_training(spec)
+    setup = next(e for e in events if e["event"] == "train_setup")
+    assert (setup["device"], setup["dtype"], setup["attention"]) == ("cpu", "float32", VARLEN_ATTENTION)
+    assert (setup["adapter_compute"], setup["gradient_checkpointing"], setup["compiled"]) == (
+        "float32", False, False)
+    assert result.attention == VARLEN_ATTENTION and result.steps > 0
+    assert result.heldout_loss_after != result.heldout_loss_before  # the adapters were trained
