@@ -58,35 +58,37 @@ def backfill(work: Path, log: Path, size: int) -> dict:
             "lines_per_s": lines / wall, "mb_per_s": nbytes / 2**20 / wall, "peak_rss_mb": peak_mb}
 
 
-def lesson_times(db: Path, marker: str) -> dict[int, float]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT raw, ingested_at FROM lessons WHERE raw LIKE ?", (f"%{marker}%",)).fetchall()
-    finally:
-        con.close()
-    return {int(json.loads(raw)["user_prompt"].rsplit(" ", 1)[1]): at for raw, at in rows}
+def visible(con: sqlite3.Connection, prompt: str) -> bool:
+    return con.execute("SELECT 1 FROM lessons WHERE id > (SELECT max(id) - 50 FROM lessons) AND raw LIKE ?",
+                       (f"%{prompt}%",)).fetchone() is not None
 
 
 def latency_and_idle(work: Path, log: Path, n: int, idle_s: float) -> dict:
+    """Append one line at a time; the latency is until a reader sees it in the database."""
+    import psutil
+
     env = env_for(work, log)
     daemon = subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(3)  # start-up and catch-up
+        time.sleep(5)  # start-up and catch-up
+        con = sqlite3.connect(f"file:{work / 'state' / 'lacd.db'}?mode=ro", uri=True)
         rng = random.Random(3)
         template = json.loads(next(generate_lines(1, seed=9)))
-        written: dict[int, float] = {}
+        lat = []
         with open(log, "a") as fh:
             for i in range(n):
                 template["user_prompt"] = f"latency probe {i}"
                 fh.write(json.dumps(template) + "\n")
                 fh.flush()
-                written[i] = time.time()
+                start = time.perf_counter()
+                while not visible(con, f"latency probe {i}\""):
+                    if time.perf_counter() - start > 10:
+                        break
+                    time.sleep(0.001)
+                lat.append(time.perf_counter() - start)
                 time.sleep(rng.uniform(0.01, 0.2))
-        time.sleep(3)
-        got = lesson_times(work / "state" / "lacd.db", "latency probe")
-        lat = sorted(got[i] - written[i] for i in written if i in got)
-        import psutil
-
+        con.close()
+        lat.sort()
         proc = psutil.Process(daemon.pid)
         before = sum(proc.cpu_times()[:2])
         time.sleep(idle_s)
