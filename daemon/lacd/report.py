@@ -1,0 +1,399 @@
+"""A run's report: report.html (self-contained) and report.png in the run's folder.
+
+The PNG, drawn with matplotlib's Agg backend (no display needed), has four panels: the training
+loss per optimizer step with the held-out loss before and after training; the metric table of
+the candidate against the model in use; lesson counts by curation reason and by what formatting
+did with them; and the lengths of the formatted examples in tokens. The HTML holds the same
+numbers as tables, the gate's decision with its reasons, which generator measured each model,
+and the PNG inlined as a data: URI, so the file can be mailed or opened anywhere on its own.
+
+``write_report`` takes plain dicts, the same ones the stages return, so it can be called from the
+last stage of a run or later by ``lacd report``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+HTML_FILE = "report.html"
+PNG_FILE = "report.png"
+PROGRESS_HISTORY_FILE = "progress.jsonl"
+METRIC_ROWS = (
+    ("exact_call_accuracy", "exact-call accuracy"),
+    ("tool_name_accuracy", "tool-name accuracy"),
+    ("tool_call_validity", "tool-call validity"),
+    ("fabricated_output_rate", "fabricated-output rate"),
+    ("clean_stop_rate", "clean-stop rate"),
+    ("heldout_loss", "held-out loss"),
+    ("perplexity", "perplexity"),
+)
+RATE_METRICS = ("exact_call_accuracy", "tool_name_accuracy", "tool_call_validity",
+                "fabricated_output_rate", "clean_stop_rate")  # fmt: skip
+
+
+class ReportError(Exception):
+    """The report cannot be written (the run folder is missing or not writable)."""
+
+
+def load_progress_history(run_dir: Path) -> list[dict]:
+    """The training progress lines a run recorded in progress.jsonl (one JSON object per line)."""
+    path = Path(run_dir) / PROGRESS_HISTORY_FILE
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            history.append(json.loads(line))
+        except ValueError:  # a line cut by a crash
+            continue
+    return history
+
+
+def example_lengths(dataset_dir: Path) -> dict[str, list[int]]:
+    """Token counts of the formatted examples by split ({} when the dataset is gone)."""
+    from datasets import load_from_disk
+
+    try:
+        splits = load_from_disk(str(dataset_dir))
+    except (FileNotFoundError, ValueError, OSError):
+        return {}
+    return {name: [len(ids) for ids in splits[name]["input_ids"]] for name in splits}
+
+
+def write_report(
+    run_dir: Path,
+    run: Mapping[str, Any],
+    format_result: Mapping[str, Any],
+    train_result: Mapping[str, Any],
+    progress_history: Sequence[Mapping[str, Any]],
+    evaluation: Mapping[str, Any],
+    decision: Any,
+    *,
+    curation: Mapping[str, int] | None = None,
+    lengths: Mapping[str, Sequence[int]] | None = None,
+) -> Path:
+    """Write report.png and report.html into run_dir (each under a temporary name, then renamed).
+
+    run: the run's row as a dict (id, status, lesson_count, created_at, finished_at, reason, tag...);
+    format_result: format.json (counts, train_tokens, heldout_ids...); train_result: the train
+    stage's result; progress_history: the trainer's progress dicts (step, loss, phase...), e.g.
+    from load_progress_history; evaluation: evaluate_candidate's result; decision: a gate
+    Decision or its to_dict(); curation: lessons excluded at ingestion by reason ({"duplicate": 3});
+    lengths: example token counts by split (default: read from run_dir/dataset).
+    Returns the path of report.html.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run folder {run_dir} does not exist")
+    if lengths is None:
+        lengths = example_lengths(run_dir / "dataset")
+    decision_dict = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision or {})
+    png = render_png(format_result, train_result, progress_history, evaluation, curation or {}, lengths)
+    _write_atomic(run_dir / PNG_FILE, png)
+    page = render_html(run, format_result, train_result, evaluation, decision_dict, curation or {}, lengths, png)
+    path = run_dir / HTML_FILE
+    _write_atomic(path, page.encode("utf-8"))
+    log.info("report.written", run=run.get("id"), path=str(path), bytes=len(page))
+    return path
+
+
+# --------------------------------------------------------------------------- the figure
+
+
+def render_png(
+    format_result: Mapping[str, Any],
+    train_result: Mapping[str, Any],
+    progress_history: Sequence[Mapping[str, Any]],
+    evaluation: Mapping[str, Any],
+    curation: Mapping[str, int],
+    lengths: Mapping[str, Sequence[int]],
+) -> bytes:
+    """The four-panel report figure as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 9), dpi=100, layout="constrained")
+    (loss_ax, metric_ax), (count_ax, length_ax) = figure.subplots(2, 2)
+    _plot_losses(loss_ax, train_result, progress_history)
+    _plot_metrics(metric_ax, evaluation)
+    _plot_counts(count_ax, format_result, curation)
+    _plot_lengths(length_ax, lengths)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": "lacd"})
+    return buffer.getvalue()
+
+
+def loss_curve(progress_history: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the training steps in a progress history; the last value of a step wins."""
+    by_step: dict[int, float] = {}
+    for entry in progress_history:
+        loss, step = entry.get("loss"), entry.get("step")
+        if entry.get("phase", "train") == "train" and isinstance(loss, (int, float)) and isinstance(step, int):
+            if math.isfinite(loss):
+                by_step[step] = float(loss)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _plot_losses(ax: Any, train_result: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
+    steps, losses = loss_curve(history)
+    last = int(train_result.get("steps") or (steps[-1] if steps else 1))
+    if steps:
+        ax.plot(steps, losses, color="#1f77b4", linewidth=1.2, label="training loss")
+    before, after = train_result.get("heldout_loss_before"), train_result.get("heldout_loss_after")
+    points = [(0, before), (last, after)]
+    shown = [(x, y) for x, y in points if y is not None]
+    if shown:
+        ax.plot([x for x, _ in shown], [y for _, y in shown], "o--", color="#d62728", label="held-out loss")
+        for x, y in shown:
+            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_title("Loss on assistant tokens")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    if steps or shown:
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        _empty(ax, "no training progress recorded")
+
+
+def _plot_metrics(ax: Any, evaluation: Mapping[str, Any]) -> None:
+    cand, inc = evaluation.get("candidate") or {}, evaluation.get("incumbent") or {}
+    names = [label for key, label in METRIC_ROWS if key in RATE_METRICS]
+    keys = [key for key, _ in METRIC_ROWS if key in RATE_METRICS]
+    if not cand and not inc:
+        _empty(ax, "no evaluation")
+        return
+    positions = range(len(keys))
+    width = 0.38
+    for offset, metrics, color, name in ((-width / 2, inc, "#7f7f7f", inc.get("label") or "in use"),
+                                         (width / 2, cand, "#2ca02c", "candidate")):  # fmt: skip
+        values = [metrics.get(k) for k in keys]
+        bars = ax.barh([p + offset for p in positions], [v or 0 for v in values], height=width, color=color,
+                       label=name)  # fmt: skip
+        for bar, value in zip(bars, values):
+            text = "n/a" if value is None else f"{value:.2f}"
+            ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    ax.set_yticks(list(positions), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15)
+    losses = [f"{m.get('label') or who}: loss {_num(m.get('heldout_loss'), 3)}"
+              for who, m in (("in use", inc), ("candidate", cand))]  # fmt: skip
+    ax.set_title(f"Held-out metrics, {evaluation.get('n_cases', 0)} prompts ({evaluation.get('generator', '?')})\n"
+                 + "; ".join(losses), fontsize=10)  # fmt: skip
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _plot_counts(ax: Any, format_result: Mapping[str, Any], curation: Mapping[str, int]) -> None:
+    counts = dict(format_result.get("counts") or {})
+    rows = [(f"excluded: {k.replace('_', ' ')}", v) for k, v in sorted(curation.items())]
+    rows += [(k.replace("_", " "), v) for k, v in counts.items() if v or k in ("train", "heldout")]
+    if not rows:
+        _empty(ax, "no lesson counts")
+        return
+    labels, values = zip(*rows)
+    colors = ["#ff7f0e" if label.startswith("excluded") else "#9467bd" for label in labels]
+    bars = ax.barh(range(len(rows)), values, color=colors)
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_title("Lessons by curation reason and formatting outcome")
+    ax.set_xlabel("lessons")
+
+
+def _plot_lengths(ax: Any, lengths: Mapping[str, Sequence[int]]) -> None:
+    series = {name: list(values) for name, values in lengths.items() if values}
+    if not series:
+        _empty(ax, "no formatted examples")
+        return
+    top = max(max(v) for v in series.values())
+    edges = [8]
+    while edges[-1] <= top:
+        edges.append(edges[-1] * 2)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c"][: len(series)]
+    ax.hist(list(series.values()), bins=edges, label=list(series), color=colors)
+    ax.set_xscale("log", base=2)
+    ax.set_title("Example length (tokens, after truncation)")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=8)
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#7f7f7f")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --------------------------------------------------------------------------- the page
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:.3em .7em;text-align:left}
+th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.promoted{color:#1a7f37;font-weight:600} .rejected{color:#b42318;font-weight:600}
+.better{color:#1a7f37} .worse{color:#b42318} code{font-size:.9em} img{max-width:100%;border:1px solid #eee}
+.muted{color:#777}
+"""
+
+
+def render_html(
+    run: Mapping[str, Any],
+    format_result: Mapping[str, Any],
+    train_result: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    decision: Mapping[str, Any],
+    curation: Mapping[str, int],
+    lengths: Mapping[str, Sequence[int]],
+    png: bytes,
+) -> str:
+    """The report page; the figure is inlined, nothing is loaded from elsewhere."""
+    e = html.escape
+    promote = decision.get("promote")
+    verdict = ("<span class='promoted'>promoted</span>" if promote
+               else "<span class='rejected'>rejected by gate</span>" if promote is False
+               else "<span class='muted'>no decision</span>")  # fmt: skip
+    title = f"lacd run {run.get('id', '?')}"
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{e(title)}: {verdict}</h1>",
+        f"<p class='muted'>{e(_run_line(run))}</p>",
+        "<h2>Gate</h2>",
+        _list(decision.get("reasons") or []),
+        "<h2>Candidate against the model in use</h2>",
+        _metric_table(evaluation),
+        f"<p class='muted'>{e(_generator_line(evaluation))}</p>",
+        "<h2>Figures</h2>",
+        f"<img alt='loss curves, metrics, lesson counts and lengths' "
+        f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>",
+        "<h2>Training</h2>",
+        _kv_table(_train_rows(train_result)),
+        "<h2>Lessons</h2>",
+        _kv_table(_lesson_rows(format_result, curation, lengths)),
+        "<p class='muted'>Written by lacd at " + e(time.strftime("%Y-%m-%d %H:%M:%S")) + ".</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _run_line(run: Mapping[str, Any]) -> str:
+    fields = []
+    for key in ("status", "reason", "lesson_count", "tag"):
+        if run.get(key) is not None:
+            fields.append(f"{key.replace('_', ' ')}: {run[key]}")
+    for key in ("created_at", "started_at", "finished_at"):
+        if isinstance(run.get(key), (int, float)):
+            fields.append(f"{key.replace('_at', '')}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run[key]))}")
+    return " · ".join(fields)
+
+
+def _generator_line(evaluation: Mapping[str, Any]) -> str:
+    generators = evaluation.get("generators") or {}
+    text = f"Generations from {evaluation.get('generator', 'unknown')}"
+    if generators:
+        text += " (" + ", ".join(f"{who}: {how}" for who, how in generators.items()) + ")"
+    text += f", greedy, on {evaluation.get('n_cases', 0)} held-out prompts"
+    if evaluation.get("seconds") is not None:
+        text += f", in {evaluation['seconds']} s"
+    return text + "."
+
+
+def _metric_table(evaluation: Mapping[str, Any]) -> str:
+    e = html.escape
+    cand, inc = evaluation.get("candidate") or {}, evaluation.get("incumbent") or {}
+    if not cand and not inc:
+        return "<p class='muted'>No evaluation was recorded for this run.</p>"
+    from lacd.pipeline.gate import HIGHER_IS_BETTER
+
+    rows = [f"<tr><th>metric</th><th>{e(str(inc.get('label') or 'model in use'))}</th>"
+            f"<th>candidate</th><th>change</th></tr>"]  # fmt: skip
+    for key, name in METRIC_ROWS:
+        a, b = inc.get(key), cand.get(key)
+        change, css = "", ""
+        if a is not None and b is not None:
+            delta = b - a
+            change = f"{delta:+.3f}"
+            if abs(delta) > 1e-12:
+                css = "better" if (delta > 0) == HIGHER_IS_BETTER.get(key, True) else "worse"
+        digits = 3 if key in ("heldout_loss", "perplexity") else 2
+        rows.append(f"<tr><td>{e(name)}</td><td class='num'>{_num(a, digits)}</td>"
+                    f"<td class='num'>{_num(b, digits)}</td><td class='num {css}'>{change}</td></tr>")  # fmt: skip
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _train_rows(train: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    keys = ("steps", "tokens", "labelled_tokens", "seconds", "tokens_per_s", "device", "dtype", "tokens_per_batch",
+            "grad_accum", "heldout_loss_before", "heldout_loss_after", "resumed_from_step")  # fmt: skip
+    return [(k.replace("_", " "), train.get(k)) for k in keys if k in train]
+
+
+def _lesson_rows(fmt: Mapping[str, Any], curation: Mapping[str, int], lengths: Mapping[str, Sequence[int]]) -> list:
+    rows: list[tuple[str, Any]] = [(f"excluded at ingestion: {k.replace('_', ' ')}", v)
+                                   for k, v in sorted(curation.items())]
+    rows += [(k.replace("_", " "), v) for k, v in (fmt.get("counts") or {}).items()]
+    for key in ("train_tokens", "assistant_tokens", "family"):
+        if key in fmt:
+            rows.append((key.replace("_", " "), fmt[key]))
+    for split, values in lengths.items():
+        if values:
+            ordered = sorted(values)
+            rows.append((f"{split} example tokens (min / median / max)",
+                         f"{ordered[0]} / {ordered[len(ordered) // 2]} / {ordered[-1]}"))  # fmt: skip
+    return rows
+
+
+def _kv_table(rows: Sequence[tuple[str, Any]]) -> str:
+    if not rows:
+        return "<p class='muted'>Nothing recorded.</p>"
+    e = html.escape
+    body = "".join(f"<tr><th>{e(str(k))}</th><td>{e(_plain(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _list(items: Sequence[str]) -> str:
+    if not items:
+        return "<p class='muted'>No gate decision recorded.</p>"
+    return "<ul>" + "".join(f"<li>{html.escape(str(item))}</li>" for item in items) + "</ul>"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{float(value):.{digits}f}"
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes under a temporary name in the same folder, then rename over path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc

