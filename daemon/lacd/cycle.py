@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from lacd import db, lock
@@ -67,7 +66,3 @@ def run_foreground(settings: Settings, on_progress: Callable[[str, dict], None] 
         return Outcome(run_id, status)
     finally:
         state_lock.release()
-
-
-def gguf_of(settings: Settings, run_id: int) -> Path:
-    return settings.runs_dir / str(run_id) / "model.gguf"
