@@ -162,7 +162,7 @@ def train(ctx):
 @cli.command()
 @click.option("--dir", "work", type=click.Path(file_okay=False, path_type=Path), default=Path("lacd-quickstart"),
               show_default=True, help="folder for the sample log and the state")
-@click.option("--lessons", default=48, show_default=True, help="sample lessons to generate")
+@click.option("--lessons", default=16, show_default=True, help="sample lessons to generate")
 @click.pass_context
 def quickstart(ctx, work, lessons):
     """A whole cycle on the embedded defaults: sample lessons, SmolLM2-135M, GGUF, Ollama if running."""
