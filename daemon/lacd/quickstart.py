@@ -8,6 +8,7 @@ stops after the export and says how to register the GGUF by hand.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from lacd import config
@@ -26,7 +27,8 @@ def prepare(work: Path, lessons: int) -> Settings:
         watch=dataclasses.replace(base.watch, log=work / "agent_interactions.jsonl"),
         state=dataclasses.replace(base.state, dir=work / "state"),
         queue=dataclasses.replace(base.queue, threshold=min(base.queue.threshold, lessons)),
-        train=dataclasses.replace(base.train, epochs=2, max_seq_len=1024, learning_rate=1e-3, checkpoint_every=20),
+        train=dataclasses.replace(base.train, epochs=2, max_seq_len=1024, learning_rate=1e-3, checkpoint_every=20,
+                                  threads=base.train.threads or os.cpu_count() or 1),  # a demo: use every core
         run=dataclasses.replace(base.run, retries=1, min_free_gb=0.5),
     )
     if not s.watch.log.exists():
