@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,34 @@ class Curation:
     all_tools_failed: bool = _key(True, "exclude a lesson where every tool execution failed")
 
 
+def _kinds_check(value: str) -> str | None:
+    from lacd.ingest.secrets import KINDS
+
+    unknown = [k for k in split_list(value) if k not in KINDS and k != "all"]
+    return f"unknown kind {unknown[0]!r}; kinds: all, {', '.join(KINDS)}" if unknown else None
+
+
+def _paths_check(value: str) -> str | None:
+    return None if split_list(value) else "must name at least one pattern (e.g. .env,*.pem)"
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting as a list (blanks dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+_SECRET_PATHS = ".env,*.env,.env.*,id_rsa,id_dsa,id_ecdsa,id_ed25519,*.pem,*.key,.netrc,.npmrc,.pypirc,.pgpass,.git-credentials,credentials"
+
+
+@dataclass(frozen=True)
+class Secrets:
+    scan: bool = _key(True, "scan every lesson for secrets at ingestion and redact them before anything is stored")
+    exclude: str = _key("", "comma-separated secret kinds whose lessons are excluded instead of redacted (all: every kind)", _kinds_check)
+    paths: str = _key(_SECRET_PATHS, "comma-separated file patterns whose content is secret by nature: a tool output that read one is redacted whole", _paths_check)
+    entropy_limit: float = _key(4.5, "bits per character above which a quoted base64-like string of 20+ characters is a secret", _between(0.5, 8))
+    hex_limit: float = _key(0.0, "the same for quoted hex strings of 32+ characters (0: off; hex in code is mostly digests)", _between(0, 8))
+
+
 @dataclass(frozen=True)
 class Model:
     base: str = _key("smollm2-135m", "base model: a local HF folder, a .gguf file, an HF hub id in the local cache, ollama:<model>, or smollm2-135m")
@@ -155,6 +184,58 @@ class Export:
     outtype: str = _key("f16", "GGUF tensor type: f16, bf16, f32 or q8_0", _one_of("f16", "bf16", "f32", "q8_0"))
 
 
+def parse_tools(value: str) -> dict[str, tuple[int, int]]:
+    """'read_file(1), list_directory(1-2)' -> {name: (min_args, max_args)}; ValueError when malformed."""
+    tools = {}
+    for part in split_tools(value):
+        match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\(\s*(\d+)\s*(?:-\s*(\d+)\s*)?\)", part)
+        if not match:
+            raise ValueError(f"{part!r} is not name(N) or name(MIN-MAX)")
+        low, high = int(match.group(2)), int(match.group(3) or match.group(2))
+        if high < low:
+            raise ValueError(f"{part!r}: MIN is above MAX")
+        tools[match.group(1)] = (low, high)
+    return tools
+
+
+def split_tools(value: str) -> list[str]:
+    """The entries of a tool list: commas between parentheses do not split."""
+    return [part.strip() for part in re.findall(r"[^,(]+(?:\([^)]*\))?", value) if part.strip()]
+
+
+def _tools_check(value: str) -> str | None:
+    if value in ("", "v1", "v2"):
+        return None
+    try:
+        parse_tools(value)
+    except ValueError as exc:
+        return f"must be v1, v2 or a list like read_file(1), list_directory(1-2): {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    max_cases: int = _key(50, "held-out prompts each model answers (the first N held-out lessons with a reply)", _at_least(1))
+    max_new_tokens: int = _key(128, "token budget of one generated reply; a reply still going at the budget did not stop cleanly", _at_least(1))
+    tools: str = _key("v1", "the agent's tools and argument counts: v1 (local-ai-coder's 8 tools), v2 (the later agent's 16), or a list like read_file(1), list_directory(1-2)", _tools_check)
+    threads: int = _key(0, "CPU threads for evaluation (0: as [train] threads)", _at_least(0))
+    timeout: float = _key(3600.0, "seconds one evaluation may take before the attempt fails and is retried (0: no limit)", _at_least(0))
+
+
+_GATE_METRICS = ("exact_call_accuracy", "tool_name_accuracy", "tool_call_validity", "clean_stop_rate",
+                 "fabricated_output_rate", "heldout_loss", "perplexity")
+
+
+@dataclass(frozen=True)
+class Gate:
+    primary: str = _key("exact_call_accuracy", "the metric a candidate must not lose on: " + ", ".join(_GATE_METRICS), _one_of(*_GATE_METRICS))
+    tolerance: float = _key(0.02, "how much worse than the model in use the primary metric may be (absolute)", _between(0, 1))
+    max_loss_increase: float = _key(0.05, "guard: held-out loss may be at most this fraction above the model in use's (0.05 = 5%)", _at_least(0))
+    max_fabricated_increase: float = _key(0.02, "guard: fabricated-output rate may rise by at most this much (absolute)", _between(0, 1))
+    max_clean_stop_drop: float = _key(0.05, "guard: clean-stop rate may fall by at most this much (absolute)", _between(0, 1))
+    if_unmeasured: str = _key("reject", "no held-out prompt to measure on (too few lessons): reject the candidate, or promote it unmeasured", _one_of("reject", "promote"))
+
+
 @dataclass(frozen=True)
 class Log:
     level: str = _key("info", "debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
@@ -172,9 +253,12 @@ class Settings:
     train: Train = field(default_factory=Train)
     run: Run = field(default_factory=Run)
     curation: Curation = field(default_factory=Curation)
+    secrets: Secrets = field(default_factory=Secrets)
     model: Model = field(default_factory=Model)
     ollama: Ollama = field(default_factory=Ollama)
     export: Export = field(default_factory=Export)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    gate: Gate = field(default_factory=Gate)
     log: Log = field(default_factory=Log)
     source: str = "embedded defaults"
 

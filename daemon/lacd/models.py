@@ -49,7 +49,7 @@ class Lesson(Base):
     conversation: Mapped[str] = mapped_column(Text)  # canonical JSON: {"messages": [...]}
     raw: Mapped[str] = mapped_column(Text)  # the line as written (decoded, without its newline)
     conv_hash: Mapped[str] = mapped_column(String(32), index=True)
-    status: Mapped[str] = mapped_column(String(16))  # pending | trained | excluded (indexed with id below)
+    status: Mapped[str] = mapped_column(String(16))  # pending | trained | excluded | forgotten (indexed with id below)
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     trained_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
@@ -131,4 +131,31 @@ class ModelVersion(Base):
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class SecretFinding(Base):
+    """A secret found and redacted in a lesson or a reject's prefix, at ingestion: its kind and where
+    (``field``: the message's role, ``tool_calls`` or ``raw``; ``turn``: the message index, -1 for the
+    raw line or a reject). The line is named by its place, like lessons and rejects. Never the secret."""
+
+    __tablename__ = "secret_findings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
+    offset: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    field: Mapped[str] = mapped_column(String(16))
+    turn: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Forget(Base):
+    """One `lacd forget`: when, how many lessons, and how they were chosen (never the pattern itself,
+    which may be the very secret). A later run with reason ``forget`` retrains without them."""
+
+    __tablename__ = "forgets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    lessons: Mapped[int] = mapped_column(Integer)
+    chosen_by: Mapped[str] = mapped_column(String(16))  # ids | pattern
+
+
 Index("ix_lessons_status_id", Lesson.status, Lesson.id)
+Index("ix_secret_findings_place", SecretFinding.source_id, SecretFinding.offset)

@@ -19,6 +19,7 @@ import structlog
 
 from lacd import db
 from lacd.config import Settings
+from lacd.ingest.classifier import ClassifierSpec
 from lacd.ingest.store import Store
 from lacd.ingest.tailer import SyncStats, Tailer
 from lacd.ingest.watcher import Watcher
@@ -66,7 +67,7 @@ def open_tailer(settings: Settings, engine, interrupted=lambda: False) -> Tailer
     rules = dataclasses.asdict(settings.curation)
     w = settings.watch
     return Tailer(w.log, Store(engine, rules), max_line=w.max_line_bytes, rotate_wait=w.rotate_wait,
-                  batch_lines=w.batch_lines, interrupted=interrupted)
+                  batch_lines=w.batch_lines, interrupted=interrupted, spec=ClassifierSpec.from_settings(settings))
 
 
 def catch_up(settings: Settings) -> SyncStats:

@@ -47,17 +47,22 @@ class Parsed:
 
     def flaw(self, rules: dict[str, bool]) -> str | None:
         """The first curation reason (other than duplicate) that excludes this lesson, if any."""
-        replies = [m for m in self.messages if m["role"] == "assistant"]
-        checks = (
-            ("empty_prompt", lambda: not _first(self.messages, "user").strip()),
-            ("no_reply", lambda: not any(m["content"].strip() or m.get("tool_calls") for m in replies)),
-            ("fabricated_output", lambda: any(FABRICATED.search(m["content"]) for m in replies)),
-            ("all_tools_failed", lambda: _all_failed(self.messages)),
-        )
-        for reason, check in checks:
-            if rules.get(reason, True) and check():
-                return reason
-        return None
+        return flaw(self.messages, rules)
+
+
+def flaw(messages: list[dict[str, Any]], rules: dict[str, bool]) -> str | None:
+    """The first curation reason (other than duplicate) that excludes a conversation, if any."""
+    replies = [m for m in messages if m["role"] == "assistant"]
+    checks = (
+        ("empty_prompt", lambda: not _first(messages, "user").strip()),
+        ("no_reply", lambda: not any(m["content"].strip() or m.get("tool_calls") for m in replies)),
+        ("fabricated_output", lambda: any(FABRICATED.search(m["content"]) for m in replies)),
+        ("all_tools_failed", lambda: _all_failed(messages)),
+    )
+    for reason, check in checks:
+        if rules.get(reason, True) and check():
+            return reason
+    return None
 
 
 def parse_line(text: str) -> Parsed:

@@ -15,32 +15,16 @@ import structlog
 from sqlalchemy import Engine, insert, select, update
 
 from lacd.ingest.identity import Cursor
-from lacd.ingest.lessons import Parsed
+from lacd.ingest.classifier import LineLesson, LineReject
 from lacd.models import Lesson, Reject, Source
 
 log = structlog.get_logger(__name__)
 
-PREFIX_CHARS = 200
 LESSON_COLUMNS = ("source_id", "offset", "length", "ingested_at", "format", "conversation", "raw", "conv_hash",
                   "status", "reason", "trained_run_id")
 LESSON_INSERT = (f"INSERT INTO lessons ({', '.join(LESSON_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in LESSON_COLUMNS)})")
-
-
-@dataclass
-class LineLesson:
-    offset: int
-    length: int
-    raw: str
-    parsed: Parsed
-
-
-@dataclass
-class LineReject:
-    offset: int
-    length: int
-    reason: str
-    prefix: str
+FINDING_INSERT = "INSERT INTO secret_findings (source_id, offset, kind, field, turn, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 @dataclass
@@ -49,6 +33,7 @@ class CommitStats:
     pending: int = 0
     rejected: int = 0
     excluded: Counter = field(default_factory=Counter)
+    secrets: Counter = field(default_factory=Counter)  # findings by kind
 
 
 class Store:
@@ -89,13 +74,18 @@ class Store:
         now = time.time()
         stats = CommitStats(rejected=len(rejects))
         with self.engine.begin() as conn:
-            seen = self._known_hashes(conn, [l.parsed.conv_hash for l in lessons])
+            seen = self._known_hashes(conn, [l.conv_hash for l in lessons])
             rows = [self._lesson_row(cursor, l, seen, now, stats) for l in lessons]
             if rows:  # the hot path of a backfill: straight to the driver's executemany
                 conn.exec_driver_sql(LESSON_INSERT, [tuple(r[c] for c in LESSON_COLUMNS) for r in rows])
             if rejects:
                 conn.execute(insert(Reject), [dict(source_id=cursor.source_id, offset=r.offset, length=r.length,
                                                    reason=r.reason, prefix=r.prefix, created_at=now) for r in rejects])
+            findings = [(cursor.source_id, r.offset, f.kind, f.field, f.turn, now)
+                        for r in (*lessons, *rejects) for f in r.findings]
+            if findings:
+                conn.exec_driver_sql(FINDING_INSERT, findings)
+                stats.secrets.update(f[2] for f in findings)
             conn.execute(update(Source).where(Source.id == cursor.source_id).values(
                 offset=cursor.offset, head_len=cursor.head_len, head_hash=cursor.head_hash,
                 marker_len=cursor.marker_len, marker_hash=cursor.marker_hash,
@@ -114,18 +104,17 @@ class Store:
         return found
 
     def _lesson_row(self, cursor: Cursor, line: LineLesson, seen: set[str], now: float, stats: CommitStats) -> dict:
-        p = line.parsed
-        reason = p.flaw(self.rules)
-        if reason is None and self.rules.get("duplicate", True) and p.conv_hash in seen:
+        reason = line.flaw
+        if reason is None and self.rules.get("duplicate", True) and line.conv_hash in seen:
             reason = "duplicate"
-        seen.add(p.conv_hash)
+        seen.add(line.conv_hash)
         stats.lessons += 1
         if reason:
             stats.excluded[reason] += 1
         else:
             stats.pending += 1
         return dict(source_id=cursor.source_id, offset=line.offset, length=line.length, ingested_at=now,
-                    format=p.format, conversation=p.conversation, raw=line.raw, conv_hash=p.conv_hash,
+                    format=line.format, conversation=line.conversation, raw=line.raw, conv_hash=line.conv_hash,
                     status="excluded" if reason else "pending", reason=reason, trained_run_id=None)
 
     def _log_decisions(self, cursor, lessons, rows, rejects) -> None:
@@ -134,6 +123,10 @@ class Store:
         for row in rows:
             if row["reason"]:
                 log.info("lesson_excluded", source=cursor.source_id, offset=row["offset"], reason=row["reason"])
+        for record in (*lessons, *rejects):
+            if record.findings:  # kinds and places only: never the secret, never the text around it
+                log.info("secrets_redacted", source=cursor.source_id, offset=record.offset,
+                         kinds=sorted({f.kind for f in record.findings}), count=len(record.findings))
 
 
 def _cursor(row) -> Cursor:

@@ -17,28 +17,21 @@ import stat
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import structlog
 
+from lacd.ingest.classifier import PREFIX_CHARS, Classifier, ClassifierPool, ClassifierSpec, Line, LineLesson, pool_workers
 from lacd.ingest.identity import Cursor, continues, find_continuation
-from lacd.ingest.lessons import LineRejected, parse_line
-from lacd.ingest.store import PREFIX_CHARS, CommitStats, LineLesson, LineReject, Store
+from lacd.ingest.store import CommitStats, Store
 
 log = structlog.get_logger(__name__)
 
 CHUNK = 1 << 20
 BATCH_BYTES = 8 << 20
-BOM = b"\xef\xbb\xbf"
-
-
-@dataclass
-class Line:
-    offset: int
-    length: int  # including the newline
-    data: bytes | None  # None: longer than the cap, only `prefix` was kept
-    prefix: bytes = b""
+POOL_BYTES = 32 << 20  # a backlog this large is classified in worker processes
 
 
 @dataclass
@@ -55,12 +48,14 @@ class SyncStats:
     pending: int = 0
     rejected: int = 0
     excluded: Counter = field(default_factory=Counter)
+    secrets: Counter = field(default_factory=Counter)
 
     def add(self, c: CommitStats) -> None:
         self.lessons += c.lessons
         self.pending += c.pending
         self.rejected += c.rejected
         self.excluded.update(c.excluded)
+        self.secrets.update(c.secrets)
 
 
 def iter_lines(fd: int, start: int, end: int, max_line: int) -> Iterator[Line]:
@@ -91,27 +86,6 @@ def iter_lines(fd: int, start: int, end: int, max_line: int) -> Iterator[Line]:
         pos += len(buf)
 
 
-def classify(line: Line) -> LineLesson | LineReject | None:
-    """A lesson, a reject, or None for a blank line."""
-    if line.data is None:
-        text = line.prefix.decode("utf-8", "replace")[:PREFIX_CHARS]
-        return LineReject(line.offset, line.length, f"line longer than the cap ({line.length - 1} bytes)", text)
-    data = line.data[3:] if line.offset == 0 and line.data.startswith(BOM) else line.data
-    if data.endswith(b"\r"):
-        data = data[:-1]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return LineReject(line.offset, line.length, f"invalid UTF-8 at byte {exc.start}",
-                          data[:PREFIX_CHARS].decode("utf-8", "replace"))
-    if not text.strip():
-        return None
-    try:
-        return LineLesson(line.offset, line.length, text, parse_line(text))
-    except LineRejected as exc:
-        return LineReject(line.offset, line.length, exc.reason, text[:PREFIX_CHARS])
-
-
 class Committer:
     """Commits batches in order on a thread of its own.
 
@@ -121,19 +95,20 @@ class Committer:
     and :meth:`drain` raises it so the tailer can fall back to what the database holds.
     """
 
-    def __init__(self, store: Store, depth: int = 2):
+    def __init__(self, store: Store, depth: int = 4):
         self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
-    def submit(self, cursor: Cursor, lessons, rejects, stats: SyncStats) -> None:
+    def submit(self, cursor: Cursor, work: Future, stats: SyncStats) -> None:
+        """Commit the records `work` answers (a classifier's future) with `cursor`, after the earlier ones."""
         if self.error is not None:
             raise self.error
         if self.thread is None:
             self.thread = threading.Thread(target=self._loop, name="lacd-commit", daemon=True)
             self.thread.start()
-        self.queue.put((cursor, lessons, rejects, stats))
+        self.queue.put((cursor, work, stats))
 
     def drain(self) -> None:
         """Wait until every submitted batch is committed; raise the first failure."""
@@ -159,19 +134,29 @@ class Committer:
                 self.queue.task_done()
         self.queue.task_done()
 
-    def _commit(self, cursor: Cursor, lessons, rejects, stats: SyncStats) -> None:
+    def _commit(self, cursor: Cursor, work: Future, stats: SyncStats) -> None:
+        records = work.result()
+        lessons = [r for r in records if isinstance(r, LineLesson)]
+        rejects = [r for r in records if r is not None and not isinstance(r, LineLesson)]
         result = self.store.commit(cursor, lessons, rejects)
         stats.add(result)
         log.info("ingest_batch", source=cursor.source_id, offset=cursor.offset, lessons=result.lessons,
-                 pending=result.pending, rejected=result.rejected, excluded=dict(result.excluded))
+                 pending=result.pending, rejected=result.rejected, excluded=dict(result.excluded),
+                 secrets=dict(result.secrets))
 
 
 class Tailer:
     def __init__(self, path: os.PathLike, store: Store, *, max_line: int, rotate_wait: float,
                  batch_lines: int, clock: Callable[[], float] = time.monotonic,
-                 interrupted: Callable[[], bool] = lambda: False):
+                 interrupted: Callable[[], bool] = lambda: False, spec: ClassifierSpec | None = None,
+                 pool_bytes: int = POOL_BYTES, workers: int | None = None):
         self.path = os.path.abspath(os.fspath(path))
         self.store = store
+        self.spec = spec or ClassifierSpec(rules=store.rules)
+        self.classifier = Classifier(self.spec)
+        self.pool_bytes = pool_bytes  # a backlog at least this large goes to worker processes
+        self.workers = pool_workers() if workers is None else workers  # 0: never use worker processes
+        self.pool: ClassifierPool | None = None
         self.max_line = max_line
         self.rotate_wait = rotate_wait
         self.batch_lines = batch_lines
@@ -192,7 +177,13 @@ class Tailer:
 
     def close(self) -> None:
         self.committer.close()
+        self._close_pool()
         self._close_files()
+
+    def _close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def _close_files(self) -> None:
         for t in self._followed():
@@ -211,6 +202,8 @@ class Tailer:
         except BaseException:
             self._fall_back()
             raise
+        finally:
+            self._close_pool()  # worker processes live for one large backlog, not while idle
         return stats
 
     def _fall_back(self) -> None:
@@ -317,28 +310,32 @@ class Tailer:
         size = os.fstat(t.fd).st_size
         if size <= t.cursor.offset:
             return
-        lessons: list[LineLesson] = []
-        rejects: list[LineReject] = []
-        pending_bytes = 0
+        classifier = self._classifier_for(size - t.cursor.offset)
+        batch: list[Line] = []
+        batch_bytes = 0
         end = t.cursor.offset
         for line in iter_lines(t.fd, t.cursor.offset, size, self.max_line):
-            record = classify(line)
-            if isinstance(record, LineLesson):
-                lessons.append(record)
-            elif isinstance(record, LineReject):
-                rejects.append(record)
+            batch.append(line)
             end = line.offset + line.length
-            pending_bytes += line.length
-            if len(lessons) + len(rejects) >= self.batch_lines or pending_bytes >= BATCH_BYTES:
-                self._commit(t, end, lessons, rejects, stats)
-                lessons, rejects, pending_bytes = [], [], 0
+            batch_bytes += line.length
+            if len(batch) >= self.batch_lines or batch_bytes >= BATCH_BYTES:
+                self._commit(t, end, classifier.submit(batch), stats)
+                batch, batch_bytes = [], 0
                 if self.interrupted():
                     return
         if end > t.cursor.offset:
-            self._commit(t, end, lessons, rejects, stats)
+            self._commit(t, end, classifier.submit(batch), stats)
 
-    def _commit(self, t: Tracked, end: int, lessons, rejects, stats: SyncStats) -> None:
+    def _classifier_for(self, backlog: int) -> Classifier | ClassifierPool:
+        """Worker processes for a large backlog (a backfill), this process for ordinary appends."""
+        if backlog < self.pool_bytes or self.workers < 1:
+            return self.classifier
+        if self.pool is None:
+            self.pool = ClassifierPool(self.spec, self.workers)
+        return self.pool
+
+    def _commit(self, t: Tracked, end: int, work: Future, stats: SyncStats) -> None:
         moved = replace(t.cursor)
         moved.advance(t.fd, end)
-        self.committer.submit(moved, lessons, rejects, stats)
+        self.committer.submit(moved, work, stats)
         t.cursor, t.since = moved, self.clock()  # read ahead; on a failed commit, _fall_back rewinds
