@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from lacd import config as config_mod
-from lacd import db, logs, queue, status
+from lacd import db, lock, logs, queue, status
 from lacd.config import ConfigError
 from lacd.db import DatabaseError
 from lacd.ingest.lessons import REASONS
@@ -19,9 +19,10 @@ from lacd.lock import LockHeld
 def _user_errors() -> tuple[type[Exception], ...]:
     from lacd.cycle import NothingToTrain
 
+    from lacd.forget import ForgetError
     from lacd.service import StateDirError
 
-    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError)
+    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError, ForgetError)
 
 
 class Lacd(click.Group):
@@ -96,20 +97,62 @@ def status_cmd(ctx, as_json):
 
 @cli.command()
 @click.option("--status", "status_", type=click.Choice(queue.STATUSES), help="only lessons with this status")
-@click.option("--reason", type=click.Choice(REASONS), help="only lessons excluded for this reason")
+@click.option("--reason", callback=lambda ctx, param, v: _exclusion_reason(v),
+              help=f"only lessons excluded for this reason: {', '.join(REASONS)}, secret:<kind> or forgotten")
+@click.option("--secrets", "secrets_only", is_flag=True, help="only lessons in which secrets were redacted")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def lessons(ctx, status_, reason, limit, as_json):
-    """List lessons, newest first, with their status and the reason for an exclusion."""
-    rows = _read(ctx, lambda conn: queue.list_lessons(conn, status_, reason, limit))
+def lessons(ctx, status_, reason, secrets_only, limit, as_json):
+    """List lessons, newest first: status, reason for an exclusion, secrets redacted (by kind)."""
+    rows = _read(ctx, lambda conn: queue.list_lessons(conn, status_, reason, limit, secrets_only))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    totals = _read(ctx, queue.secret_counts)
+    if totals["secrets"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in totals["secrets"].items())
+        click.echo(f"secrets redacted: {sum(totals['secrets'].values())} in {totals['secret_lines']} lines ({kinds})")
     for r in rows:
         why = f" ({r['reason']})" if r["reason"] else ""
         prompt = r["prompt"].replace("\n", " ")[:60]
-        click.echo(f"{r['id']:>7}  {r['status']}{why:<22} {r['turns']:>3} turns  {prompt}")
+        found = f"  [redacted: {', '.join(r['secrets'])}]" if r["secrets"] else ""
+        click.echo(f"{r['id']:>7}  {r['status']}{why:<22} {r['turns']:>3} turns  {prompt}{found}")
+
+
+def _exclusion_reason(value: str | None) -> str | None:
+    if value is None or value in REASONS or value == "forgotten" or value.startswith("secret:"):
+        return value
+    raise click.BadParameter(f"{value!r} is none of {', '.join(REASONS)}, secret:<kind>, forgotten")
+
+
+@cli.command("forget")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--pattern", metavar="TEXT", help="forget every lesson whose stored text contains TEXT (case-sensitive)")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.pass_context
+def forget_cmd(ctx, ids, pattern, yes):
+    """Remove lessons by id or by text, and retrain the model in use without them."""
+    from lacd import forget
+
+    s = settings_of(ctx)
+    if not yes and not click.confirm(f"forget {'lessons ' + ', '.join(map(str, ids)) if ids else 'every lesson containing that text'}"
+                                     "? Their text is erased from the database", default=False):
+        ctx.exit(1)
+    engine = db.write_engine(s.db_path)
+    db.require_schema(engine, "lessons", "forgets")
+    done = forget.forget(engine, s.runs_dir, s.queue.max_lessons, ids=list(ids) or None, pattern=pattern)
+    click.echo(f"forgot {done.lessons} lesson{'s' if done.lessons != 1 else ''}; their text is erased"
+               + ("" if done.wal_truncated else " (the write-ahead log is still in use: it is cleared at the next checkpoint)"))
+    if done.purged_runs:
+        click.echo(f"deleted the datasets of runs {', '.join(f'#{r}' for r in done.purged_runs)}")
+    if done.versions:
+        click.echo(f"models trained on them: {', '.join(done.versions)}")
+    if done.retrain_run:
+        where = "the daemon runs it" if lock.holder(s.lock_path) else "`lacd train` runs it now, or the daemon when it starts"
+        click.echo(f"retrain without them: run #{done.retrain_run} queued ({where})")
+    elif done.waits_for_run:
+        click.echo(f"retrain without them: starts after run #{done.waits_for_run}")
 
 
 @cli.command()

@@ -132,7 +132,9 @@ class Curation:
 
 
 def _kinds_check(value: str) -> str | None:
-    from lacd.ingest.secrets import KINDS
+    if not split_list(value):
+        return None
+    from lacd.ingest.secrets import KINDS  # only when kinds are named: the scanner is slow to import
 
     unknown = [k for k in split_list(value) if k not in KINDS and k != "all"]
     return f"unknown kind {unknown[0]!r}; kinds: all, {', '.join(KINDS)}" if unknown else None

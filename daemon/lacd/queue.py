@@ -9,9 +9,9 @@ import json
 
 from sqlalchemy import Connection, func, select
 
-from lacd.models import Lesson, ModelVersion, Reject, Run, Source
+from lacd.models import Lesson, ModelVersion, Reject, Run, SecretFinding, Source
 
-STATUSES = ("pending", "trained", "excluded")
+STATUSES = ("pending", "trained", "excluded", "forgotten")
 
 
 def pending_count(conn: Connection) -> int:
@@ -30,27 +30,56 @@ def counts(conn: Connection) -> dict:
         "trained": by_status.get("trained", 0),
         "excluded": excluded,
         "rejected": rejected,
+        "forgotten": by_status.get("forgotten", 0),
+        **secret_counts(conn),
     }
 
 
-def list_lessons(conn: Connection, status: str | None = None, reason: str | None = None, limit: int = 50) -> list[dict]:
+def secret_counts(conn: Connection) -> dict:
+    """Secrets redacted at ingestion: findings by kind, and how many lines held at least one."""
+    kinds = dict(conn.execute(select(SecretFinding.kind, func.count()).group_by(SecretFinding.kind)
+                              .order_by(func.count().desc())).all())
+    places = select(SecretFinding.source_id, SecretFinding.offset).distinct().subquery()
+    lines = conn.execute(select(func.count()).select_from(places)).scalar_one()
+    return {"secrets": kinds, "secret_lines": lines}
+
+
+def list_lessons(conn: Connection, status: str | None = None, reason: str | None = None, limit: int = 50,
+                 secrets_only: bool = False) -> list[dict]:
     q = select(Lesson.id, Lesson.source_id, Lesson.offset, Lesson.length, Lesson.ingested_at, Lesson.format,
                Lesson.status, Lesson.reason, Lesson.trained_run_id, Lesson.conversation)
     if status:
         q = q.where(Lesson.status == status)
     if reason:
         q = q.where(Lesson.reason == reason)
+    if secrets_only:
+        q = q.where(select(SecretFinding.id).where(SecretFinding.source_id == Lesson.source_id,
+                                                   SecretFinding.offset == Lesson.offset).exists())
     rows = conn.execute(q.order_by(Lesson.id.desc()).limit(limit)).all()
-    return [_lesson_dict(r) for r in rows]
+    found = _findings_at(conn, [(r.source_id, r.offset) for r in rows])
+    return [_lesson_dict(r, found.get((r.source_id, r.offset), {})) for r in rows]
 
 
-def _lesson_dict(row) -> dict:
+def _findings_at(conn: Connection, places: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, int]]:
+    """Secret kinds (with counts) found in the lines at these places."""
+    out: dict[tuple[int, int], dict[str, int]] = {}
+    for source_id in {s for s, _ in places}:
+        offsets = [o for s, o in places if s == source_id]
+        rows = conn.execute(select(SecretFinding.offset, SecretFinding.kind, func.count())
+                            .where(SecretFinding.source_id == source_id, SecretFinding.offset.in_(offsets))
+                            .group_by(SecretFinding.offset, SecretFinding.kind)).all()
+        for offset, kind, n in rows:
+            out.setdefault((source_id, offset), {})[kind] = n
+    return out
+
+
+def _lesson_dict(row, secrets: dict[str, int]) -> dict:
     messages = json.loads(row.conversation)["messages"]
     prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
     return {
         "id": row.id, "source": row.source_id, "offset": row.offset, "length": row.length,
         "ingested_at": row.ingested_at, "format": row.format, "status": row.status, "reason": row.reason,
-        "trained_run": row.trained_run_id, "turns": len(messages), "prompt": prompt,
+        "trained_run": row.trained_run_id, "turns": len(messages), "prompt": prompt, "secrets": secrets,
     }
 
 

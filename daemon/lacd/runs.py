@@ -81,7 +81,8 @@ class RunStore:
         with self.engine.connect() as conn:
             rows = conn.execute(select(Lesson.id, Lesson.conv_hash, Lesson.conversation)
                                 .join(RunLesson, RunLesson.lesson_id == Lesson.id)
-                                .where(RunLesson.run_id == run_id).order_by(Lesson.id.desc())).all()
+                                .where(RunLesson.run_id == run_id, Lesson.status != "forgotten")  # `lacd forget`
+                                .order_by(Lesson.id.desc())).all()
         return [SnapshotLesson(r.id, r.conv_hash, json.loads(r.conversation)["messages"]) for r in rows]
 
     # -- moving ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from lacd import queue
+from lacd import forget, queue
 from lacd.config import Settings, parse_window
 from lacd.runs import RunStore
 
@@ -68,6 +68,9 @@ class Scheduler:
             return "a run is already active", None
         with self.store.engine.connect() as conn:
             pending = queue.pending_count(conn)
+            retrain = forget.retrain_due(conn)
+        if retrain:  # the model in use was trained on forgotten lessons: no threshold, no cool-down
+            return self._retrain_without_forgotten()
         if pending < s.queue.threshold:
             return f"waiting for lessons: {pending} pending, threshold {s.queue.threshold}", None
         now = self.now()
@@ -80,6 +83,15 @@ class Scheduler:
         if run_id is None:
             return "no run created (a run became active)", None
         return f"run #{run_id} started: {pending} pending >= threshold {s.queue.threshold}", run_id
+
+    def _retrain_without_forgotten(self) -> tuple[str, int | None]:
+        window = self.settings.schedule.window
+        if not in_window(window, self.now()):
+            return f"retrain without forgotten lessons due, outside the training window {window}", None
+        run_id = self.store.create("forget", self.settings.queue.max_lessons)
+        if run_id is None:
+            return "retrain without forgotten lessons due, but no usable lesson is left", None
+        return f"run #{run_id} started: retrain without forgotten lessons", run_id
 
     def _record(self, decision: str) -> None:
         tmp = self.state_file.with_suffix(".tmp")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-from lacd import db, lock, queue
+from lacd import db, forget, lock, queue
 from lacd.config import Settings
 
 
-TABLES = ("lessons", "rejects", "sources", "runs", "run_stages", "model_versions")
+TABLES = ("lessons", "rejects", "sources", "runs", "run_stages", "model_versions", "secret_findings", "forgets")
 
 
 def snapshot(settings: Settings) -> dict:
@@ -17,7 +17,7 @@ def snapshot(settings: Settings) -> dict:
     pid = lock.holder(settings.lock_path)
     out = {
         "pending": 0, "threshold": settings.queue.threshold, "lessons_total": 0, "trained": 0,
-        "excluded": {}, "rejected": 0,
+        "excluded": {}, "rejected": 0, "forgotten": 0, "secrets": {}, "secret_lines": 0, "forget": None,
         "daemon": {"running": pid is not None, "pid": pid},
         "current_run": None, "runs": [], "active_model": None, "sources": [],
         "log": str(settings.watch.log), "state_dir": str(settings.state.dir), "config": settings.source,
@@ -32,6 +32,7 @@ def snapshot(settings: Settings) -> dict:
         return out
     with engine.connect() as conn:
         out.update(queue.counts(conn))
+        out["forget"] = forget.summary(conn)
         out["runs"] = queue.runs(conn)
         out["sources"] = queue.sources(conn)
         out["active_model"] = queue.active_model(conn)
@@ -61,6 +62,7 @@ def render(s: dict) -> str:
     ]
     for reason, n in sorted(s["excluded"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  excluded  {n:>6}  {reason}")
+    lines += _privacy_lines(s)
     run = s["current_run"]
     lines.append(f"current run {_run_line(run) if run else 'none'}")
     if s.get("scheduler"):
@@ -73,6 +75,23 @@ def render(s: dict) -> str:
         note = f"  ({src['note']})" if src["note"] else ""
         lines.append(f"  file #{src['id']} {src['state']:<8} offset {src['offset']}  {src['path']}{note}")
     return "\n".join(lines)
+
+
+def _privacy_lines(s: dict) -> list[str]:
+    """Secrets redacted by kind; forgotten lessons and whether the model in use still holds some."""
+    lines = []
+    if s["secrets"]:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in s["secrets"].items())
+        lines.append(f"secrets     {sum(s['secrets'].values())} redacted in {s['secret_lines']} lines: {kinds}")
+    f = s.get("forget") or {}
+    if s.get("forgotten"):
+        text = f"forgotten   {s['forgotten']} lessons"
+        if f.get("active_model_forgotten"):
+            retrain = f.get("retrain_run")
+            text += (f"; the model in use was trained on {f['active_model_forgotten']} of them: retrain "
+                     + (f"run #{retrain['id']} {retrain['status']}" if retrain else "due (starts when no run is active)"))
+        lines.append(text)
+    return lines
 
 
 def _run_line(r: dict) -> str:
