@@ -12,7 +12,7 @@ Corpora (nothing in them is a real secret, so every finding is a false positive 
 For each: lines scanned, findings by kind, and lines/s (CPU time) of ``Scrubber.scrub_lesson`` (raw
 line and messages together, the ingest path) and of ``Scrubber.scrub_messages`` alone.
 4. ingest: ``lacd ingest``'s own code path in this process on a generated log, without and with
-   scrubbing (the scrubber wrapped around the tailer's ``classify``): lines/s of CPU time.
+   scrubbing (``[secrets] scan`` off and on, every line classified in-process): lines/s of CPU time.
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import orjson
 
 from lacd.ingest.lessons import LineRejected, parse_line
 from lacd.ingest.secrets import Scrubber
@@ -116,41 +114,30 @@ def _examples(result) -> list[str]:
 
 
 def ingest_rate(size_mb: float, scrub: bool) -> dict:
-    """``lacd ingest``'s code path in-process on a fresh state; CPU lines/s."""
-    from lacd import config, logs, service
-    from lacd.ingest import tailer
-    from lacd.ingest.store import LineLesson, LineReject
+    """``lacd ingest``'s code path in this process (no worker processes) on a fresh state, with
+    ``[secrets] scan`` on or off; lines/s of CPU time."""
+    from lacd import config, db, logs, service
     from lacd.samples import write_log
 
     work = Path(tempfile.mkdtemp(prefix="lacd-secrets-bench-"))
     log = work / "agent_interactions.jsonl"
     lines = write_log(log, size_bytes=int(size_mb * (1 << 20)), seed=1, noise=0.1)
-    env = {"LACD_STATE_DIR": str(work / "state"), "LACD_WATCH_LOG": str(log), "LACD_LOG_LEVEL": "warning"}
+    env = {"LACD_STATE_DIR": str(work / "state"), "LACD_WATCH_LOG": str(log), "LACD_LOG_LEVEL": "warning",
+           "LACD_SECRETS_SCAN": "true" if scrub else "false"}
     settings = config.load(env={**{k: v for k, v in os.environ.items() if not k.startswith("LACD_")}, **env})
     logs.setup("warning")
-    original = tailer.classify
-    scrubber = Scrubber()
-
-    def classify(line):
-        record = original(line)
-        if isinstance(record, LineLesson):
-            result = scrubber.scrub_lesson(record.raw, record.parsed.messages)
-            if result.findings:
-                conversation = orjson.dumps({"messages": result.messages}).decode()
-                record = LineLesson(record.offset, record.length, result.raw,
-                                    replace(record.parsed, messages=result.messages, conversation=conversation))
-        elif isinstance(record, LineReject):
-            record.prefix = scrubber.scrub_prefix(record.prefix, len(record.prefix))[0]
-        return record
-
-    if scrub:
-        tailer.classify = classify
     try:
+        service.prepare_state_dir(settings)
+        engine = db.write_engine(settings.db_path)
+        db.migrate(engine)
+        tailer = service.open_tailer(settings, engine)
+        tailer.workers = 0  # every line classified in this process, so its CPU time is all of it
+        tailer.start()
         started = time.process_time()
-        stats = service.catch_up(settings)
+        stats = tailer.sync()
         cpu = time.process_time() - started
+        tailer.close()
     finally:
-        tailer.classify = original
         shutil.rmtree(work, ignore_errors=True)
     return {"scrub": scrub, "lines": lines, "lessons": stats.lessons, "cpu_s": cpu, "lines_per_s": lines / cpu}
 
