@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -173,6 +174,10 @@ _worker: Classifier | None = None
 
 def _init_worker(spec: ClassifierSpec) -> None:
     global _worker
+    # SIGTERM/SIGINT go to the whole process group (systemd, Ctrl-C): the daemon decides when to
+    # stop and shuts the pool down itself; a worker whose parent died sees its queue close and exits
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = Classifier(spec)
 
 
