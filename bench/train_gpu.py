@@ -14,7 +14,21 @@ learning rate, cosine schedule and warmup, starting from the same base weights:
              lora_dropout 0.05, bf16 autocast, sdpa (what most people write);
   lacd-*     lacd.pipeline.train.LoRARecipe (the train stage itself, handed the built base model
              instead of a folder), with one speed lever changed at a time (VARIANTS below);
-  lacd       the train stage with its defaults.
+  lacd       the train stage with its defaults (4096 tokens per optimizer step, dropout 0.05).
+
+The loss comparison (issue 6: "the same loss curve within noise") needs the same optimizer
+steps: the textbook recipe takes ceil(lessons / 4) steps of 4 lessons, lacd steps of a token
+budget. Every variant has the same learning rate schedule (lacd's lr_factor gives the Trainer's
+cosine-with-warmup value at every step) and the same lessons for one epoch; the LoRA dropout is
+0.05 unless the variant says 0.
+  lacd-same-*  the seed-0 textbook run's own batches, in its order, as lacd's steps (the textbook
+               variant must run first in the same process), with the same LoRA init seed: the
+               curves must match step for step;
+  MATCH        the smallest tokens_per_batch whose plan has the textbook's number of steps (so the
+               same mean tokens per step), with lacd's own shuffle;
+  *-seedN      another data order and LoRA init (textbook-seedN: the Trainer's seed): the noise.
+Held-out loss is measured at 0, 25, 50, 75 and 100% of the epoch's tokens for every variant (the
+time spent on it is left out of tokens/s). A variant name may be repeated to measure it again.
 
 For each: trained (non-pad) tokens/s in steady state (steps after the first warm ones) and over
 the whole epoch (compile and warm-up included), MFU = 4 x non-embedding parameters (decoder
@@ -22,7 +36,8 @@ layers and final norm: embed_tokens and lm_head excluded) x tokens/s / 989e12 (H
 bf16), peak GPU memory (torch.cuda.max_memory_allocated, weights included), the mean training
 loss over the last quarter of the epoch's tokens and the held-out loss after the epoch (both
 models measured by lacd's evaluate on the same held-out lessons). A markdown table is printed
-last; --out writes every number and the per-step records as JSON.
+last, then the loss curves; --out writes every number, the per-step records and the textbook's
+batches as JSON.
 
 --tiny runs the same code on a 2-layer model on the CPU in seconds (a smoke test, not a measurement).
 """
@@ -41,6 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
+import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
 
 from lacd.pipeline.packing import IGNORE_INDEX  # noqa: E402
-from lacd.pipeline.train import LoRARecipe, TrainSpec, choose_device, evaluate  # noqa: E402
+from lacd.pipeline.packing import pack  # noqa: E402
+from lacd.pipeline.train import LoRARecipe, PlannedStep, TrainSpec, choose_device, evaluate, plan_steps  # noqa: E402
 
 H100_BF16_PEAK = 989e12
 CODELLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -61,7 +78,8 @@ TINY = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_atte
 
 # Each lacd variant: (what it changes, TrainSpec overrides). "lacd-v0" is the train stage as it
 # was before issue 6 (packed rows, but sdpa with a dense block mask, peft's fp32 adapter upcast,
-# dropout 0.05); each later one changes one lever from the one before it.
+# dropout 0.05); each later one of this first group changes one lever from the one before it.
+# (Their dropout now runs fused into the adapters: lacd-peftdrop measures peft's own module.)
 BEFORE = dict(attention="sdpa", adapter_compute="float32", lora_dropout=0.05, gradient_checkpointing="off",
               compile="off", fused_kernels="off")
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -77,7 +95,42 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lacd-gc": ("lacd-compile + gradient checkpointing", BEFORE | dict(
         attention="auto", adapter_compute="auto", lora_dropout=0.0, compile="on", gradient_checkpointing="on")),
 }
+MATCH = "match"  # tokens_per_batch: the smallest budget that gives the textbook's number of optimizer steps
+PEFT_DROPOUT = "_peft_dropout"  # bench-only override: keep peft's own dropout module (no fuse_lora_dropout)
+SAME_BATCHES = "_same_batches"  # bench-only override: the textbook run's batches, in its order, as the steps
+FAST = dict(attention="auto", adapter_compute="auto", gradient_checkpointing="off", tokens_per_batch=MATCH)
+LIGER = FAST | dict(compile="off", fused_kernels="liger")
+COMPILED = FAST | dict(compile="on", fused_kernels="off")
+VARIANTS |= {
+    "lacd-d05": ("textbook's step count, dropout 0.05, Liger", LIGER | dict(lora_dropout=0.05)),
+    "lacd-d0": ("textbook's step count, dropout 0, Liger", LIGER | dict(lora_dropout=0.0)),
+    "lacd-d05-seed1": ("lacd-d05, another data order and LoRA init", LIGER | dict(lora_dropout=0.05, seed=1)),
+    "lacd-d0-seed1": ("lacd-d0, another data order and LoRA init", LIGER | dict(lora_dropout=0.0, seed=1)),
+    "lacd-fast-d05": ("textbook's step count, dropout 0.05, torch.compile", COMPILED | dict(lora_dropout=0.05)),
+    "lacd-fast-d0": ("textbook's step count, dropout 0, torch.compile", COMPILED | dict(lora_dropout=0.0)),
+    "lacd-noliger": ("the defaults without the gpu extra (no Liger)", dict(fused_kernels="off")),
+    "lacd-peftdrop": ("lacd-noliger with peft's own dropout module", dict(fused_kernels="off", **{PEFT_DROPOUT: True})),
+    "lacd-d0-default": ("the defaults with dropout 0", dict(lora_dropout=0.0)),
+    "lacd-noliger-d0": ("the defaults without Liger, dropout 0", dict(fused_kernels="off", lora_dropout=0.0)),
+    "lacd-compiled": ("the defaults with torch.compile (what runs from 1M tokens)", dict(compile="on")),
+    "lacd-compiled-d0": ("the defaults with torch.compile, dropout 0", dict(compile="on", lora_dropout=0.0)),
+    "lacd-same-d05": ("the textbook's own batches as steps, dropout 0.05, Liger", LIGER | dict(
+        lora_dropout=0.05, tokens_per_batch=4096, **{SAME_BATCHES: True})),
+    "lacd-same-d0": ("the textbook's own batches as steps, dropout 0, Liger", LIGER | dict(
+        lora_dropout=0.0, tokens_per_batch=4096, **{SAME_BATCHES: True})),
+    "lacd-same-noliger": ("the textbook's own batches as steps, dropout 0.05, no Liger", FAST | dict(
+        lora_dropout=0.05, tokens_per_batch=4096, compile="off", fused_kernels="off", **{SAME_BATCHES: True})),
+    "lacd-same-fast-d05": ("the textbook's own batches as steps, dropout 0.05, torch.compile", COMPILED | dict(
+        lora_dropout=0.05, tokens_per_batch=4096, **{SAME_BATCHES: True})),
+}
+for _seed in (2, 3, 4):
+    VARIANTS[f"lacd-d05-seed{_seed}"] = (f"lacd-d05, data order and LoRA init of seed {_seed}",
+                                         LIGER | dict(lora_dropout=0.05, seed=_seed))
+for _seed in (1, 2, 3):
+    VARIANTS[f"lacd-seed{_seed}"] = (f"lacd (36 steps), data order and LoRA init of seed {_seed}", dict(seed=_seed))
+TEXTBOOK_SEEDS = {"textbook": 0, "textbook-seed1": 1, "textbook-seed2": 2, "textbook-seed3": 3}
 EPOCHS, WARMUP, LORA_R, LORA_ALPHA = 1, 0.05, 16, 32
+CURVE_POINTS = (0.25, 0.5, 0.75)  # fractions of the epoch's tokens where held-out loss is measured mid-run
 LR = 2e-4  # the daemon's default; --lr changes it
 
 
@@ -141,8 +194,25 @@ def non_embedding_params(model: torch.nn.Module) -> int:
                if "embed_tokens" not in name and "lm_head" not in name)
 
 
+def _llama_globals() -> dict[str, Any]:
+    """The modeling_llama functions and classes that Liger's patch replaces (module-wide)."""
+    from transformers.models.llama import modeling_llama
+
+    return {name: getattr(modeling_llama, name) for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+
+
+LLAMA_GLOBALS = _llama_globals()  # before any variant applies Liger
+
+
 def reset_base(base: torch.nn.Module) -> None:
-    """Undo what a variant did to the shared base model: checkpointing, compile, input grads."""
+    """Undo what a variant did to the shared base model: Liger's patches, checkpointing, compile, input grads."""
+    from transformers.models.llama import modeling_llama
+
+    for name, value in LLAMA_GLOBALS.items():
+        setattr(modeling_llama, name, value)
+    for module in base.modules():  # Liger binds forward (and names) on each patched instance
+        for attribute in ("forward", "_get_name", "extra_repr"):
+            module.__dict__.pop(attribute, None)
     base.gradient_checkpointing_disable()
     with contextlib.suppress(Exception):
         base.disable_input_require_grads()
@@ -160,6 +230,39 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def matching_budget(lengths: list[int], steps: int, epochs: int, seed: int, max_len: int) -> int:
+    """The smallest tokens_per_batch whose plan (plan_steps) has `steps` optimizer steps.
+
+    Falls back to the budget whose step count is closest. The textbook recipe's steps hold
+    4 lessons each; this gives lacd the same number of steps, so the same mean tokens per step.
+    """
+    best, best_gap = max_len, None
+    for budget in range(256, 2 * max_len + 1, 4):
+        gap = abs(len(plan_steps(lengths, budget, 1, epochs, seed)) - steps)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = budget, gap
+        if gap == 0:
+            break
+    return best
+
+
+@dataclasses.dataclass
+class Curve:
+    """Held-out loss at fractions of the epoch's tokens, and the seconds spent measuring it."""
+
+    total_tokens: int
+    points: dict[float, float | None] = dataclasses.field(default_factory=dict)
+    paused: float = 0.0
+
+    def maybe_measure(self, tokens: int, measure: Any) -> None:
+        """Measure held-out loss once per CURVE_POINTS fraction that `tokens` has just passed."""
+        for fraction in CURVE_POINTS:
+            if fraction not in self.points and tokens >= fraction * self.total_tokens:
+                started = time.perf_counter()
+                self.points[fraction] = round(float(measure()), 4)
+                self.paused += time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -174,7 +277,8 @@ class Record:
 
 
 def summarize(name: str, what: str, records: list[Record], started: float, peak_gib: float,
-              heldout: tuple[float | None, float | None], n_params: int, extra: dict) -> dict:
+              heldout: tuple[float | None, float | None], n_params: int, extra: dict,
+              curve: Curve | None = None) -> dict:
     """tokens/s (steady and whole epoch), MFU, peak memory and losses of one variant."""
     warm = max(3, len(records) // 10)
     first, last = records[min(warm, len(records) - 2)], records[-1]
@@ -183,41 +287,78 @@ def summarize(name: str, what: str, records: list[Record], started: float, peak_
     quarter = [r for r in records if r.tokens > 0.75 * last.tokens and r.loss is not None]
     weight = sum(r.labelled for r in quarter)
     late_loss = sum(r.loss * r.labelled for r in quarter) / weight if weight else None
-    curve = []
+    quarters = []
     for q in (0.25, 0.5, 0.75, 1.0):
         window = [r for r in records if (q - 0.25) * last.tokens < r.tokens <= q * last.tokens and r.loss is not None]
         w = sum(r.labelled for r in window)
-        curve.append(round(sum(r.loss * r.labelled for r in window) / w, 4) if w else None)
+        quarters.append(round(sum(r.loss * r.labelled for r in window) / w, 4) if w else None)
+    heldout_curve = [heldout[0]] + [curve.points.get(q) if curve else None for q in CURVE_POINTS] + [heldout[1]]
+    heldout_curve = [None if v is None else round(v, 4) for v in heldout_curve]
     return dict(variant=name, what=what, tokens=last.tokens, steps=len(records), tokens_per_s=round(steady, 1),
                 tokens_per_s_whole=round(whole, 1), mfu=round(4 * n_params * steady / H100_BF16_PEAK, 4),
                 peak_gib=round(peak_gib, 2), train_loss_last_quarter=None if late_loss is None else round(late_loss, 4),
-                loss_curve_by_quarter=curve, heldout_before=heldout[0], heldout_after=heldout[1],
+                loss_curve_by_quarter=quarters, heldout_curve=heldout_curve,
+                heldout_before=heldout[0], heldout_after=heldout[1],
                 records=[dataclasses.asdict(r) for r in records], **extra)
 
 
+TEXTBOOK_BATCHES: list[list[int]] = []  # lesson indices of each textbook step (seed 0), in order
+
+
+def textbook_steps(lengths: list[int], tokens_per_batch: int) -> list[PlannedStep]:
+    """The seed-0 textbook run's batches as lacd's planned steps: the same 4 lessons per step in the
+    same order, packed into micro-batches of tokens_per_batch (several when 4 lessons exceed it)."""
+    steps = []
+    for batch in TEXTBOOK_BATCHES:
+        groups = pack([lengths[i] for i in batch], tokens_per_batch, range(len(batch)))
+        steps.append(PlannedStep(epoch=0, micro_batches=tuple(tuple(sorted(batch[j] for j in g)) for g in groups)))
+    return steps
+
+
 def run_lacd(name: str, base: torch.nn.Module, work: Path, dataset: Path, overrides: dict,
-             n_params: int, device_name: str, max_len: int) -> dict:
+             n_params: int, device_name: str, max_len: int, lengths: list[int], heldout: list[dict]) -> dict:
     """Train with lacd's LoRARecipe (the train stage's code path) on the shared base model."""
-    folder = work / name
+    import lacd.pipeline.train as train_module
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))  # a name may repeat: never resume another run
+    overrides = dict(overrides)
+    peft_dropout = overrides.pop(PEFT_DROPOUT, False)
+    same_batches = overrides.pop(SAME_BATCHES, False)
+    if same_batches and not TEXTBOOK_BATCHES:
+        raise RuntimeError("the same-batches variants need the textbook variant to run first")
     spec = TrainSpec(
         base_dir=work / "base-not-read", dataset_dir=dataset, out_dir=folder / "adapter",
         checkpoint_dir=folder / "checkpoints", progress_path=folder / "progress.json",
         lora_r=LORA_R, lora_alpha=LORA_ALPHA, learning_rate=LR, epochs=EPOCHS, warmup_ratio=WARMUP,
         tokens_per_batch=max_len, max_seq_len=max_len, device=device_name,
     )
+    if overrides.get("tokens_per_batch") == MATCH:
+        seed = overrides.get("seed", spec.seed)
+        overrides["tokens_per_batch"] = matching_budget(lengths, math.ceil(len(lengths) / 4) * EPOCHS, EPOCHS,
+                                                        seed, max_len)
     spec = dataclasses.replace(spec, **overrides)
     records: list[Record] = []
-    marks: dict[str, float] = {}
+    curve = Curve(total_tokens=sum(lengths) * EPOCHS)
+    recipe: LoRARecipe | None = None
+
+    def measure() -> float | None:
+        return evaluate(recipe.model, heldout, max_len, recipe.device, recipe.compute_dtype)
 
     def on_progress(progress: dict) -> None:
         if progress["phase"] == "train":
-            records.append(Record(time.perf_counter(), progress["tokens"], progress["loss"], 0))
-        elif progress["phase"] not in marks:
-            marks[progress["phase"]] = time.perf_counter()
+            records.append(Record(time.perf_counter() - curve.paused, progress["tokens"], progress["loss"], 0))
+            curve.maybe_measure(progress["tokens"], measure)
 
     recipe = LoRARecipe(spec, on_progress, base_model=base)
+    patches = contextlib.ExitStack()
+    if peft_dropout:
+        patches.enter_context(unittest.mock.patch.object(train_module, "fuse_lora_dropout", lambda model: 0))
+    if same_batches:
+        steps = textbook_steps(lengths, spec.tokens_per_batch)
+        patches.enter_context(unittest.mock.patch.object(train_module, "plan_steps", lambda *args: steps))
     try:
-        recipe.setup()
+        with patches:
+            recipe.setup()
         started = time.perf_counter()
         recipe.train()
         result = recipe.save()
@@ -232,9 +373,12 @@ def run_lacd(name: str, base: torch.nn.Module, work: Path, dataset: Path, overri
         free_memory()
     extra = dict(attention=result.attention, adapter_compute=result.adapter_compute,
                  gradient_checkpointing=result.gradient_checkpointing, compiled=result.compiled,
-                 fused_kernels=result.fused_kernels, lora_dropout=spec.lora_dropout)
+                 fused_kernels=result.fused_kernels, lora_dropout=spec.lora_dropout,
+                 dropout_module="peft" if peft_dropout or spec.lora_dropout == 0 else "fused",
+                 tokens_per_batch=spec.tokens_per_batch, seed=spec.seed, same_batches_as_textbook=same_batches,
+                 mean_tokens_per_step=round(result.tokens / max(result.steps, 1), 1))
     return summarize(name, VARIANTS[name][0], records, started, result.peak_gpu_memory_gib or 0.0,
-                     (result.heldout_loss_before, result.heldout_loss_after), n_params, extra)
+                     (result.heldout_loss_before, result.heldout_loss_after), n_params, extra, curve)
 
 
 def pad_to_longest(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -249,15 +393,22 @@ def pad_to_longest(features: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
-def run_textbook(base: torch.nn.Module, work: Path, train: list[dict], heldout: list[dict],
-                 n_params: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """HF Trainer + peft: batch 4 padded to the longest, gradient checkpointing, dropout 0.05."""
+def run_textbook(name: str, base: torch.nn.Module, work: Path, train: list[dict], heldout: list[dict],
+                 n_params: int, device: torch.device, dtype: torch.dtype, max_len: int) -> dict:
+    """HF Trainer + peft: batch 4 padded to the longest, gradient checkpointing, dropout 0.05.
+
+    Its seed (TEXTBOOK_SEEDS) sets the Trainer's data order and the LoRA init; the seed-0 run
+    records its batches in TEXTBOOK_BATCHES for the same-batches variants.
+    """
+    seed = TEXTBOOK_SEEDS[name]
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     batches: list[tuple[int, int, int]] = []  # (trained tokens, labelled tokens, padded tokens)
+    order: list[list[int]] = []
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        order.append([f["index"] for f in features])
         batch = pad_to_longest(features)
         batches.append((sum(len(f["input_ids"]) for f in features),
                         sum(sum(1 for x in f["labels"][1:] if x != IGNORE_INDEX) for f in features),
@@ -266,13 +417,18 @@ def run_textbook(base: torch.nn.Module, work: Path, train: list[dict], heldout: 
 
     records: list[Record] = []
     losses: dict[int, float] = {}
+    curve = Curve(total_tokens=sum(len(r["input_ids"]) for r in train) * EPOCHS)
+    compute_dtype = dtype if device.type == "cuda" else None
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             done = batches[: state.global_step]
-            records.append(Record(time.perf_counter(), sum(b[0] for b in done), None, done[-1][1]))
+            tokens = sum(b[0] for b in done)
+            records.append(Record(time.perf_counter() - curve.paused, tokens, None, done[-1][1]))
+            model = kwargs["model"]  # the peft model the Trainer trains
+            curve.maybe_measure(tokens, lambda: evaluate(model, heldout, max_len, device, compute_dtype))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -281,6 +437,7 @@ def run_textbook(base: torch.nn.Module, work: Path, train: list[dict], heldout: 
     base.set_attn_implementation("sdpa")
     base.gradient_checkpointing_enable()
     base.enable_input_require_grads()
+    torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
     steps = math.ceil(len(train) / 4) * EPOCHS
@@ -288,31 +445,35 @@ def run_textbook(base: torch.nn.Module, work: Path, train: list[dict], heldout: 
         output_dir=str(work / "textbook"), per_device_train_batch_size=4, num_train_epochs=EPOCHS,
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=math.ceil(WARMUP * steps),
         max_grad_norm=1.0, bf16=dtype == torch.bfloat16, gradient_checkpointing=True, logging_steps=1,
-        save_strategy="no", report_to=[], remove_unused_columns=False, seed=0, optim="adamw_torch",
+        save_strategy="no", report_to=[], remove_unused_columns=False, seed=seed, optim="adamw_torch",
         use_cpu=device.type != "cuda", disable_tqdm=True,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate,
+    indexed = [dict(row, index=i) for i, row in enumerate(train)]
+    trainer = Trainer(model=model, args=args, train_dataset=indexed, data_collator=collate,
                       callbacks=[Clock()])
     try:
-        before = evaluate(model, heldout, 4096, device, dtype if device.type == "cuda" else None)
+        before = evaluate(model, heldout, max_len, device, compute_dtype)
         started = time.perf_counter()
         trainer.train()
         for index, record in enumerate(records):
             record.loss = losses.get(index + 1)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        after = evaluate(model, heldout, 4096, device, dtype if device.type == "cuda" else None)
+        after = evaluate(model, heldout, max_len, device, compute_dtype)
         model.unload()
+        if seed == 0:
+            TEXTBOOK_BATCHES[:] = order
     finally:
         del trainer, model
         reset_base(base)
         free_memory()
     extra = dict(attention="sdpa", adapter_compute="float32 (peft upcast)", gradient_checkpointing=True,
-                 compiled=False, fused_kernels="off", lora_dropout=0.05,
+                 compiled=False, fused_kernels="off", lora_dropout=0.05, dropout_module="peft", seed=seed,
+                 mean_tokens_per_step=round(sum(b[0] for b in batches) / max(len(batches), 1), 1), batches=order,
                  pad_fraction=round(1 - sum(b[0] for b in batches) / max(1, sum(b[2] for b in batches)), 3))
-    return summarize("textbook", "HF Trainer + peft, batch 4 padded, grad. checkpointing, dropout 0.05",
-                     records, started, peak, (before, after), n_params, extra)
+    return summarize(name, "HF Trainer + peft, batch 4 padded, grad. checkpointing, dropout 0.05",
+                     records, started, peak, (before, after), n_params, extra, curve)
 
 
 def check_attention(base: torch.nn.Module, lessons: list[dict], device: torch.device, dtype: torch.dtype) -> dict:
@@ -353,11 +514,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(results: list[dict]) -> str:
+    """Loss after the same numbers of tokens: held-out at 0-100% of the epoch, train loss by quarter."""
+    reference = next((r for r in results if r["variant"] == "textbook" and "error" not in r), None)
+    lines = ["| variant | steps | tokens/step | dropout | seed | held-out loss at 0 / 25 / 50 / 75 / 100% of tokens | "
+             "vs textbook at 100% | train loss by quarter |", "|---|---:|---:|---:|---:|---|---:|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in results:
+        if "error" in r:
+            continue
+        gap = "-"
+        if reference and r["heldout_after"] is not None and reference["heldout_after"] is not None:
+            gap = f"{r['heldout_after'] - reference['heldout_after']:+.3f}"
+        lines.append(
+            f"| {r['variant']} | {r['steps']} | {r.get('mean_tokens_per_step', 0):,.0f} | {r['lora_dropout']} | "
+            f"{r.get('seed', '-')} | {' / '.join(fmt(v) for v in r['heldout_curve'])} | {gap} | "
+            f"{' / '.join(fmt(v) for v in r['loss_curve_by_quarter'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the model and lessons once, run every requested variant, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="textbook,lacd-v0,lacd-varlen,lacd-bf16,lacd-nodrop,lacd-compile,lacd,"
-                                              "lacd-gc,lacd-liger")
+    parser.add_argument("--variants", default="textbook,lacd-same-d05,lacd-same-d0,lacd-same-noliger,"
+                                              "lacd-same-fast-d05,lacd-d05,lacd-d05-seed1,lacd-d05-seed2,"
+                                              "lacd-d05-seed3,lacd,lacd-noliger,lacd-fast-d0,textbook-seed3",
+                        help="comma-separated; a name may repeat (measured again)")
     parser.add_argument("--lessons", type=int, default=160)
     parser.add_argument("--heldout", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -370,9 +552,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.setup(level="info", fmt="console", stream=sys.stdout)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n != "textbook" and n not in VARIANTS]
+    unknown = [n for n in names if n not in TEXTBOOK_SEEDS and n not in VARIANTS]
     if unknown:
-        parser.error(f"unknown variants {unknown}; known: textbook, {', '.join(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}; known: {', '.join([*TEXTBOOK_SEEDS, *VARIANTS])}")
     device, dtype = choose_device("cpu" if args.tiny else "auto")
     shape, median, max_len = (TINY, 60, 256) if args.tiny else (CODELLAMA_7B, 600, 4096)
     if args.tiny:
@@ -396,11 +578,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {name}", flush=True)
             t0 = time.perf_counter()
             try:
-                if name == "textbook":
-                    result = run_textbook(base, work, train, heldout, n_params, device, dtype)
+                if name in TEXTBOOK_SEEDS:
+                    result = run_textbook(name, base, work, train, heldout, n_params, device, dtype, max_len)
                 else:
-                    result = run_lacd(name, base, work, dataset, VARIANTS[name][1], n_params,
-                                      "cpu" if args.tiny else "auto", max_len)
+                    overrides = VARIANTS[name][1]
+                    if args.tiny:  # Liger's kernels and the compiled layers are GPU levers
+                        overrides = overrides | {k: "off" for k in ("compile", "fused_kernels") if k in overrides}
+                    result = run_lacd(name, base, work, dataset, overrides, n_params,
+                                      "cpu" if args.tiny else "auto", max_len, lengths, heldout)
             except Exception as exc:  # one broken variant must not hide the others' numbers
                 traceback.print_exc()
                 result = dict(variant=name, what=VARIANTS.get(name, ("textbook",))[0], error=repr(exc))
@@ -408,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 free_memory()
             result["wall_s"] = round(time.perf_counter() - t0, 1)
             results.append(result)
-            brief = {k: v for k, v in result.items() if k not in ("records",)}
+            brief = {k: v for k, v in result.items() if k not in ("records", "batches")}
             print(json.dumps(brief), flush=True)
             if args.out:
                 args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(0) if device.type == "cuda"
@@ -417,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n" + table(results), flush=True)
+    print("\n" + curve_table(results), flush=True)
     return 0
 
 

@@ -15,23 +15,12 @@ from lacd.pipeline.packing import (
     labelled_token_count,
     pack,
 )
-from tiny import make_tiny_llama
+from tiny import make_tiny_llama, random_lessons
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def random_examples(count: int, seed: int, vocab: int = 300) -> list[dict]:
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(count):
-        length = rng.randint(3, 40)
-        ids = [rng.randrange(3, vocab) for _ in range(length)]
-        cut = rng.randint(1, length - 1)
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
-    return examples
 
 
 def test_pack_covers_every_index_once_within_budget():
@@ -81,7 +70,7 @@ def test_no_lesson_attends_to_another_in_a_packed_row(tiny_dir, attention):
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attention)
     model.eval()
-    examples = random_examples(4, seed=3)
+    examples = random_lessons(4, seed=3)
     packed = collate_packed(examples)
     with torch.no_grad():
         together = model(

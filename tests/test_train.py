@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -35,8 +36,9 @@ from lacd.pipeline.train import (
     plan_steps,
     run_training,
     train_in_child,
+    warmup_steps,
 )
-from tiny import corpus_lines, make_tiny_llama
+from tiny import corpus_lines, make_tiny_llama, tiny_lora_model
 
 ANSWER = "Prefer pathlib over os.path in new code."
 
@@ -110,6 +112,25 @@ def test_lr_factor_warms_up_then_decays():
         lr_factor(5, 0, 10, "step")
 
 
+def test_learning_rate_schedule_is_the_trainer_recipes():
+    """The same learning rate at every step as transformers' cosine schedule with warmup (the
+    textbook recipe bench/train_gpu.py compares with): warmup from 0, then cosine decay."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=40)
+    trainer_lrs = []
+    for _ in range(40):
+        trainer_lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert warmup_steps(0.05, 40) == math.ceil(0.05 * 40) == 2  # the bench's textbook: warmup_steps=ceil(...)
+    assert [lr_factor(step, 2, 40, "cosine") for step in range(40)] == pytest.approx(trainer_lrs, abs=1e-12)
+    assert lr_factor(0, 2, 40, "cosine") == 0.0
+    assert (warmup_steps(0.05, 7), warmup_steps(0.05, 10), warmup_steps(0.05, 36)) == (0, 1, 2)
+    assert lr_factor(0, 0, 7, "cosine") == 1.0  # a short run starts at full rate, no step at lr 0
+
+
 def test_plan_visits_every_example_once_per_epoch_and_is_deterministic():
     lengths = [random.Random(i).randint(5, 90) for i in range(40)]
     steps = plan_steps(lengths, 128, 3, 2, seed=7)
@@ -145,20 +166,13 @@ def test_halve_micro_batch_keeps_tokens_per_step():
 
 
 def test_packed_and_padded_give_the_same_loss_and_gradients(tiny_dir):
-    """Issue 6's CPU check: padding-free packing does not change the loss or its gradient."""
-    from peft import LoraConfig, get_peft_model
-
+    """Issue 6's CPU check: padding-free packing does not change the loss, its gradient, or where
+    a few AdamW steps on the same lessons lead."""
     rows = lesson_rows(tiny_dir, 5) + lesson_rows(tiny_dir, 3, offset=50)
     rows = [dict(r, input_ids=r["input_ids"][: len(r["input_ids"]) - 2 * i],
                  labels=r["labels"][: len(r["input_ids"]) - 2 * i])
             for i, r in enumerate(rows)]  # different lengths, so padding really happens
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = tiny_lora_model(tiny_dir)  # B non-zero so every LoRA matrix gets a gradient
 
     def loss_and_grads(batches):
         model.zero_grad(set_to_none=True)
@@ -178,6 +192,27 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(tiny_dir):
     for name in padded_grads:
         assert padded_grads[name].abs().max() > 0, name
         torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-6, rtol=1e-4)
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+
+    def train(batches, steps=4):
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(start[name])
+        optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+        losses = []
+        for _ in range(steps):
+            losses.append(loss_and_grads(batches)[0])
+            optimizer.step()
+        return losses, {n: p.detach().clone() for n, p in trainable.items()}
+
+    padded_curve, padded_end = train([collate_padded(rows[:4]), collate_padded(rows[4:])])
+    packed_curve, packed_end = train([collate_packed(rows[:3]), collate_packed(rows[3:])])
+    assert padded_curve[-1] < padded_curve[0] - 0.05  # the steps really trained
+    assert packed_curve == pytest.approx(padded_curve, rel=1e-5)
+    for name in padded_end:
+        torch.testing.assert_close(packed_end[name], padded_end[name], atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- the recipe in process

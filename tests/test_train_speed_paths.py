@@ -1,8 +1,10 @@
 """The GPU speed paths of the train stage, checked on the CPU: varlen attention over packed lessons,
-bf16 adapters under autocast, shuffled packing, the automatic choices and their log."""
+bf16 adapters under autocast, LoRA dropout that keeps a mask instead of a copy, shuffled packing,
+the automatic choices and their log."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,12 +12,12 @@ import pytest
 import structlog
 import torch
 from datasets import Dataset, DatasetDict
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lacd.pipeline import packing
-from lacd.pipeline.packing import IGNORE_INDEX, VARLEN_ATTENTION, collate_packed, collate_padded, pack
+from lacd.pipeline.packing import VARLEN_ATTENTION, collate_packed, collate_padded, pack
 from lacd.pipeline.train import (
+    _InputDropoutLinear,
     TrainError,
     TrainSpec,
     activation_bytes_per_token,
@@ -24,13 +26,14 @@ from lacd.pipeline.train import (
     apply_fused_kernels,
     choose_attention,
     compute_context,
+    fuse_lora_dropout,
     loss_sum,
     needs_checkpointing,
     plan_steps,
     run_training,
     should_compile,
 )
-from tiny import make_tiny_llama
+from tiny import make_tiny_llama, random_lessons, tiny_lora_model
 
 
 @pytest.fixture(autouse=True)
@@ -41,16 +44,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def random_rows(count: int, seed: int, low: int = 3, high: int = 40) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        ids = [rng.randrange(3, 300) for _ in range(rng.randint(low, high))]
-        cut = rng.randint(1, len(ids) - 1)
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
-    return rows
 
 
 def test_collate_packed_gives_lesson_boundaries():
@@ -68,7 +61,7 @@ def test_varlen_attention_keeps_lessons_apart_and_matches_sdpa(tiny_dir):
     choose_attention(VARLEN_ATTENTION, torch.device("cpu"))
     varlen = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=VARLEN_ATTENTION).eval()
     sdpa = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
-    rows = random_rows(5, seed=1)
+    rows = random_lessons(5, seed=1)
     batch = collate_packed(rows)
     with torch.no_grad():
         assert float(loss_sum(varlen, batch)) == pytest.approx(float(loss_sum(sdpa, batch)), rel=1e-5)
@@ -89,7 +82,7 @@ def test_varlen_attention_receives_the_collated_boundaries(tiny_dir, monkeypatch
     original = packing._causal_segments
     monkeypatch.setattr(packing, "_causal_segments", lambda q, k, v, cu, s: seen.append(cu.tolist())
                         or original(q, k, v, cu, s))
-    batch = collate_packed(random_rows(3, seed=2))
+    batch = collate_packed(random_lessons(3, seed=2))
     with torch.no_grad():
         loss_sum(model, batch)
     assert seen and all(cu == batch["cu_seq_lens"].tolist() for cu in seen)
@@ -100,15 +93,9 @@ def test_bf16_adapters_under_autocast_match_the_fp32_upcast(tiny_dir):
     peft's fp32 upcast computes, within bf16 rounding."""
     from lacd.pipeline.train import _disable_adapter_upcast
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = tiny_lora_model(tiny_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for _, p in model.named_parameters() if p.requires_grad)
-    batch = collate_packed(random_rows(4, seed=3))
+    batch = collate_packed(random_lessons(4, seed=3))
 
     def loss_and_grads(dtype):
         model.zero_grad(set_to_none=True)
@@ -179,19 +166,104 @@ def test_shuffled_packing_mixes_lengths_and_stays_within_budget():
     assert steps[0].micro_batches != steps[len(steps) // 2].micro_batches  # each epoch packs anew
 
 
-def test_run_log_says_which_device_dtype_and_attention(tiny_dir, tmp_path):
-    rows = random_rows(12, seed=4)
+@pytest.mark.parametrize("attention", ["auto", VARLEN_ATTENTION])
+def test_run_log_says_which_device_dtype_and_attention(tiny_dir, tmp_path, attention):
+    """Everything left to 'auto' on a machine without CUDA: CPU, fp32, sdpa, all logged in
+    train_setup and kept in the result; a named attention implementation is used as given."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the automatic choice on a machine without CUDA")
+    rows = random_lessons(12, seed=4)
     DatasetDict(train=Dataset.from_list(rows[:10]), heldout=Dataset.from_list(rows[10:])).save_to_disk(
         str(tmp_path / "dataset"))
     spec = TrainSpec(base_dir=tiny_dir, dataset_dir=tmp_path / "dataset", out_dir=tmp_path / "adapter",
                      checkpoint_dir=tmp_path / "ckpt", progress_path=tmp_path / "progress.json",
                      lora_r=4, lora_alpha=8, epochs=1, tokens_per_batch=128, checkpoint_every=100,
-                     num_threads=1, device="auto", attention=VARLEN_ATTENTION)
+                     num_threads=1, learning_rate=1e-2)
+    assert (spec.device, spec.attention, spec.adapter_compute, spec.compile) == ("auto",) * 4
+    spec = dataclasses.replace(spec, attention=attention)
     with structlog.testing.capture_logs() as events:
         result = run_training(spec)
+    chosen = "sdpa" if attention == "auto" else attention
     setup = next(e for e in events if e["event"] == "train_setup")
-    assert (setup["device"], setup["dtype"], setup["attention"]) == ("cpu", "float32", VARLEN_ATTENTION)
-    assert (setup["adapter_compute"], setup["gradient_checkpointing"], setup["compiled"]) == (
-        "float32", False, False)
-    assert result.attention == VARLEN_ATTENTION and result.steps > 0
+    assert (setup["device"], setup["dtype"], setup["attention"]) == ("cpu", "float32", chosen)
+    assert (setup["adapter_compute"], setup["gradient_checkpointing"], setup["compiled"], setup["fused_kernels"]) == (
+        "float32", False, False, "off")
+    assert (result.device, result.dtype, result.attention) == ("cpu", "float32", chosen) and result.steps > 0
     assert result.heldout_loss_after != result.heldout_loss_before  # the adapters were trained
+
+
+# --------------------------------------------------------------------------- LoRA dropout
+
+
+def test_input_dropout_linear_computes_what_an_explicit_mask_does():
+    """Same output and gradients as linear(x * mask / (1 - p)) with the mask dropout drew."""
+    x = torch.randn(1, 9, 16, requires_grad=True)
+    weight = torch.randn(4, 16, requires_grad=True)
+    torch.manual_seed(3)
+    out = _InputDropoutLinear.apply(x, weight, 0.3)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    torch.manual_seed(3)
+    _, mask = torch.native_dropout(x, 0.3, True)  # the same draw
+    assert 0 < int(mask.sum()) < mask.numel()
+    reference = torch.nn.functional.linear(x * mask / 0.7, weight)
+    reference.backward(upstream)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+
+
+def saved_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of one forward pass (the
+    model's parameters, which exist anyway, not counted)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss_sum(model, batch)
+    return sum(storages.values())
+
+
+def test_fused_lora_dropout_keeps_a_one_byte_mask_instead_of_a_copy(tiny_dir):
+    """peft's dropout keeps a dropped copy of every adapter input (and, on the CPU, a float
+    mask); fuse_lora_dropout keeps exactly one byte per adapter input element and nothing else."""
+    batch = collate_packed(random_lessons(6, seed=5))
+    tokens = batch["input_ids"].numel()
+    plain = saved_bytes(tiny_lora_model(tiny_dir, lora_dropout=0.0).train(), batch)
+    peft_dropout = saved_bytes(tiny_lora_model(tiny_dir, lora_dropout=0.1).train(), batch)
+    model = tiny_lora_model(tiny_dir, lora_dropout=0.1).train()
+    assert fuse_lora_dropout(model) == 7 * model.config.num_hidden_layers
+    fused = saved_bytes(model, batch)
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    masks = tokens * model.config.num_hidden_layers * (6 * h + i)  # q, k, v, o, gate, up: h wide; down: i
+    assert fused - plain == masks
+    assert peft_dropout - plain >= 3 * masks
+
+
+def test_fused_lora_dropout_changes_no_names_and_only_training(tiny_dir):
+    """Same state-dict names (the adapter saves as before); eval is the plain adapter, training
+    drops inputs, and a resumed RNG draws the same masks."""
+    reference = tiny_lora_model(tiny_dir, lora_dropout=0.1)
+    model = tiny_lora_model(tiny_dir, lora_dropout=0.1)
+    fuse_lora_dropout(model)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert fuse_lora_dropout(model) == 0  # already fused
+    batch = collate_packed(random_lessons(4, seed=6))
+    with torch.no_grad():
+        model.eval()
+        reference.eval()
+        assert float(loss_sum(model, batch)) == pytest.approx(float(loss_sum(reference, batch)), rel=1e-6)
+        model.train()
+        state = torch.get_rng_state()
+        dropped = float(loss_sum(model, batch))
+        torch.set_rng_state(state)
+        assert float(loss_sum(model, batch)) == dropped
+        assert dropped != pytest.approx(float(loss_sum(reference, batch)), rel=1e-6)

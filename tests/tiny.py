@@ -335,3 +335,43 @@ def make_smollm2(folder: Path, dtype: str = "bfloat16") -> Path:
     tokenizer["pre_tokenizer"] = SMOLLM2_PRE_TOKENIZER
     tokenizer_json.write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
     return folder
+
+
+def random_lessons(count: int, seed: int, low: int = 3, high: int = 40, vocab: int = 300) -> list[dict]:
+    """Lessons of random token ids (3..vocab-1) for the tiny models: input_ids and labels, the
+    labels -100 on a random-length prompt, so each lesson has a prompt and a labelled answer."""
+    import random
+
+    rng = random.Random(seed)
+    lessons = []
+    for _ in range(count):
+        ids = [rng.randrange(3, vocab) for _ in range(rng.randint(low, high))]
+        cut = rng.randint(1, len(ids) - 1)
+        lessons.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return lessons
+
+
+def tiny_lora_model(
+    base_dir: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    r: int = 4,
+    lora_alpha: int = 8,
+    lora_dropout: float = 0.0,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The model in base_dir wrapped in memory with LoRA on all linear layers (peft's init from
+    `seed`), its B matrices made non-zero so every A and B matrix gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
+    model = get_peft_model(base, lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model

@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 import torch
 
+from lacd.artifacts import fsync_dir, temporary_sibling
 from lacd.export.merge import LoraPair, merge_rows
 
 QT = gguf.GGMLQuantizationType
@@ -96,7 +97,7 @@ def write_gguf(
     out_path = Path(out_path)
     for stale in out_path.parent.glob(f".{glob.escape(out_path.name)}.*.tmp"):  # left by an export that was killed
         stale.unlink(missing_ok=True)
-    tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp_path = temporary_sibling(out_path)
     try:
         _write_to(writer, jobs, tmp_path, progress)
         os.replace(tmp_path, out_path)
@@ -104,7 +105,7 @@ def write_gguf(
         writer.close()
         tmp_path.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_path.parent)
+    fsync_dir(out_path.parent)
     return out_path.stat().st_size
 
 
@@ -270,12 +271,3 @@ def _single_threaded_torch() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync a directory so a rename in it is durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,13 +15,16 @@ What it supports:
   to another, and no padding token is ever computed;
 - on CUDA, bf16 everywhere: the LoRA matrices run in bf16 under autocast (the
   optimizer keeps fp32 master weights) instead of peft's fp32 upcast of every
-  adapter input; gradient checkpointing only when the largest micro-batch would
+  adapter input; LoRA dropout inside the A matrix (fuse_lora_dropout), which
+  keeps a 1-byte mask for backward instead of a dropped copy of every adapter
+  input; gradient checkpointing only when the largest micro-batch would
   not fit in free GPU memory ("auto"); optional torch.compile of the decoder
   layers and Liger's fused kernels (see TrainSpec);
 - loss only on labelled tokens, averaged over all labelled tokens of the whole
   optimizer step (gradient accumulation included), so packing, padding and
   accumulation do not change the maths;
-- AdamW (fused on CUDA), warmup then cosine or linear decay, gradient clipping;
+- AdamW (fused on CUDA), warmup from 0 then cosine or linear decay (the
+  learning rate of transformers' Trainer at every step), gradient clipping;
 - held-out loss before and after training;
 - a progress JSON rewritten atomically after every step (for ``lacd status``);
 - checkpoints (adapter, optimizer, scheduler, RNG, step) every N steps and at
@@ -62,6 +65,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 
+from lacd.artifacts import commit_folder, write_json_atomic
 from lacd.pipeline.packing import (
     IGNORE_INDEX,
     VARLEN_ATTENTION,
@@ -103,8 +107,9 @@ class TrainSpec:
     adapter_compute: 'auto' (LoRA in bf16 under autocast on CUDA) or 'float32' (peft's upcast);
     compile: 'auto' (torch.compile of the layers on CUDA from COMPILE_MIN_TOKENS tokens), 'on', 'off';
     fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off'.
-    lora_dropout defaults to 0: on the bench it learned the same (held-out loss within noise)
-    while 0.05 cost 7% speed and 8 GiB at 4096 tokens.
+    lora_dropout defaults to 0.05 (the daemon's [train] default and the issue's LoRA config):
+    fuse_lora_dropout keeps a 1-byte mask per adapter input instead of a dropped copy, so it costs
+    about 4 GiB at 4096 tokens on CodeLlama-7B eager (nothing measurable when compiled) instead of 8.
     """
 
     base_dir: Path
@@ -114,7 +119,7 @@ class TrainSpec:
     progress_path: Path
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -261,16 +266,16 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, adapter_upcast:
 
     Per decoder layer in bf16: two fp32 RMSNorm inputs (8 h), the normed inputs of the
     adapters (4 h), q, k, v and the attention output (8 h), the MLP's gate, up, SiLU and
-    product (8 i); LoRA dropout keeps a dropped copy and a mask of each adapter input
-    (about 18 h + 3 i more), peft's fp32 upcast a fp32 copy (24 h + 4 i). Calibrated
-    against the measured peak of bench/train_gpu.py (CodeLlama-7B shape).
+    product (8 i); LoRA dropout (fuse_lora_dropout) a 1-byte mask of each of the 7 adapter
+    inputs (6 h + i), peft's fp32 upcast a fp32 copy (24 h + 4 i). Calibrated against the
+    measured peak of bench/train_gpu.py (CodeLlama-7B shape).
     """
     h = int(getattr(config, "hidden_size", 4096))
     i = int(getattr(config, "intermediate_size", 4 * h))
     layers = int(getattr(config, "num_hidden_layers", 32))
     per_layer = 20 * h + 8 * i
     if lora_dropout > 0:
-        per_layer += 18 * h + 3 * i
+        per_layer += 6 * h + i
     if adapter_upcast:
         per_layer += 24 * h + 4 * i
     return layers * per_layer
@@ -369,14 +374,99 @@ def _disable_adapter_upcast(model: torch.nn.Module) -> None:
             module.cast_input_dtype_enabled = False
 
 
+class _InputDropoutLinear(torch.autograd.Function):
+    """linear(dropout(x), weight) that keeps only dropout's 1-byte mask for backward.
+
+    peft computes lora_A(dropout(x)): autograd then keeps, for every adapter, the
+    dropped copy of x (lora_A's weight gradient needs it) and dropout's mask: 3 bytes
+    per input element in bf16, 8 GiB at 4096 tokens on CodeLlama-7B. Here backward
+    rebuilds the dropped copy from x (kept anyway: the adapters without dropout keep
+    it too, and q, k and v share it) and the mask. Same values, same gradients.
+    Under autocast the matmuls run in the autocast dtype, as peft's would.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        dropped, mask = torch.native_dropout(x, p, True)
+        ctx.save_for_backward(x, weight, mask)
+        ctx.scale = 1.0 / (1.0 - p)
+        return F.linear(dropped, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, mask = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_dropout_backward(grad @ weight.to(grad.dtype), mask, ctx.scale)
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, ctx.scale).to(grad.dtype)
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class InputDropoutLinear(torch.nn.Linear):
+    """A LoRA A matrix that applies the adapter's dropout to its own input (see fuse_lora_dropout)."""
+
+    input_dropout: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout then the bias-free linear while training; the plain linear otherwise."""
+        if self.training and self.input_dropout > 0 and self.bias is None:
+            return _InputDropoutLinear.apply(x, self.weight, self.input_dropout)
+        return F.linear(x, self.weight, self.bias)
+
+
+def fuse_lora_dropout(model: torch.nn.Module) -> int:
+    """Move each LoRA adapter's dropout into its A matrix, so backward keeps a 1-byte mask per
+    input element instead of a dropped copy and a mask (the same dropout, the same maths).
+
+    The A matrix becomes an InputDropoutLinear (same parameters and state-dict names) and
+    peft's dropout module an Identity. Returns how many adapters were changed.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        for name, dropout in list(module.lora_dropout.items()):
+            linear = module.lora_A[name] if name in module.lora_A else None
+            if (not isinstance(dropout, torch.nn.Dropout) or dropout.p <= 0 or type(linear) is not torch.nn.Linear
+                    or linear.bias is not None or name in getattr(module, "lora_variant", {})):
+                continue
+            linear.__class__ = InputDropoutLinear
+            linear.input_dropout = float(dropout.p)
+            module.lora_dropout[name] = torch.nn.Identity()
+            changed += 1
+    return changed
+
+
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """Warmup steps of a run: warmup_ratio x total_steps rounded to the nearest step.
+
+    transformers rounds up; here a run too short for one whole warmup step (under 10 steps at
+    the default 0.05, like the quick start's) gets none, instead of spending its first step at
+    lr 0 (lr_factor). From 10 steps on the two agree wherever the product is at least half a
+    step above a whole number (40 steps: 2 either way).
+    """
+    return math.floor(warmup_ratio * total_steps + 0.5)
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based).
 
-    Linear warmup over warmup_steps (reaching 1.0 at step warmup_steps), then
-    cosine or linear decay towards 0 at total_steps; 'constant' stays at 1.
+    Linear warmup from 0 at step 0 to 1.0 at step warmup_steps, then cosine or
+    linear decay towards 0 at total_steps; 'constant' stays at 1. This is the
+    schedule of transformers' get_cosine_schedule_with_warmup (and torchtune's):
+    the same learning rate at every step as the Trainer recipe lacd is compared
+    with. A warmup that started above 0 ((step + 1) / (warmup + 1)) was measured
+    on the bench: with the textbook's own batches and LoRA init it overshot at
+    step 7 (loss up 0.23 where the Trainer's went down 0.9) and stayed ~0.2 behind.
     """
     if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
+        return step / warmup_steps
     if schedule == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -494,6 +584,7 @@ def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[i
     }
     trajectory["base_dir"] = str(Path(spec.base_dir).resolve())
     trajectory["plan"] = "shuffled-first-fit"  # plan_steps' packing: older checkpoints followed another order
+    trajectory["warmup"] = "from-zero-rounded"  # lr_factor, warmup_steps: older checkpoints had another schedule
     modules = spec.target_modules
     trajectory["target_modules"] = modules if isinstance(modules, str) else list(modules)
     digest.update(json.dumps(trajectory, sort_keys=True).encode())
@@ -503,35 +594,6 @@ def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[i
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON to a temporary sibling, then rename it over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _commit_folder(tmp: Path, final: Path) -> None:
-    """fsync every file of tmp, then rename it to final (replacing an old one)."""
-    for item in tmp.rglob("*"):
-        if item.is_file():
-            _fsync_path(item)
-    _fsync_path(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_path(final.parent)
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
@@ -704,7 +766,7 @@ class LoRARecipe:
         self.fingerprint = data_fingerprint(spec, self.train_rows)
         self.model = self._load_model()
         self.optimizer = self._build_optimizer()
-        warmup = math.ceil(spec.warmup_ratio * len(self.steps))
+        warmup = warmup_steps(spec.warmup_ratio, len(self.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, len(self.steps), spec.schedule)
         )
@@ -776,6 +838,7 @@ class LoRARecipe:
         model = get_peft_model(model, lora)
         if self.compute_dtype is not None:
             _disable_adapter_upcast(model)
+        fuse_lora_dropout(model)
         self.compiled = compiling and compile_layers(model, fall_back=spec.compile == "auto")
         model.train()
         return model
@@ -902,7 +965,7 @@ class LoRARecipe:
         state = {"fingerprint": self.fingerprint, "counters": dataclasses.asdict(self.counters)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
-        _commit_folder(tmp, root / f"{CHECKPOINT_PREFIX}{step}")
+        commit_folder(tmp, root / f"{CHECKPOINT_PREFIX}{step}")
         for _, old in complete_checkpoints(root)[: -max(self.spec.keep_checkpoints, 1)]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint_saved", step=step)
@@ -943,7 +1006,7 @@ class LoRARecipe:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         (tmp / "lacd_train.json").write_text(result.to_json(), encoding="utf-8")
-        _commit_folder(tmp, out)
+        commit_folder(tmp, out)
         self._report("done", loss=None)
         log.info(
             "train_done", steps=result.steps, tokens=result.tokens, seconds=result.seconds,
@@ -973,7 +1036,10 @@ class LoRARecipe:
             "updated_at": time.time(),
         }
         progress.update(fields)
-        write_json_atomic(Path(self.spec.progress_path), progress)
+        write_json_atomic(Path(self.spec.progress_path), progress, durable=False)
+        if phase == "train":  # one line per step: the loss curve of the run report (lacd.report)
+            with open(Path(self.spec.progress_path).with_suffix(".jsonl"), "a", encoding="utf-8") as history:
+                history.write(json.dumps(progress) + "\n")
         if self.on_progress is not None:
             self.on_progress(progress)
 
