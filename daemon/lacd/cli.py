@@ -17,12 +17,13 @@ from lacd.ingest.lessons import REASONS
 from lacd.lock import LockHeld
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from lacd.cycle import NothingToTrain
+    from lacd.cycle import NothingToTrain, RollbackError
+    from lacd.report import ReportError
 
     from lacd.forget import ForgetError
     from lacd.service import StateDirError
 
-    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError, ForgetError)
+    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError, RollbackError, ReportError, ForgetError)
 
 
 class Lacd(click.Group):
@@ -239,14 +240,38 @@ def export_cmd(base, adapter, out, outtype):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def models(ctx, as_json):
-    """Every registered version: run, lessons, status, which one is latest."""
+    """Every version: run, lessons, metrics, promoted/rejected/removed, when, which one is latest."""
     rows = _read(ctx, queue.model_versions)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        mark = " <- latest" if r["active"] else ""
-        click.echo(f"{r['tag']:<28} run #{r['run']:<5} {r['lessons']:>6} lessons  {r['status']}{mark}")
+    click.echo(json.dumps(rows, indent=2) if as_json else status.render_models(rows))
+
+
+@cli.command()
+@click.argument("version", required=False)
+@click.pass_context
+def rollback(ctx, version):
+    """Point <name>:latest back at VERSION (e.g. v3; default: the promoted version before the current one)."""
+    from lacd import cycle
+
+    number = None
+    if version is not None:
+        digits = version.rsplit(":", 1)[-1].removeprefix("v")
+        if not digits.isdigit():
+            raise click.BadParameter(f"{version!r} is not a version like v3", param_hint="VERSION")
+        number = int(digits)
+    done = cycle.rollback(settings_of(ctx), number)
+    click.echo(f"{done.name}:latest now points at {done.to_tag} (was {done.from_tag})")
+    if done.note:
+        click.echo(f"note: {done.to_tag} had been {done.note}")
+
+
+@cli.command()
+@click.argument("run_id", required=False, type=int, metavar="[RUN]")
+@click.pass_context
+def report(ctx, run_id):
+    """Print the path of a run's report.html (default: the newest run), writing it if it is missing."""
+    from lacd.report import report_path
+
+    click.echo(report_path(settings_of(ctx), run_id))
 
 
 def _progress_printer():
@@ -281,8 +306,15 @@ def _print_outcome(s, outcome) -> None:
         run_dir = s.runs_dir / str(outcome.run_id)
         click.echo(f"no Ollama at {s.ollama.host}: the model is {run_dir / 'model.gguf'}\n"
                    f"register it with:  cd {run_dir} && ollama create {s.model.name}:latest -f Modelfile")
+    elif outcome.status == "rejected" and run:
+        latest = snap["active_model"]["tag"] if snap["active_model"] else "none yet"
+        click.echo(f"{(run.get('gate') or {}).get('summary', 'rejected by gate')}\n"
+                   f"{run.get('tag')} stays registered; {s.model.name}:latest is unchanged ({latest})")
     elif run and run.get("error"):
         raise click.ClickException(run["error"])
+    page = s.runs_dir / str(outcome.run_id) / "report.html"
+    if page.exists():
+        click.echo(f"report: {page}")
 
 
 def _read(ctx, fn):

@@ -221,7 +221,7 @@ class Evaluate:
     max_new_tokens: int = _key(128, "token budget of one generated reply; a reply still going at the budget did not stop cleanly", _at_least(1))
     tools: str = _key("v1", "the agent's tools and argument counts: v1 (local-ai-coder's 8 tools), v2 (the later agent's 16), or a list like read_file(1), list_directory(1-2)", _tools_check)
     threads: int = _key(0, "CPU threads for evaluation (0: as [train] threads)", _at_least(0))
-    timeout: float = _key(3600.0, "seconds one evaluation may take before the attempt fails and is retried (0: no limit)", _at_least(0))
+    timeout: float = _key(14400.0, "seconds one evaluation may take before the attempt fails and is retried (0: no limit; a 7B model on a CPU needs hours)", _at_least(0))
 
 
 _GATE_METRICS = ("exact_call_accuracy", "tool_name_accuracy", "tool_call_validity", "clean_stop_rate",

@@ -1,6 +1,8 @@
-"""Starting a learning cycle by hand: through the running daemon, or in the foreground.
+"""What a user asks of the learning cycle by hand: a run now (through the running daemon, or in
+the foreground), or pointing the served model back at an earlier version.
 
-`lacd train` and `lacd quickstart` call these; the daemon's own runs go through the scheduler.
+`lacd train`, `lacd quickstart` and `lacd rollback` call these; the daemon's own runs go through
+the scheduler.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class NothingToTrain(Exception):
 @dataclass(frozen=True)
 class Outcome:
     run_id: int
-    status: str  # done | failed | waiting | queued (handed to the daemon) | exported (no Ollama)
+    status: str  # done | rejected | failed | waiting | queued (handed to the daemon) | stopped after export (no Ollama)
     via_daemon: bool = False
 
 
@@ -66,3 +68,68 @@ def run_foreground(settings: Settings, on_progress: Callable[[str, dict], None] 
         return Outcome(run_id, status)
     finally:
         state_lock.release()
+
+
+class RollbackError(Exception):
+    """`lacd rollback` cannot point latest where asked; the message says why and that nothing changed."""
+
+
+@dataclass(frozen=True)
+class Rollback:
+    name: str
+    from_tag: str
+    to_tag: str
+    note: str | None  # the target's gate note, e.g. that it was rejected by the gate
+
+
+def rollback(settings: Settings, version: int | None = None) -> Rollback:
+    """Point <name>:latest at v<version> (default: the promoted version before the active one).
+
+    Ollama first (a copy to latest), then the database in one transaction, so `lacd status` and
+    `lacd models` never name a version Ollama does not serve as latest.
+    """
+    from lacd.pipeline import register
+
+    name = settings.model.name
+    db.require_schema(db.read_engine(settings.db_path), "model_versions")  # no database: a clear error
+    store = RunStore(db.write_engine(settings.db_path))
+    active = store.active_version(name)
+    if active is None:
+        raise RollbackError(f"no version of {name} has been promoted yet: there is nothing to roll back")
+    target = _rollback_target(store.versions(name), active, version, name)
+    forgotten = store.forgotten_in_run(target.run_id) if target.run_id is not None else 0
+    if forgotten:
+        raise RollbackError(f"{target.tag} was trained on {forgotten} lessons that `lacd forget` erased: "
+                            f"it must not be served again; nothing changed")
+    running = store.active()
+    if running is not None and running.stage == "promote":
+        raise RollbackError(f"run #{running.id} is deciding on a new version right now; try again in a moment")
+    client = register.make_client(settings.ollama.host, timeout_s=60)
+    try:
+        if target.version not in register.list_versions(client, name):
+            raise RollbackError(f"{target.tag} is no longer in Ollama at {settings.ollama.host}; nothing changed")
+        register.promote(client, name, target.tag)
+    except register.OllamaError as exc:
+        raise RollbackError(f"{exc}; nothing changed") from exc
+    store.activate(name, target.version, f"rolled back to {target.tag} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return Rollback(name, active.tag, target.tag, target.note if target.status == "rejected" else None)
+
+
+def _rollback_target(versions: list, active, version: int | None, name: str):
+    """The version row to make active (see rollback)."""
+    if version is None:
+        older = [v for v in versions if v.status == "promoted" and v.version < active.version]
+        if not older:
+            raise RollbackError(f"{active.tag} is the only promoted version still in Ollama: "
+                                f"nothing to roll back to (`lacd models` lists every version)")
+        return older[0]
+    target = next((v for v in versions if v.version == version), None)
+    if target is None:
+        raise RollbackError(f"there is no {name}:v{version} (`lacd models` lists every version)")
+    if target.active:
+        raise RollbackError(f"{target.tag} is already {name}:latest")
+    if target.status == "removed":
+        raise RollbackError(f"{target.tag} was removed from Ollama ([ollama] keep_versions); nothing changed")
+    if target.status not in ("promoted", "rejected", "registered"):
+        raise RollbackError(f"{target.tag} was never fully registered (status {target.status})")
+    return target

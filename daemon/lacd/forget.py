@@ -3,7 +3,8 @@
 A forgotten lesson keeps its row (its place in the log is what keeps ingestion exactly-once) but
 loses its content: raw line, conversation and hash are blanked with SQLite's secure_delete on, so
 the old bytes are overwritten in the database file, and the WAL is truncated afterwards when no
-reader holds it. The dataset folders of finished runs that held such a lesson are deleted. The
+reader holds it. What finished runs that held such a lesson kept of lesson text (dataset,
+checkpoints, the evaluation's cases) is deleted. The
 models trained on them still hold what they learned: the active model is reported as trained on
 forgotten lessons (``lacd status``) and a run with reason ``forget`` retrains without them, now if
 no run is active, else as soon as the active one ends (the scheduler's :func:`retrain_due`).
@@ -94,15 +95,24 @@ def _runs_with(conn: Connection, lesson_ids: list[int]) -> list[int]:
     return sorted(found)
 
 
+LESSON_ARTIFACTS = ("dataset", "checkpoints", "evaluation.json", "evaluation.request.json")
+"""What a run folder holds that is made of lesson text: the tokenized dataset, resume checkpoints,
+and the evaluation's held-out cases (expected and generated calls)."""
+
+
 def _purge_datasets(runs_dir: Path, run_ids: list[int]) -> list[int]:
-    """Delete the formatted datasets (and resume checkpoints) of finished runs that held them."""
+    """Delete what finished runs that held forgotten lessons kept of their text (metrics stay in the DB)."""
     purged = []
     for run_id in run_ids:
-        for name in ("dataset", "checkpoints"):
-            folder = runs_dir / str(run_id) / name
-            if folder.exists():
-                shutil.rmtree(folder)
-                purged.append(run_id)
+        for name in LESSON_ARTIFACTS:
+            path = runs_dir / str(run_id) / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            purged.append(run_id)
     return sorted(set(purged))
 
 

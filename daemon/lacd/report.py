@@ -7,8 +7,9 @@ did with them; and the lengths of the formatted examples in tokens. The HTML hol
 numbers as tables, the gate's decision with its reasons, which generator measured each model,
 and the PNG inlined as a data: URI, so the file can be mailed or opened anywhere on its own.
 
-``write_report`` takes plain dicts, the same ones the stages return, so it can be called from the
-last stage of a run or later by ``lacd report``.
+``write_report`` takes plain dicts, the same ones the stages return; ``write_run_report`` reads
+them for one run from the database (the run executor calls it when a run ends past training), and
+``report_path`` is ``lacd report``: the existing page, or one written now for an ended run.
 """
 
 from __future__ import annotations
@@ -107,6 +108,60 @@ def write_report(
     _write_atomic(path, page.encode("utf-8"))
     log.info("report.written", run=run.get("id"), path=str(path), bytes=len(page))
     return path
+
+
+def write_run_report(run_dir: Path, store: Any, run_id: int) -> Path:
+    """write_report for a run of the database: its row, its stages' results and its folder's files.
+
+    store: a lacd.runs.RunStore (reading only). Works at any point after the train stage; what is
+    missing (no evaluation yet, a pruned dataset) is shown as missing.
+    """
+    run_dir = Path(run_dir)
+    row = store.get(run_id)
+    version = store.version_of(run_id)
+    run = {"id": row.id, "status": row.status, "reason": row.reason, "lesson_count": row.lesson_count,
+           "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
+           "tag": version.tag if version is not None else None}  # fmt: skip
+    format_path = run_dir / "dataset" / "format.json"
+    format_result = (json.loads(format_path.read_text(encoding="utf-8")) if format_path.is_file()
+                     else store.stage_result(run_id, "format"))  # fmt: skip
+    decision = store.stage_result(run_id, "promote").get("decision") or {}
+    return write_report(run_dir, run, format_result, store.stage_result(run_id, "train"),
+                        load_progress_history(run_dir), store.stage_result(run_id, "evaluate"), decision,
+                        curation=store.excluded_counts())  # fmt: skip
+
+
+def report_path(settings: Any, run_id: int | None = None) -> Path:
+    """The report.html of a run (default: the newest), written now if the run ended without one.
+
+    Raises ReportError with what to do when there is no run, the run is still going, it ended
+    before training, or its folder was pruned ([run] keep_runs).
+    """
+    from sqlalchemy.exc import NoResultFound
+
+    from lacd import db
+    from lacd.runs import ACTIVE, RunStore
+
+    engine = db.read_engine(settings.db_path)
+    db.require_schema(engine, "runs", "run_stages", "model_versions")
+    store = RunStore(engine)
+    run_id = store.newest_id() if run_id is None else run_id
+    if run_id is None:
+        raise ReportError("no run yet: `lacd train` starts one")
+    try:
+        row = store.get(run_id)
+    except NoResultFound:
+        raise ReportError(f"there is no run #{run_id} (`lacd status` lists the recent runs)") from None
+    path = settings.runs_dir / str(run_id) / HTML_FILE
+    if path.is_file():
+        return path
+    if row.status in ACTIVE:
+        raise ReportError(f"run #{run_id} is still {row.status} (at {row.stage}); its report is written when it ends")
+    if not store.stage_result(run_id, "train"):
+        raise ReportError(f"run #{run_id} {row.status} before training: no report (`lacd status` shows why)")
+    if not path.parent.is_dir():
+        raise ReportError(f"run #{run_id}'s folder was removed ([run] keep_runs keeps the newest)")
+    return write_run_report(path.parent, store, run_id)
 
 
 # --------------------------------------------------------------------------- the figure

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from lacd.models import Lesson, ModelVersion, Run, RunLesson, RunStage
 
@@ -51,6 +51,10 @@ class RunStore:
     def get(self, run_id: int):
         with self.engine.connect() as conn:
             return conn.execute(select(Run).where(Run.id == run_id)).one()
+
+    def newest_id(self) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(Run.id))).scalar()
 
     def active(self):
         with self.engine.connect() as conn:
@@ -151,6 +155,50 @@ class RunStore:
                 status="registering", active=0, lesson_count=lesson_count))
         return version
 
+    def version_of(self, run_id: int):
+        """The model_versions row of a run (None before its register stage)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(ModelVersion).where(ModelVersion.run_id == run_id)).first()
+
+    def active_version(self, name: str):
+        """The version <name>:latest names (None before the first promotion)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.active == 1)).first()
+
+    def versions(self, name: str) -> list:
+        """Every version of a model, newest first."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(ModelVersion).where(ModelVersion.name == name)
+                                     .order_by(ModelVersion.version.desc())).all())
+
+    def activate(self, name: str, version: int, note: str) -> None:
+        """Make <name>:v<version> the active (promoted) one in one transaction; note it on the one it replaces."""
+        with self.engine.begin() as conn:
+            conn.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.active == 1)
+                         .values(active=0, note=func.coalesce(ModelVersion.note + "; ", "") + note))
+            conn.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+                         .values(active=1, status="promoted"))
+
+    def mark_removed(self, name: str, versions: list[int]) -> None:
+        """Versions deleted from Ollama (pruned to keep_versions); never the active one."""
+        if versions:
+            with self.engine.begin() as conn:
+                conn.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.version.in_(versions),
+                                                        ModelVersion.active == 0).values(status="removed"))
+
+    def forgotten_in_run(self, run_id: int) -> int:
+        """How many of a run's lessons were forgotten since (`lacd forget`)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(RunLesson).join(Lesson, Lesson.id == RunLesson.lesson_id)
+                                .where(RunLesson.run_id == run_id, Lesson.status == "forgotten")).scalar_one()
+
+    def excluded_counts(self) -> dict[str, int]:
+        """Lessons excluded at ingestion, by curation reason."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Lesson.reason, func.count()).where(Lesson.status == "excluded")
+                                .group_by(Lesson.reason)).all()
+        return {reason or "unknown": n for reason, n in rows}
+
     def mark_version(self, run_id: int, status: str, *, digest: str | None = None, metrics: dict | None = None,
                      note: str | None = None, active: bool = False) -> None:
         values: dict = {"status": status}
@@ -166,3 +214,17 @@ class RunStore:
                 conn.execute(update(ModelVersion).where(ModelVersion.name == name).values(active=0))
                 values["active"] = 1
             conn.execute(update(ModelVersion).where(ModelVersion.run_id == run_id).values(**values))
+
+
+def gate_decisions(conn: Connection, run_ids: list[int]) -> dict[int, dict]:
+    """{run id: {"tag", "promoted", "decision"}} for the runs whose promote stage is done (for `lacd status`)."""
+    if not run_ids:
+        return {}
+    rows = conn.execute(select(RunStage.run_id, RunStage.result).where(
+        RunStage.run_id.in_(run_ids), RunStage.stage == "promote", RunStage.status == "done")).all()
+    out = {}
+    for run_id, text in rows:
+        result = json.loads(text or "{}")
+        if result.get("decision"):
+            out[run_id] = {"tag": result.get("tag"), "promoted": result.get("promoted"), "decision": result["decision"]}
+    return out

@@ -34,12 +34,24 @@ def snapshot(settings: Settings) -> dict:
         out.update(queue.counts(conn))
         out["forget"] = forget.summary(conn)
         out["runs"] = queue.runs(conn)
+        _add_gate(conn, out["runs"])
         out["sources"] = queue.sources(conn)
         out["active_model"] = queue.active_model(conn)
     out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting")), None)
     out["scheduler"] = _scheduler_decision(settings)
     engine.dispose()
     return out
+
+
+def _add_gate(conn, runs: list[dict]) -> None:
+    """Each run's registered tag and the promotion gate's decision (None before its promote stage)."""
+    from lacd.runs import gate_decisions
+
+    decided = gate_decisions(conn, [r["id"] for r in runs])
+    for r in runs:
+        found = decided.get(r["id"], {})
+        r["tag"] = found.get("tag")
+        r["gate"] = found.get("decision")
 
 
 def _scheduler_decision(settings: Settings) -> dict | None:
@@ -96,8 +108,10 @@ def _privacy_lines(s: dict) -> list[str]:
 
 def _run_line(r: dict) -> str:
     text = f"#{r['id']} {r['status']} ({r['lessons']} lessons)"
-    if r.get("stage") and r["status"] != "done":
+    if r.get("stage") and r["status"] not in ("done", "rejected"):
         text += f" at {r['stage']}"
+    if r.get("tag"):
+        text += f" {r['tag']}"
     p = r.get("progress") or {}
     if p.get("total_steps"):
         loss = p.get("loss")
@@ -111,4 +125,36 @@ def _run_line(r: dict) -> str:
     if r.get("error"):
         text += f"  error: {r['error'][:200]}"
     age = time.time() - r["created_at"]
-    return text + f"  ({age / 60:.0f} min ago)"
+    text += f"  ({age / 60:.0f} min ago)"
+    if r.get("gate"):  # why it was promoted or rejected, with the numbers
+        text += "\n      gate: " + "; ".join(r["gate"].get("reasons") or [r["gate"].get("summary", "")])
+    return text
+
+
+def render_models(rows: list[dict]) -> str:
+    """`lacd models`: one line per version (newest first), its gate metrics, then its note."""
+    if not rows:
+        return "no model version yet"
+    lines = []
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        mark = "  <- latest" if r["active"] else ""
+        lines.append(f"{r['tag']:<24} run #{r['run']!s:<4} {r['lessons']:>6} lessons  {r['status']:<9} {when}"
+                     f"  {_metrics_line(r.get('metrics'))}{mark}")
+        if r.get("note"):
+            lines.append(f"    {r['note']}")
+    return "\n".join(lines)
+
+
+def _metrics_line(metrics: dict | None) -> str:
+    """exact-call 0.92 (in use 0.00), loss 0.871 (1.204), 24 prompts via transformers."""
+    if not metrics or not metrics.get("candidate"):
+        return "not measured"
+    cand, inc = metrics["candidate"], metrics.get("incumbent") or {}
+
+    def num(value, digits=2):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    return (f"exact-call {num(cand.get('exact_call_accuracy'))} (in use {num(inc.get('exact_call_accuracy'))}), "
+            f"loss {num(cand.get('heldout_loss'), 3)} ({num(inc.get('heldout_loss'), 3)}), "
+            f"{metrics.get('n_cases', 0)} prompts via {metrics.get('generator', '?')}")

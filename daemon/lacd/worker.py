@@ -7,7 +7,11 @@ The retry policy lives here and only here: a stage that raises is retried after 
 seconds (doubling) up to `retries` attempts, then the run fails with the stage's error and its
 lessons stay pending. Ollama being unreachable is not a failure: the run waits (status
 `waiting`, `waiting_for` says for what) and retries without limit, at most 10 minutes apart.
-A stop request (SIGTERM) interrupts training; the run resumes there at the next start.
+A stop request (SIGTERM) interrupts training or evaluation; the run resumes there at the next start.
+
+A run ends `done` when the gate promoted its model, `rejected` when the gate kept the model in
+use (both count its lessons as trained), or `failed`. Each end that got past training writes the
+run's report.html and report.png into its folder (lacd.report).
 """
 
 from __future__ import annotations
@@ -52,12 +56,16 @@ class RunExecutor:
                     return outcome
             if stage == until:
                 return f"stopped after {stage}"
-        self.store.succeed(run_id)
-        log.info("run_done", run=run_id)
+        promoted = self.store.stage_result(run_id, "promote").get("promoted", True)
+        status = "done" if promoted else "rejected"
+        self.store.succeed(run_id, status)
+        log.info("run_done", run=run_id, status=status)
+        self.write_report(run_id)
         self.prune_run_dirs()
-        return "done"
+        return status
 
     def _attempt(self, run_id: int, stage: str) -> str:
+        from lacd.pipeline.evaluate import EvaluateInterrupted
         from lacd.pipeline.register import OllamaUnavailable
         from lacd.pipeline.train import TrainInterrupted
 
@@ -67,7 +75,7 @@ class RunExecutor:
         started = time.monotonic()
         try:
             result = STAGE_FUNCTIONS[stage](ctx)
-        except TrainInterrupted:
+        except (TrainInterrupted, EvaluateInterrupted):
             log.info("stage_interrupted", run=run_id, stage=stage)
             return "interrupted"
         except OllamaUnavailable as exc:
@@ -86,6 +94,8 @@ class RunExecutor:
         if attempt >= self.settings.run.retries:
             self.store.fail(run_id, f"{stage} failed after {attempt} attempts: {error}")
             log.error("run_failed", run=run_id, stage=stage, attempts=attempt, error=error)
+            if self.store.stage_result(run_id, "train"):
+                self.write_report(run_id)
             self.prune_run_dirs()
             return "failed"
         delay = self.settings.run.backoff * 2 ** (attempt - 1)
@@ -105,6 +115,15 @@ class RunExecutor:
                 self.store.set_progress(run_id, progress)
 
         return report
+
+    def write_report(self, run_id: int) -> None:
+        """report.html + report.png in the run folder; a report that cannot be drawn never fails the run."""
+        from lacd.report import write_run_report
+
+        try:
+            write_run_report(self.run_dir(run_id), self.store, run_id)
+        except Exception as exc:  # noqa: BLE001 - the run's outcome is already recorded
+            log.warning("report_failed", run=run_id, error=f"{type(exc).__name__}: {exc}")
 
     def prune_run_dirs(self) -> None:
         """Keep the newest `keep_runs` finished run folders; never touch an active run's."""

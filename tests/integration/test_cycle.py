@@ -1,8 +1,11 @@
 """The learning cycle end to end: a real daemon process, a tiny real model, the stand-in Ollama.
 
-Lessons are appended to a watched log; the daemon starts a run by itself, trains, exports GGUF and
-registers it; the stand-in (driven through the real `ollama` client) answers with the new model.
-Then the same cycle is SIGKILLed inside each stage and must finish with the same result.
+Lessons are appended to a watched log; the daemon starts a run by itself, trains, exports GGUF,
+registers it as v1, measures it against the base model on the held-out lessons (a tiny budget:
+2 prompts, 3 new tokens) and, the gate passing, points latest at it; the stand-in (driven through
+the real `ollama` client) answers with the new model. Then the same cycle is SIGKILLed inside each
+stage and must finish with the same result. The gate's own decisions are tested in
+tests/test_gate_cycle.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 
 from conftest import lacd_env, run_cli, wait_until
 from lacd.pipeline import template
+from lacd.pipeline.stages import STAGES
 from lacd.samples import generate_lines
 from ollama_standin import StandIn, start_process
 from tiny import make_tiny_llama
@@ -47,6 +51,8 @@ def cycle_env(tmp_path: Path, base: Path, host: str) -> dict[str, str]:
         LACD_QUEUE_THRESHOLD=8, LACD_SCHEDULE_INTERVAL=1, LACD_WATCH_POLL_INTERVAL=0.2,
         LACD_TRAIN_MAX_SEQ_LEN=384, LACD_TRAIN_EPOCHS=1, LACD_TRAIN_TOKENS_PER_BATCH=768,
         LACD_TRAIN_CHECKPOINT_EVERY=1, LACD_RUN_BACKOFF=0.5, LACD_RUN_MIN_FREE_GB=0, LACD_LOG_LEVEL="info",
+        LACD_QUEUE_HELDOUT_PCT=30, LACD_EVALUATE_MAX_CASES=2, LACD_EVALUATE_MAX_NEW_TOKENS=3,
+        LACD_EVALUATE_THREADS=1,
     )
 
 
@@ -103,7 +109,8 @@ def reference(tmp_path_factory, tiny_base):
         client = ollama.Client(host=s.host)
         show = client.show("lacd-coder:latest")
         answer = client.generate(model="lacd-coder:latest", prompt="list the files in ./src", options={"num_predict": 8})
-        return {"status": st, "show": show, "answer": answer, "requests": list(s.requests)}
+        return {"status": st, "show": show, "answer": answer, "requests": list(s.requests),
+                "state_dir": env["LACD_STATE_DIR"]}
 
 
 def test_a_run_starts_by_itself_and_registers_the_model(reference):
@@ -119,9 +126,14 @@ def test_a_run_starts_by_itself_and_registers_the_model(reference):
     assert isinstance(reference["answer"].response, str) and reference["answer"].done
     paths = [r["path"] for r in reference["requests"]]
     assert "/api/create" in paths and "/api/copy" in paths
+    assert paths.index("/api/create") < paths.index("/api/copy")  # latest moves only after the gate
+    assert run["tag"] == "lacd-coder:v1" and run["gate"]["promote"] is True
+    assert [s for s in st["runs"][0]["gate"]["reasons"] if s.startswith("exact-call accuracy")]
+    report = Path(reference["state_dir"]) / "runs" / "1" / "report.html"
+    assert report.is_file() and "promoted" in report.read_text()
 
 
-@pytest.mark.parametrize("stage", ["format", "export", "register"])
+@pytest.mark.parametrize("stage", ["format", "export", "register", "evaluate", "promote"])
 def test_sigkill_inside_a_stage_redoes_only_that_stage(tmp_path, tiny_base, standin, reference, stage):
     env = cycle_env(tmp_path, tiny_base, standin.host)
     marker = tmp_path / "paused"
@@ -136,7 +148,7 @@ def test_sigkill_inside_a_stage_redoes_only_that_stage(tmp_path, tiny_base, stan
     finally:
         stop(daemon)
     attempts = stage_attempts(env)
-    assert attempts == {s: (2 if s == stage else 1) for s in ("format", "train", "export", "register")}
+    assert attempts == {s: (2 if s == stage else 1) for s in STAGES}
     assert st["active_model"]["tag"] == "lacd-coder:v1"
     assert st["active_model"]["digest"] == reference["status"]["active_model"]["digest"]
 

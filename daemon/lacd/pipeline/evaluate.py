@@ -29,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,10 @@ Generation = tuple[str, bool]  # (reply text, stopped cleanly within the token b
 
 class EvaluateError(Exception):
     """The evaluation cannot run (missing dataset, model, or adapter); the message says what."""
+
+
+class EvaluateInterrupted(EvaluateError):
+    """A stop was requested while the evaluation ran; the stage is redone at the next start."""
 
 
 # --------------------------------------------------------------------------- protocol metrics
@@ -548,10 +553,13 @@ def evaluate_in_child(
     known_losses: Mapping[str, float | None] | None = None,
     python: str = sys.executable,
     timeout_s: float | None = None,
+    stop: threading.Event | None = None,
+    poll_s: float = 0.5,
 ) -> dict[str, Any]:
     """evaluate_candidate in a child process, so loading two models cannot take the daemon down
     (or keep its memory); same result. The request is written next to out_path, the child's
-    output to out_path's folder as evaluate.log."""
+    output to out_path's folder as evaluate.log. Setting `stop` ends the child and raises
+    EvaluateInterrupted; the child dies with its parent (Linux), so no orphan keeps generating."""
     out_path = Path(out_path)
     request = out_path.with_name(out_path.stem + ".request.json")
     payload = {
@@ -559,17 +567,19 @@ def evaluate_in_child(
                  "tools": {k: list(v) for k, v in spec.tools.items()}},
         "cases": [asdict(c) for c in cases], "candidate": candidate.to_dict(), "incumbent": incumbent.to_dict(),
         "ollama_host": ollama_host, "known_losses": dict(known_losses or {}), "out_path": str(out_path),
+        "parent_pid": os.getpid(),
     }  # fmt: skip
     _write_json(request, payload)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_path = out_path.with_name("evaluate.log")
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        try:
-            code = subprocess.run([python, "-m", "lacd.pipeline.evaluate", str(request)], stdout=log_file,
-                                  stderr=subprocess.STDOUT, env=env, timeout=timeout_s).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise EvaluateError(f"evaluation did not finish within {timeout_s:.0f} s; see {log_path}") from None
+    try:
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            child = subprocess.Popen([python, "-m", "lacd.pipeline.evaluate", str(request)], stdout=log_file,
+                                     stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            code = _wait_child(child, timeout_s, stop or threading.Event(), poll_s, log_path)
+    finally:
+        request.unlink(missing_ok=True)  # it holds the held-out prompts in clear text
     if code != 0 or not out_path.is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         messages = [line for line in tail.splitlines() if line.startswith(_ERROR_PREFIX)]
@@ -577,6 +587,50 @@ def evaluate_in_child(
                             else f"evaluation process exited with code {code}\n{tail}")  # fmt: skip
     result = json.loads(out_path.read_text(encoding="utf-8"))
     result.pop("cases", None)
+    return result
+
+
+def _wait_child(child: subprocess.Popen, timeout_s: float | None, stop: threading.Event, poll_s: float,
+                log_path: Path) -> int:
+    """The child's exit code; ends it (TERM, then KILL) on a stop request or past the timeout."""
+    deadline = None if not timeout_s else time.monotonic() + timeout_s
+    while child.poll() is None:
+        if stop.wait(poll_s):
+            _end_child(child)
+            raise EvaluateInterrupted("evaluation stopped on request; it is redone at the next start")
+        if deadline is not None and time.monotonic() > deadline:
+            _end_child(child)
+            raise EvaluateError(f"evaluation did not finish within {timeout_s:.0f} s; see {log_path}")
+    return child.returncode
+
+
+def _end_child(child: subprocess.Popen) -> None:
+    child.terminate()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def unmeasured_result(
+    candidate: ModelRef, incumbent: ModelRef, known_losses: Mapping[str, float | None] | None = None
+) -> dict[str, Any]:
+    """The result of an evaluation with no held-out prompt: every rate None, the losses already known.
+
+    Same shape as evaluate_candidate's, with generator "none", so the gate and the report read it
+    the same way (the gate then follows its if_unmeasured setting).
+    """
+    known = dict(known_losses or {})
+    result: dict[str, Any] = {"generators": {"candidate": "none", "incumbent": "none"}, "generator": "none",
+                              "n_cases": 0, "seconds": 0.0}  # fmt: skip
+    for role, ref in (("candidate", candidate), ("incumbent", incumbent)):
+        loss = known.get(role)
+        metrics = summarize([])
+        metrics.update(label=ref.label, generator="none", heldout_loss=_round(loss),
+                       loss_source="train" if loss is not None else None,
+                       perplexity=_round(math.exp(loss)) if loss is not None and loss < 50 else None)  # fmt: skip
+        result[role] = metrics
     return result
 
 
@@ -592,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.setup(level="info", fmt="json", stream=sys.stderr)
     request = json.loads(args.request.read_text(encoding="utf-8"))
+    _die_with_parent(request.get("parent_pid"))
     raw = request["spec"]
     spec = EvalSpec(**{**raw, "base_dir": Path(raw["base_dir"]), "dataset_dir": Path(raw["dataset_dir"]),
                        "tools": {k: tuple(v) for k, v in raw["tools"].items()}})  # fmt: skip
@@ -609,6 +664,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_ERROR_PREFIX}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when the daemon dies, so no orphan keeps two models loaded."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(2)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:

@@ -6,7 +6,9 @@ so resuming after a crash redoes only the interrupted stage.
     format    lessons -> dataset/ (chat template, assistant-only labels, held-out split)
     train     dataset/ -> adapter/ (LoRA in a child process; checkpoints/ for resuming)
     export    base + adapter/ -> model.gguf (one streaming pass, or llama.cpp's converter)
-    register  model.gguf -> Ollama <name>:v<N>, then <name>:latest
+    register  model.gguf -> Ollama <name>:v<N> (not yet <name>:latest)
+    evaluate  candidate and model in use on the held-out lessons -> evaluation.json (child process)
+    promote   the gate -> gate.json; <name>:latest moves to v<N> only if it passed; old versions pruned
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lacd.runs import RunStore
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("format", "train", "export", "register")
+STAGES = ("format", "train", "export", "register", "evaluate", "promote")
+GATE_FILE = "gate.json"
 
 
 class DiskFull(Exception):
@@ -139,6 +142,7 @@ def export_stage(ctx: RunContext) -> dict:
 
 
 def register_stage(ctx: RunContext) -> dict:
+    """Create <name>:v<N> from model.gguf; <name>:latest moves only in the promote stage."""
     from lacd.pipeline import register, template
 
     s = ctx.settings
@@ -157,16 +161,141 @@ def register_stage(ctx: RunContext) -> dict:
                                 system_prompt(s), params, s.ollama.quantize or None,
                                 on_status=lambda status: ctx.report({"ollama": status}))
     digest = register.file_digest(gguf) if gguf.exists() else None
-    register.promote(client, s.model.name, tag)
-    ctx.store.mark_version(ctx.run_id, "promoted", digest=digest, active=True)
-    pruned = register.prune_versions(client, s.model.name, s.ollama.keep_versions, protect={tag})
+    ctx.store.mark_version(ctx.run_id, "registered", digest=digest)
+    return {"tag": tag, "digest": digest}
+
+
+def eval_tools(value: str) -> dict[str, tuple[int, int]]:
+    """[evaluate] tools as {name: (min_args, max_args)}: v1, v2 or an explicit list."""
+    from lacd.config import parse_tools
+    from lacd.samples import TOOLS_V1, TOOLS_V2
+
+    return dict({"": TOOLS_V1, "v1": TOOLS_V1, "v2": TOOLS_V2}.get(value) or parse_tools(value))
+
+
+def evaluate_stage(ctx: RunContext) -> dict:
+    """Measure the candidate and the model in use on the held-out lessons (in a child process)."""
+    from lacd.pipeline import evaluate as ev
+    from lacd.pipeline import register
+
+    s = ctx.settings
+    out = ctx.run_dir / ev.RESULT_FILE
+    if out.exists():  # evaluated before a crash
+        result = json.loads(out.read_text(encoding="utf-8"))
+        result.pop("cases", None)
+        return {**result, "skipped": "already evaluated"}
+    fmt = json.loads((ctx.run_dir / "dataset" / "format.json").read_text(encoding="utf-8"))
+    cases = ev.heldout_prompts(ctx.store.lessons(ctx.run_id), fmt["heldout_ids"], fmt["family"], system_prompt(s),
+                               s.evaluate.max_cases)
+    candidate, incumbent = _compared_models(ctx)
+    train = ctx.store.stage_result(ctx.run_id, "train")
+    known = {"candidate": train.get("heldout_loss_after")}
+    if incumbent.is_base:  # the trainer measured the base model on this very split before training
+        known["incumbent"] = train.get("heldout_loss_before")
+    known = {role: loss for role, loss in known.items() if loss is not None}  # the child measures the rest
+    client = register.make_client(s.ollama.host)
+    if not incumbent.is_base and incumbent.adapter_dir is None and not register.is_reachable(client):
+        raise register.OllamaUnavailable(f"Ollama is not reachable at {s.ollama.host}, and the model in use "
+                                         f"({incumbent.label}) can only be measured there: its run folder is gone")
+    log.info("evaluate_started", run=ctx.run_id, cases=len(cases), candidate=candidate.label, incumbent=incumbent.label)
+    if not cases:
+        from lacd.artifacts import write_json_atomic
+
+        result = ev.unmeasured_result(candidate, incumbent, known)
+        write_json_atomic(out, result)
+        return result
+    spec = ev.EvalSpec(base_dir=ctx.base_dir(), dataset_dir=ctx.run_dir / "dataset", family=fmt["family"],
+                       tools=eval_tools(s.evaluate.tools), max_tokens=s.evaluate.max_new_tokens,
+                       max_seq_len=s.train.max_seq_len, tokens_per_batch=s.train.tokens_per_batch,
+                       device=s.train.device, threads=_eval_threads(s))
+    ctx.report({"phase": "evaluate", "cases": len(cases)})
+    return ev.evaluate_in_child(spec, cases, candidate, incumbent, out, ollama_host=s.ollama.host,
+                                known_losses=known, timeout_s=s.evaluate.timeout or None, stop=ctx.stop)
+
+
+def _compared_models(ctx: RunContext):
+    """(candidate, model in use) as ModelRefs: the run's own version, and the active one (or the base)."""
+    from lacd.pipeline.evaluate import ModelRef, incumbent_ref
+
+    tag = ctx.store.version_of(ctx.run_id).tag
+    gguf = ctx.run_dir / "model.gguf"
+    candidate = ModelRef(tag, adapter_dir=ctx.run_dir / "adapter", gguf=gguf if gguf.exists() else None, ollama_tag=tag)
+    active = ctx.store.active_version(ctx.settings.model.name)
+    if active is None:
+        return candidate, incumbent_ref(None, None)
+    run_dir = ctx.settings.runs_dir / str(active.run_id) if active.run_id is not None else None
+    return candidate, incumbent_ref(active.tag, run_dir)
+
+
+def _eval_threads(s: Settings) -> int:
+    return s.evaluate.threads or s.train.threads or max(1, (os.cpu_count() or 2) // 2)
+
+
+def gate_decision(ctx: RunContext, evaluation: dict):
+    """The gate's Decision for this run: gate.json if it was decided before a crash, else decided now."""
+    from lacd.pipeline import gate
+    from lacd.artifacts import write_json_atomic
+
+    path = ctx.run_dir / GATE_FILE
+    if path.exists():
+        return gate.Decision.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    g = ctx.settings.gate
+    guards = {"heldout_loss": g.max_loss_increase, "fabricated_output_rate": g.max_fabricated_increase,
+              "clean_stop_rate": g.max_clean_stop_drop}
+    guards.pop(g.primary, None)
+    decision = gate.decide(evaluation.get("candidate") or {}, evaluation.get("incumbent") or {}, g.primary,
+                           g.tolerance, guards, g.if_unmeasured)
+    if not decision.promote and ctx.store.get(ctx.run_id).reason == "forget":
+        decision = gate.Decision(True, ["a forget run replaces the model in use whatever the gate says", *decision.reasons])
+    write_json_atomic(path, decision.to_dict())
+    return decision
+
+
+def promote_stage(ctx: RunContext) -> dict:
+    """Move <name>:latest to this run's version if the gate passes; prune old versions either way."""
+    from lacd.pipeline import register
+
+    s = ctx.settings
+    evaluation = ctx.store.stage_result(ctx.run_id, "evaluate")
+    decision = gate_decision(ctx, evaluation)
+    tag = ctx.store.version_of(ctx.run_id).tag
+    client = register.make_client(s.ollama.host)
+    metrics = {key: evaluation.get(key) for key in ("candidate", "incumbent", "generator", "generators", "n_cases")}
+    metrics["gate"] = decision.to_dict()
+    if decision.promote:
+        register.promote(client, s.model.name, tag)
+        ctx.store.mark_version(ctx.run_id, "promoted", metrics=metrics, note=decision.summary(), active=True)
+    else:
+        ctx.store.mark_version(ctx.run_id, "rejected", metrics=metrics, note=decision.summary())
+    log.info("gate_decided", run=ctx.run_id, tag=tag, promoted=decision.promote, reason=decision.summary())
+    pruned = prune_versions(ctx.store, client, s.model.name, s.ollama.keep_versions)
+    gguf = ctx.run_dir / "model.gguf"
     if gguf.exists() and not s.run.keep_gguf:
         gguf.unlink()
-    return {"tag": tag, "latest": register.latest_tag(s.model.name), "digest": digest, "pruned": pruned}
+    active = ctx.store.active_version(s.model.name)
+    return {"promoted": decision.promote, "tag": tag, "latest": active.tag if active else None,
+            "decision": decision.to_dict(), "pruned": pruned}
+
+
+def prune_versions(store: RunStore, client, name: str, keep: int) -> list[str]:
+    """Delete versions beyond the newest `keep` from Ollama (never the active one) and mark them removed.
+
+    Ollama being down only postpones this to the next run."""
+    from lacd.pipeline import register
+
+    active = store.active_version(name)
+    try:
+        pruned = register.prune_versions(client, name, keep, protect={active.tag} if active else set())
+    except register.OllamaUnavailable as exc:
+        log.warning("prune_postponed", error=str(exc))
+        return []
+    store.mark_removed(name, [n for n in (register.parse_version(tag, name) for tag in pruned) if n is not None])
+    return pruned
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
     "format": format_stage, "train": train_stage, "export": export_stage, "register": register_stage,
+    "evaluate": evaluate_stage, "promote": promote_stage,
 }
 
 
