@@ -4,7 +4,10 @@
     python bench/ingest.py --size 50MB     # a quick look
 
 1. Backfill: a generated log of realistic local-ai-coder lines (lacd.samples, 10% noise) is read
-   by `lacd ingest` in a child process: lines/s, MB/s, and the child's peak RSS (ru_maxrss).
+   by `lacd ingest` in a child process: lines/s, MB/s, the CPU time of it and its classifier worker
+   processes (user + system, so a number that other work on the machine disturbs less than the
+   wall clock), and memory two ways: the peak RSS of the largest process (ru_maxrss) and the peak
+   of the sum over the process tree (RSS, and PSS, which counts shared pages once), sampled.
 2. Latency: `lacd run` on the same state; lines are appended one at a time at random intervals;
    latency = the lesson's ingested_at minus the moment the line was flushed (p50, p99).
 3. Idle: the daemon's CPU time over a quiet period, as a percentage of one core.
@@ -49,13 +52,53 @@ def backfill(work: Path, log: Path, size: int) -> dict:
     lines = write_log(log, size_bytes=size, seed=1, noise=0.1)
     gen_s = time.perf_counter() - started
     nbytes = log.stat().st_size
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lacd", "ingest"], env=env_for(work, log), check=True,
-                   stdout=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-m", "lacd", "ingest"], env=env_for(work, log),
+                             stdout=subprocess.DEVNULL)
+    peaks = tree_memory(child)
     wall = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"lines": lines, "mb": nbytes / 2**20, "generate_s": gen_s, "wall_s": wall,
-            "lines_per_s": lines / wall, "mb_per_s": nbytes / 2**20 / wall, "peak_rss_mb": peak_mb}
+    if child.returncode:
+        raise SystemExit(f"lacd ingest failed with exit code {child.returncode}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers are reaped by the child: counted too
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"lines": lines, "mb": nbytes / 2**20, "generate_s": gen_s, "wall_s": wall, "cpu_s": cpu,
+            "cpu_us_per_line": cpu / lines * 1e6, "cores": cpu / wall, "load_before": load,
+            "lines_per_s": lines / wall, "mb_per_s": nbytes / 2**20 / wall,
+            "peak_rss_mb": after.ru_maxrss / 1024, **peaks}
+
+
+def tree_memory(child: subprocess.Popen, every: float = 0.1) -> dict:
+    """Wait for `child`, sampling the summed RSS (and, less often, PSS) of it and its descendants."""
+    import psutil
+
+    root = psutil.Process(child.pid)
+    rss = pss = procs = 0
+    tick = 0
+    while child.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        rss = max(rss, sum(_memory(p, "rss") for p in tree))
+        if tick % 10 == 0:  # reading smaps is slow: once a second
+            pss = max(pss, sum(_memory(p, "pss") for p in tree))
+        procs = max(procs, len(tree))
+        tick += 1
+        time.sleep(every)
+    child.wait()
+    return {"sum_rss_mb": rss / 2**20, "sum_pss_mb": pss / 2**20, "processes": procs}
+
+
+def _memory(proc, field: str) -> int:
+    import psutil
+
+    try:
+        info = proc.memory_full_info() if field == "pss" else proc.memory_info()
+        return getattr(info, field)
+    except psutil.Error:
+        return 0
 
 
 def visible(con: sqlite3.Connection, prompt: str) -> bool:
@@ -115,7 +158,10 @@ def main() -> None:
         b = backfill(work, log, parse_size(args.size))
         lat = latency_and_idle(work, log, args.probes, args.idle)
     print(f"| backfill | {b['mb']:.0f} MB, {b['lines']} lines | {b['wall_s']:.1f} s | {b['lines_per_s']:,.0f} lines/s | "
-          f"{b['mb_per_s']:.1f} MB/s | peak RSS {b['peak_rss_mb']:.0f} MB |")
+          f"{b['mb_per_s']:.1f} MB/s | peak RSS {b['peak_rss_mb']:.0f} MB (largest process) |")
+    print(f"| backfill CPU | {b['cpu_s']:.1f} s user+sys, {b['cpu_us_per_line']:.0f} us/line | {b['cores']:.2f} cores busy | "
+          f"load average before: {b['load_before']:.2f} | {b['processes']} processes | "
+          f"sum of RSS {b['sum_rss_mb']:.0f} MB, of PSS {b['sum_pss_mb']:.0f} MB |")
     print(f"| latency  | {lat['received']}/{lat['probes']} appended lines | p50 {lat['p50_ms']:.0f} ms | "
           f"p99 {lat['p99_ms']:.0f} ms | max {lat['max_ms']:.0f} ms | |")
     print(f"| idle     | {args.idle:.0f} s | {lat['idle_cpu_pct']:.2f}% of a core | RSS {lat['daemon_rss_mb']:.0f} MB | | |")

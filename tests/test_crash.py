@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -10,7 +11,8 @@ import subprocess
 import sys
 import time
 
-from conftest import lacd_env, run_cli
+from conftest import lacd_env, run_cli, wait_until
+from lacd.samples import write_log
 
 WRITER = r"""
 import json, sys, time, random
@@ -53,3 +55,71 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):
     assert kills == 50
     assert prompts == [f"task {i}" for i in range(n_lines)]
     assert con.execute("SELECT count(*) FROM rejects").fetchone()[0] == 0
+
+
+BACKFILL = r"""
+import sys
+from pathlib import Path
+
+from lacd import db
+from lacd.ingest.store import Store
+from lacd.ingest.tailer import Tailer
+
+
+def main():
+    log, state = sys.argv[1], Path(sys.argv[2])
+    engine = db.write_engine(state / "lacd.db")
+    db.migrate(engine)
+    tailer = Tailer(log, Store(engine, {}), max_line=1 << 20, rotate_wait=0, batch_lines=40, pool_bytes=1, workers=1)
+    tailer.start()
+    tailer.sync()
+    tailer.close()
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def lessons(tmp_path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{tmp_path / 'state' / 'lacd.db'}?mode=ro", uri=True)
+        try:
+            return con.execute("SELECT count(*) FROM lessons").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created or not migrated yet
+        return 0
+
+
+def test_sigkill_during_a_backfill_through_the_worker_pool_loses_and_repeats_nothing(tmp_path):
+    """The backfill path (chunks classified in a worker process, committed on a thread) killed with
+    its worker at random moments: every line is stored once, in file order."""
+    log = tmp_path / "agent_interactions.jsonl"
+    write_log(log, size_bytes=8 << 20, seed=4, noise=0.1)
+    script = tmp_path / "backfill.py"
+    script.write_text(BACKFILL)
+    env = lacd_env(tmp_path, log)
+    command = [sys.executable, str(script), str(log), str(tmp_path / "state")]
+    rng = random.Random(2)
+    stored = []
+    for _ in range(6):
+        child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        wait_until(lambda: child.poll() is not None or lessons(tmp_path) > (stored[-1] if stored else 0), timeout=60,
+                   interval=0.02)
+        time.sleep(rng.random() * 0.1)  # somewhere in the backfill, a few batches after it resumed
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)  # the worker process dies with it
+        child.wait()
+        stored.append(lessons(tmp_path))
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+
+    data, starts = log.read_bytes(), []
+    while len(starts) == 0 or starts[-1] < len(data):
+        starts.append(data.index(b"\n", starts[-1] if starts else 0) + 1)
+    starts = [0] + starts[:-1]
+    con = sqlite3.connect(tmp_path / "state" / "lacd.db")
+    assert [o for (o,) in con.execute("SELECT offset FROM lessons ORDER BY id")] == starts
+    assert con.execute("SELECT count(*) FROM rejects").fetchone()[0] == 0
+    assert len(set(stored)) == 6 and stored[-1] < len(starts)  # each kill landed in the backfill, not after it

@@ -338,11 +338,11 @@ class FailingOnce(Store):
         super().__init__(engine, rules)
         self.commits = 0
 
-    def commit(self, cursor, lessons, rejects):
+    def commit(self, cursor, batch, bulk=False):
         self.commits += 1
         if self.commits == 2:
             raise OSError(28, "No space left on device")
-        return super().commit(cursor, lessons, rejects)
+        return super().commit(cursor, batch, bulk)
 
 
 def test_a_failed_commit_rewinds_to_what_the_database_holds(h):

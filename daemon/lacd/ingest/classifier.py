@@ -12,10 +12,16 @@ together (:class:`lacd.ingest.secrets.Scrubber`), hash the *redacted* conversati
 are found on what is stored), then curation: a secret kind configured to ``exclude`` first
 (reason ``secret:<kind>``), then the lesson flaws. The duplicate rule needs the database and is
 applied by :class:`lacd.ingest.store.Store` when the batch is committed.
+
+A batch's answer is a :class:`Classified`: plain lists and tuples (lessons as rows in the lessons
+table's column order), cheap to send between processes. A worker is sent a :class:`Chunk` (the
+bytes of whole lines, read once by the tailer) and leaves out a lesson's raw text when it is the
+line as read: the tailer's process decodes it again from the chunk it kept (:meth:`ChunkWork.result`).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -27,12 +33,18 @@ import orjson
 import structlog
 
 from lacd.ingest.lessons import LineRejected, flaw, parse_line
-from lacd.ingest.secrets import DEFAULT_SECRET_PATHS, KINDS, Finding, Scrubber
+from lacd.ingest.secrets import DEFAULT_SECRET_PATHS, KINDS, Scrubber
 
 log = structlog.get_logger(__name__)
 
 PREFIX_CHARS = 200
 BOM = b"\xef\xbb\xbf"
+
+LESSON_COLUMNS = ("source_id", "offset", "length", "ingested_at", "format", "conversation", "raw", "conv_hash",
+                  "status", "reason", "trained_run_id")
+"""A lesson travels as a list in the lessons table's column order: the classifier fills what the line
+decides, the store the rest (source, time, status, duplicates) just before the insert."""
+SOURCE, OFFSET, LENGTH, INGESTED_AT, FORMAT, CONVERSATION, RAW, CONV_HASH, STATUS, REASON, TRAINED_RUN = range(11)
 
 
 @dataclass
@@ -47,31 +59,26 @@ class Line:
 
 
 @dataclass
-class LineLesson:
-    """A line that became a lesson: what the lessons table stores, secrets already redacted."""
+class Chunk:
+    """Whole lines read in one piece for a worker: ``data`` starts at file offset ``start`` and
+    ends with a newline. ``max_line``: the cap on a line's length (without its newline)."""
 
-    offset: int
-    length: int
-    raw: str
-    format: str
-    conversation: str
-    conv_hash: str
-    flaw: str | None = None  # the curation reason that excludes it (duplicates: decided at commit)
-    findings: tuple[Finding, ...] = ()
+    start: int
+    data: bytes
+    max_line: int
 
 
 @dataclass
-class LineReject:
-    """A line that could not become a lesson: its reason and a redacted prefix."""
+class Classified:
+    """A batch's answer. ``lessons``: one row per lesson, in file order, in LESSON_COLUMNS order
+    (``reason``: the curation flaw, if any; ``raw`` None: the line's text as read, filled in by
+    :func:`fill_raw`; source, time and status: None until the store sets them);
+    ``rejects``: ``(offset, length, reason, prefix)``; ``findings``: ``(offset, kind, field, turn)``
+    for lessons and rejects alike."""
 
-    offset: int
-    length: int
-    reason: str
-    prefix: str
-    findings: tuple[Finding, ...] = ()
-
-
-Record = LineLesson | LineReject | None
+    lessons: list[list] = field(default_factory=list)
+    rejects: list[tuple] = field(default_factory=list)
+    findings: list[tuple] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,40 +108,84 @@ class ClassifierSpec:
                    entropy_limit=s.entropy_limit, hex_limit=s.hex_limit)
 
 
-class Classifier:
-    """Classifies lines in this process."""
+def line_bytes(offset: int, data: bytes) -> bytes:
+    """A line's content without its BOM (at the file's start) and CR: what is decoded and stored."""
+    if offset == 0 and data.startswith(BOM):
+        data = data[3:]
+    return data[:-1] if data.endswith(b"\r") else data
 
-    def __init__(self, spec: ClassifierSpec | None = None):
+
+def fill_raw(out: Classified, chunk: Chunk) -> Classified:
+    """Put back the raw text a worker left out (the line as read) from the chunk it was sent."""
+    data, start = chunk.data, chunk.start
+    for row in out.lessons:
+        if row[RAW] is None:
+            at = row[OFFSET] - start
+            row[RAW] = line_bytes(row[OFFSET], data[at:at + row[LENGTH] - 1]).decode("utf-8")
+    return out
+
+
+class Classifier:
+    """Classifies lines in this process.
+
+    ``keep_raw=False`` (worker processes): a lesson whose raw text is the line as read is answered
+    without it (``raw`` None), so it is not sent back to the process that read the line.
+    """
+
+    def __init__(self, spec: ClassifierSpec | None = None, keep_raw: bool = True):
         self.spec = spec or ClassifierSpec()
+        self.keep_raw = keep_raw
         s = self.spec
         self.scrubber = (Scrubber({k: "exclude" for k in s.exclude}, s.paths, s.entropy_limit, s.hex_limit)
                          if s.scan else None)
 
-    def classify(self, line: Line) -> Record:
-        """A lesson, a reject, or None for a blank line."""
-        if line.data is None:
-            text = line.prefix.decode("utf-8", "replace")
-            return self._reject(line, f"line longer than the cap ({line.length - 1} bytes)", text)
-        data = line.data[3:] if line.offset == 0 and line.data.startswith(BOM) else line.data
-        if data.endswith(b"\r"):
-            data = data[:-1]
+    def classify_many(self, lines) -> Classified:
+        """Classify lines (in file order) into one batch answer."""
+        out = Classified()
+        for line in lines:
+            self.classify_into(out, line.offset, line.length, line.data, line.prefix)
+        return out
+
+    def classify_chunk(self, chunk: Chunk) -> Classified:
+        """Classify every line of a chunk (a line longer than the cap keeps only its prefix)."""
+        out = Classified()
+        data, start, cap = chunk.data, chunk.start, chunk.max_line
+        pos, end = 0, len(data)
+        while pos < end:
+            stop = data.index(b"\n", pos)
+            if stop - pos > cap:
+                self.classify_into(out, start + pos, stop + 1 - pos, None, data[pos:pos + PREFIX_CHARS * 4])
+            else:
+                self.classify_into(out, start + pos, stop + 1 - pos, data[pos:stop])
+            pos = stop + 1
+        return out
+
+    def classify_into(self, out: Classified, offset: int, length: int, data: bytes | None,
+                      prefix: bytes = b"") -> None:
+        """Add what one line becomes to ``out``: a lesson, a reject, or nothing (a blank line).
+        ``length`` counts the newline; ``data`` None: the line is longer than the cap (``prefix``)."""
+        if data is None:
+            self._reject(out, offset, length, f"line longer than the cap ({length - 1} bytes)",
+                         prefix.decode("utf-8", "replace"))
+            return
+        data = line_bytes(offset, data)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return self._reject(line, f"invalid UTF-8 at byte {exc.start}", data[:PREFIX_CHARS * 4].decode("utf-8", "replace"))
+            self._reject(out, offset, length, f"invalid UTF-8 at byte {exc.start}",
+                         data[:PREFIX_CHARS * 4].decode("utf-8", "replace"))
+            return
         if not text.strip():
-            return None
+            return
         try:
-            parsed = parse_line(text)
+            parsed = parse_line(data)
         except LineRejected as exc:
-            return self._reject(line, exc.reason, text)
-        return self._lesson(line, text, parsed)
-
-    def classify_many(self, lines: list[Line]) -> list[Record]:
-        return [self.classify(line) for line in lines]
+            self._reject(out, offset, length, exc.reason, text)
+            return
+        self._lesson(out, offset, length, text, parsed)
 
     def submit(self, lines: list[Line]) -> Future:
-        """Classify now; the answer as an already finished future (the pool's interface)."""
+        """Classify now; the answer as an already finished future (what the committer waits on)."""
         done: Future = Future()
         try:
             done.set_result(self.classify_many(lines))
@@ -145,28 +196,32 @@ class Classifier:
     def close(self) -> None:
         """Nothing to release in this process."""
 
-    def _lesson(self, line: Line, text: str, parsed) -> LineLesson:
-        raw, conversation, conv_hash, findings, secret = text, parsed.conversation, parsed.conv_hash, (), None
+    def _lesson(self, out: Classified, offset: int, length: int, text: str, parsed) -> None:
+        raw, conversation, conv_hash, secret = text, parsed.conversation, parsed.conv_hash, None
         messages = parsed.messages
-        if self.scrubber is not None:
-            scrubbed = self.scrubber.scrub_lesson(text, parsed.messages)
+        tags = self.scrubber.gate(text) if self.scrubber is not None else None
+        if tags:  # most lines: the gate finds nothing that could be a secret, and that is all
+            scrubbed = self.scrubber.scrub_lesson(text, parsed.messages, tags)
             if scrubbed.findings:
-                raw, messages, findings = scrubbed.raw, scrubbed.messages, tuple(scrubbed.findings)
+                raw, messages = scrubbed.raw, scrubbed.messages
                 encoded = orjson.dumps({"messages": messages})
                 conversation, conv_hash = encoded.decode(), hashlib.blake2b(encoded, digest_size=16).hexdigest()
+                out.findings += [(offset, f.kind, f.field, f.turn) for f in scrubbed.findings]
                 if scrubbed.exclude:
-                    secret = next(f"secret:{f.kind}" for f in findings if f.kind in self.spec.exclude)
+                    secret = next(f"secret:{f.kind}" for f in scrubbed.findings if f.kind in self.spec.exclude)
         reason = secret or flaw(messages, self.spec.rules)
-        return LineLesson(line.offset, line.length, raw, parsed.format, conversation, conv_hash, reason, findings)
+        if raw is text and not self.keep_raw:
+            raw = None
+        out.lessons.append([None, offset, length, None, parsed.format, conversation, raw, conv_hash,
+                            None, reason, None])
 
-    def _reject(self, line: Line, reason: str, text: str) -> LineReject:
-        findings: tuple[Finding, ...] = ()
+    def _reject(self, out: Classified, offset: int, length: int, reason: str, text: str) -> None:
         if self.scrubber is None:
             prefix = text[:PREFIX_CHARS]
         else:
             prefix, kinds = self.scrubber.scrub_prefix(text, PREFIX_CHARS)
-            findings = tuple(Finding(kind, "prefix", -1) for kind in kinds)
-        return LineReject(line.offset, line.length, reason, prefix, findings)
+            out.findings += [(offset, kind, "prefix", -1) for kind in kinds]
+        out.rejects.append((offset, length, reason, prefix))
 
 
 _worker: Classifier | None = None
@@ -178,19 +233,35 @@ def _init_worker(spec: ClassifierSpec) -> None:
     # stop and shuts the pool down itself; a worker whose parent died sees its queue close and exits
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker = Classifier(spec)
+    _worker = Classifier(spec, keep_raw=False)
+    gc.freeze()  # modules and the scanner live as long as the worker: the collector need not scan them
 
 
-def _classify_in_worker(lines: list[Line]) -> list[Record]:
+def _classify_in_worker(chunk: Chunk) -> Classified:
     assert _worker is not None
-    return _worker.classify_many(lines)
+    return _worker.classify_chunk(chunk)
+
+
+class ChunkWork:
+    """A chunk being classified by a worker; :meth:`result` answers the complete batch (raw text
+    filled in from the chunk, which is kept here until then)."""
+
+    def __init__(self, future: Future, chunk: Chunk):
+        self.future = future
+        self.chunk: Chunk | None = chunk
+
+    def result(self) -> Classified:
+        out = self.future.result()
+        if self.chunk is not None:
+            out, self.chunk = fill_raw(out, self.chunk), None
+        return out
 
 
 class ClassifierPool:
-    """Classifies batches in worker processes (spawned: the daemon has threads, so no fork).
+    """Classifies chunks in worker processes (spawned: the daemon has threads, so no fork).
 
-    Results come back as futures in submission order; the tailer's committer waits on them in
-    that order, so rows are still committed in file order. Closing waits for running batches.
+    Results come back in submission order as the tailer's committer asks for them, so rows are
+    still committed in file order. Closing waits for running batches.
     """
 
     def __init__(self, spec: ClassifierSpec, workers: int):
@@ -200,8 +271,8 @@ class ClassifierPool:
                                             initializer=_init_worker, initargs=(spec,))
         log.info("classifier_pool_started", workers=workers)
 
-    def submit(self, lines: list[Line]) -> Future:
-        return self.executor.submit(_classify_in_worker, lines)
+    def submit_chunk(self, chunk: Chunk) -> ChunkWork:
+        return ChunkWork(self.executor.submit(_classify_in_worker, chunk), chunk)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

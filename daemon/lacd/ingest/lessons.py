@@ -16,12 +16,10 @@ import hashlib
 import re
 
 import orjson
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 TOOL_CODE = re.compile(r"<tool_code>.*?</tool_code>", re.S)
 PLAN = re.compile(r"<plan>.*?</plan>", re.S)
-FABRICATED = re.compile(r"<tool_output|<tool_error")
 FAILED_OUTPUT = re.compile(r"^\s*<(tool_output_error|tool_error)>")
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -37,8 +35,9 @@ class LineRejected(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Parsed:
+class Parsed(NamedTuple):
+    """A parsed line (a named tuple: built once per line of a backfill, so built cheaply)."""
+
     format: str
     messages: list[dict[str, Any]]
     conversation: str  # canonical JSON of the messages
@@ -51,22 +50,33 @@ class Parsed:
 
 
 def flaw(messages: list[dict[str, Any]], rules: dict[str, bool]) -> str | None:
-    """The first curation reason (other than duplicate) that excludes a conversation, if any."""
-    replies = [m for m in messages if m["role"] == "assistant"]
-    checks = (
-        ("empty_prompt", lambda: not _first(messages, "user").strip()),
-        ("no_reply", lambda: not any(m["content"].strip() or m.get("tool_calls") for m in replies)),
-        ("fabricated_output", lambda: any(FABRICATED.search(m["content"]) for m in replies)),
-        ("all_tools_failed", lambda: _all_failed(messages)),
-    )
-    for reason, check in checks:
-        if rules.get(reason, True) and check():
-            return reason
+    """The first curation reason (other than duplicate) that excludes a conversation, if any
+    (one pass over the messages: this runs for every line of a backfill)."""
+    prompt, replied, fabricated, tools, failed = None, False, False, 0, 0
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "assistant":
+            replied = replied or bool(content.strip() or m.get("tool_calls"))
+            fabricated = fabricated or "<tool_output" in content or "<tool_error" in content  # it wrote its own
+        elif role == "tool":
+            tools += 1
+            failed += FAILED_OUTPUT.match(content) is not None
+        elif role == "user" and prompt is None:
+            prompt = content
+    on = rules.get
+    if on("empty_prompt", True) and not (prompt or "").strip():
+        return "empty_prompt"
+    if on("no_reply", True) and not replied:
+        return "no_reply"
+    if on("fabricated_output", True) and fabricated:
+        return "fabricated_output"
+    if on("all_tools_failed", True) and tools and failed == tools:
+        return "all_tools_failed"
     return None
 
 
-def parse_line(text: str) -> Parsed:
-    """Parse one decoded log line; raise LineRejected with a clear reason."""
+def parse_line(text: str | bytes) -> Parsed:
+    """Parse one log line (decoded, or its UTF-8 bytes); raise LineRejected with a clear reason."""
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -92,18 +102,24 @@ def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
     executions = obj.get("tool_executions") or []
     if not isinstance(prompt, str):
         raise LineRejected("unknown shape: the user prompt is not a string")
-    if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+    if not isinstance(replies, list):
         raise LineRejected("unknown shape: ai_responses is not a list of strings")
+    calls = []
+    for reply in replies:
+        if not isinstance(reply, str):
+            raise LineRejected("unknown shape: ai_responses is not a list of strings")
+        calls.append(_calls_in(reply, first_call_only))
     if not isinstance(executions, list) or not all(_is_execution(e) for e in executions):
         raise LineRejected("unknown shape: tool_executions is not a list of {tool_call, tool_output}")
-    calls = [_calls_in(r, first_call_only) for r in replies]
-    owed_after = _suffix_sums([max(c, 0) for c in calls])
+    owed_after = _suffix_sums([max(c, 0) for c in calls]) if -1 in calls else None  # only a plan needs them
     messages = [{"role": "user", "content": prompt}]
     pos = 0
     for i, reply in enumerate(replies):
         if reply.strip():
             messages.append({"role": "assistant", "content": reply})
-        take = _executions_for(calls[i], owed_after[i + 1], len(executions) - pos)
+        if calls[i] == 0 or pos == len(executions):
+            continue
+        take = _executions_for(calls[i], owed_after[i + 1] if owed_after else 0, len(executions) - pos)
         for execution in executions[pos:pos + take]:
             messages.append({"role": "tool", "content": execution["tool_output"]})
         pos += take
@@ -112,7 +128,11 @@ def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
 
 def _calls_in(reply: str, first_call_only: bool) -> int:
     """How many tool executions a reply causes; -1 for a plan (the agent runs its steps itself)."""
-    n = len(TOOL_CODE.findall(reply)) if "<tool_code>" in reply else 0
+    opens = reply.count("<tool_code>")
+    if opens == 1:  # the usual reply: one block, closed or not
+        n = 1 if reply.find("</tool_code>", reply.find("<tool_code>")) >= 0 else 0
+    else:
+        n = len(TOOL_CODE.findall(reply)) if opens else 0
     if first_call_only:
         n = min(n, 1)
     if n == 0 and "<plan>" in reply and PLAN.search(reply):
@@ -173,12 +193,3 @@ def _tool_calls(calls: Any, i: int) -> list[dict]:
                 raise LineRejected(f"unknown shape: message {i} tool call arguments are not JSON") from None
         out.append({"name": fn["name"], "arguments": args})
     return out
-
-
-def _first(messages: list[dict], role: str) -> str:
-    return next((m["content"] for m in messages if m["role"] == role), "")
-
-
-def _all_failed(messages: list[dict]) -> bool:
-    tools = [m for m in messages if m["role"] == "tool"]
-    return bool(tools) and all(FAILED_OUTPUT.match(m["content"]) for m in tools)

@@ -139,6 +139,7 @@ RUNS, QUOTED, WORDS, KEYS, NPM_TAG, URL, CLI, FILES = (
 CLASSES = bytes(
     ord("a") if (chr(i).isascii() and chr(i).isalnum()) or chr(i) in "_-" else
     ord("b") if chr(i) in "+/=" else ord("q") if chr(i) in "'\"" else ord(" ") for i in range(256))
+FLAT_CLASSES = CLASSES.translate(bytes.maketrans(b"b", b"a"))  # a run character is "a" whatever its kind
 RUN_BYTES = re.compile(rb"a{%d,}" % TOKEN_RUN)
 TOKEN_SPLIT = re.compile(r"[\s'\"`=<>|;&(),\[\]{}\\:]+")  # PATH_SPLIT plus backslash and colon (raw JSON, grep)
 NOT_FILES = frozenset({"process.env", "import.meta.env"})  # JavaScript, not files named *.env
@@ -319,6 +320,7 @@ class Scrubber:
         self._hex_min_len = hex_min_len
         shortest = min(min_entropy_len, hex_min_len)
         self._quoted_bytes = re.compile(rb"q[ab]{%d,}" % shortest)
+        self._quoted_flat = b"q" + b"a" * shortest  # the same test on FLAT_CLASSES, as a substring
         self._quoted_run = re.compile(r"[\"'][A-Za-z0-9+/=_\-]{%d,}" % shortest)
         self._path_needles = tuple(sorted({_literal(p).lower() for p in self.secret_paths}))
         names = [fnmatch.translate(p) for p in self.secret_paths if "/" not in p]
@@ -371,10 +373,11 @@ class Scrubber:
         scrubbed, kinds = self.scrub_text(text)
         return scrubbed[:limit], kinds
 
-    def scrub_lesson(self, raw: str, messages: list[dict[str, Any]]) -> ScrubbedLesson:
+    def scrub_lesson(self, raw: str, messages: list[dict[str, Any]], tags: set[str] | None = None) -> ScrubbedLesson:
         """Redact a parsed line's raw text and canonical messages together: one gate on ``raw`` (a
-        clean line costs nothing more), and a value found in either is redacted in both."""
-        tags = self.gate(raw)
+        clean line costs nothing more), and a value found in either is redacted in both.
+        ``tags``: what :meth:`gate` answered for ``raw``, when the caller already asked it."""
+        tags = self.gate(raw) if tags is None else tags
         if not tags:
             return ScrubbedLesson(raw, messages, [], False)
         obj = _json_container(raw)
@@ -399,7 +402,7 @@ class Scrubber:
         lower = text.lower()
         present = self._literals.present(lower)
         tags = set()
-        if any(form in text for n in present & TOKEN_LITERALS.keys() for form in TOKEN_LITERALS[n]):
+        if present and any(form in text for n in present & TOKEN_LITERALS.keys() for form in TOKEN_LITERALS[n]):
             tags.add(RUNS)
         if ("'" in text or '"' in text) and self._quoted_candidate(text, lower):
             tags.add(QUOTED)
@@ -423,8 +426,11 @@ class Scrubber:
 
     def _quoted_candidate(self, text: str, lower: str) -> bool:
         """A quoted run long and random enough for the entropy plugins, or for AWS's secret key."""
-        classes = text.encode("utf-8", "surrogatepass").translate(CLASSES)
-        if len(classes) == len(text):
+        encoded = text.encode("utf-8", "surrogatepass")
+        if len(encoded) == len(text):
+            if self._quoted_flat not in encoded.translate(FLAT_CLASSES):
+                return False  # no quote followed by a long enough run: one substring search decides
+            classes = encoded.translate(CLASSES)
             runs = (text[m.start() + 1:m.end()] for m in self._quoted_bytes.finditer(classes))
         else:
             runs = (m.group()[1:] for m in self._quoted_run.finditer(text))

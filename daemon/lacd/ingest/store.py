@@ -7,24 +7,28 @@ crash the offset covers exactly the rows that exist.
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 
 import structlog
 from sqlalchemy import Engine, insert, select, update
 
+from lacd.db import WalFlusher, set_bulk
+from lacd.ingest.classifier import (CONV_HASH, INGESTED_AT, LESSON_COLUMNS, OFFSET, REASON, SOURCE, STATUS,
+                                   Classified)
 from lacd.ingest.identity import Cursor
-from lacd.ingest.classifier import LineLesson, LineReject
-from lacd.models import Lesson, Reject, Source
+from lacd.models import Source
 
 log = structlog.get_logger(__name__)
 
-LESSON_COLUMNS = ("source_id", "offset", "length", "ingested_at", "format", "conversation", "raw", "conv_hash",
-                  "status", "reason", "trained_run_id")
 LESSON_INSERT = (f"INSERT INTO lessons ({', '.join(LESSON_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in LESSON_COLUMNS)})")
 FINDING_INSERT = "INSERT INTO secret_findings (source_id, offset, kind, field, turn, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+REJECT_INSERT = "INSERT INTO rejects (source_id, offset, length, reason, prefix, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+KNOWN_CHUNK = 500  # hashes looked up per query
 
 
 @dataclass
@@ -69,64 +73,79 @@ class Store:
             conn.execute(update(Source).where(Source.id == cursor.source_id).values(**values))
         log.info("source_state", source=cursor.source_id, state=state, note=note, offset=cursor.offset)
 
-    def commit(self, cursor: Cursor, lessons: list[LineLesson], rejects: list[LineReject]) -> CommitStats:
-        """Store rows and the cursor that covers them, atomically; curation decided here."""
+    def flushing(self) -> WalFlusher:
+        """For a backfill: the WAL written to disk as the batches come (see WalFlusher)."""
+        return WalFlusher(Path(self.engine.url.database))
+
+    def commit(self, cursor: Cursor, batch: Classified, bulk: bool = False) -> CommitStats:
+        """Store a batch's rows and the cursor that covers them, atomically; duplicates decided here.
+        ``bulk``: part of a backfill, checkpointed less often (:func:`lacd.db.set_bulk`)."""
         now = time.time()
-        stats = CommitStats(rejected=len(rejects))
+        sid = cursor.source_id
+        stats = CommitStats(rejected=len(batch.rejects))
         with self.engine.begin() as conn:
-            seen = self._known_hashes(conn, [l.conv_hash for l in lessons])
-            rows = [self._lesson_row(cursor, l, seen, now, stats) for l in lessons]
-            if rows:  # the hot path of a backfill: straight to the driver's executemany
-                conn.exec_driver_sql(LESSON_INSERT, [tuple(r[c] for c in LESSON_COLUMNS) for r in rows])
-            if rejects:
-                conn.execute(insert(Reject), [dict(source_id=cursor.source_id, offset=r.offset, length=r.length,
-                                                   reason=r.reason, prefix=r.prefix, created_at=now) for r in rejects])
-            findings = [(cursor.source_id, r.offset, f.kind, f.field, f.turn, now)
-                        for r in (*lessons, *rejects) for f in r.findings]
-            if findings:
-                conn.exec_driver_sql(FINDING_INSERT, findings)
-                stats.secrets.update(f[2] for f in findings)
-            conn.execute(update(Source).where(Source.id == cursor.source_id).values(
+            set_bulk(conn, bulk)
+            cur = conn.connection.cursor()  # the hot path of a backfill: the driver's cursor, same transaction
+            rows = self._lesson_rows(cur, sid, batch.lessons, now, stats)
+            if rows:
+                cur.executemany(LESSON_INSERT, rows)
+            if batch.rejects:
+                cur.executemany(REJECT_INSERT, [(sid, *r, now) for r in batch.rejects])
+            if batch.findings:
+                cur.executemany(FINDING_INSERT, [(sid, *f, now) for f in batch.findings])
+                stats.secrets.update(f[1] for f in batch.findings)
+            cur.close()
+            conn.execute(update(Source).where(Source.id == sid).values(
                 offset=cursor.offset, head_len=cursor.head_len, head_hash=cursor.head_hash,
                 marker_len=cursor.marker_len, marker_hash=cursor.marker_hash,
                 dev=cursor.dev, inode=cursor.inode, path=cursor.path, updated_at=now))
-        self._log_decisions(cursor, lessons, rows, rejects)
+        self._log_decisions(sid, rows, batch)
         return stats
 
-    def _known_hashes(self, conn, hashes: list[str]) -> set[str]:
-        if not self.rules.get("duplicate", True) or not hashes:
-            return set()
+    def _lesson_rows(self, cur, sid: int, lessons: list[list], now: float, stats: CommitStats) -> list[list]:
+        """Complete the classifier's rows (source, time, status); a lesson whose conversation is
+        already stored (or earlier in the batch) is a duplicate unless another reason excludes it."""
+        dedup = self.rules.get("duplicate", True)
+        seen = self._known_hashes(cur, [row[CONV_HASH] for row in lessons]) if dedup else set()
+        excluded = stats.excluded
+        for row in lessons:
+            row[SOURCE], row[INGESTED_AT] = sid, now
+            if dedup:
+                if row[REASON] is None and row[CONV_HASH] in seen:
+                    row[REASON] = "duplicate"
+                seen.add(row[CONV_HASH])
+            if row[REASON]:
+                row[STATUS] = "excluded"
+                excluded[row[REASON]] += 1
+            else:
+                row[STATUS] = "pending"
+        stats.lessons = len(lessons)
+        stats.pending = stats.lessons - sum(excluded.values())
+        return lessons
+
+    def _known_hashes(self, cur, hashes: list[str]) -> set[str]:
+        """Which of these conversation hashes the lessons table already holds."""
         found: set[str] = set()
         unique = list(set(hashes))
-        for i in range(0, len(unique), 500):
-            chunk = unique[i:i + 500]
-            found.update(conn.execute(select(Lesson.conv_hash).where(Lesson.conv_hash.in_(chunk))).scalars())
+        for i in range(0, len(unique), KNOWN_CHUNK):
+            chunk = unique[i:i + KNOWN_CHUNK]
+            cur.execute(f"SELECT conv_hash FROM lessons WHERE conv_hash IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update(h for (h,) in cur.fetchall())
         return found
 
-    def _lesson_row(self, cursor: Cursor, line: LineLesson, seen: set[str], now: float, stats: CommitStats) -> dict:
-        reason = line.flaw
-        if reason is None and self.rules.get("duplicate", True) and line.conv_hash in seen:
-            reason = "duplicate"
-        seen.add(line.conv_hash)
-        stats.lessons += 1
-        if reason:
-            stats.excluded[reason] += 1
-        else:
-            stats.pending += 1
-        return dict(source_id=cursor.source_id, offset=line.offset, length=line.length, ingested_at=now,
-                    format=line.format, conversation=line.conversation, raw=line.raw, conv_hash=line.conv_hash,
-                    status="excluded" if reason else "pending", reason=reason, trained_run_id=None)
-
-    def _log_decisions(self, cursor, lessons, rows, rejects) -> None:
-        for r in rejects:
-            log.info("line_rejected", source=cursor.source_id, offset=r.offset, length=r.length, reason=r.reason)
+    def _log_decisions(self, sid: int, rows: list[list], batch: Classified) -> None:
+        if not log.is_enabled_for(logging.INFO):  # each call binds the lazy logger: skip the loop
+            return
+        for r in batch.rejects:
+            log.info("line_rejected", source=sid, offset=r[0], length=r[1], reason=r[2])
         for row in rows:
-            if row["reason"]:
-                log.info("lesson_excluded", source=cursor.source_id, offset=row["offset"], reason=row["reason"])
-        for record in (*lessons, *rejects):
-            if record.findings:  # kinds and places only: never the secret, never the text around it
-                log.info("secrets_redacted", source=cursor.source_id, offset=record.offset,
-                         kinds=sorted({f.kind for f in record.findings}), count=len(record.findings))
+            if row[REASON]:
+                log.info("lesson_excluded", source=sid, offset=row[OFFSET], reason=row[REASON])
+        kinds: dict[int, list[str]] = {}
+        for f in batch.findings:  # kinds and places only: never the secret, never the text around it
+            kinds.setdefault(f[0], []).append(f[1])
+        for offset, found in kinds.items():
+            log.info("secrets_redacted", source=sid, offset=offset, kinds=sorted(set(found)), count=len(found))
 
 
 def _cursor(row) -> Cursor:

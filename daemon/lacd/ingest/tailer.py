@@ -7,23 +7,29 @@ complete lines from every file it follows, and commits them batch by batch throu
 Files it follows: ``current`` (the file at the path) and ``draining`` (earlier generations that
 were rotated, deleted or replaced; read until nothing new arrived for ``rotate_wait`` seconds,
 so a writer still appending to a renamed file loses nothing).
+
+Two ways to read, the same rows either way: an ordinary append is split into lines and classified
+in this process (:func:`iter_lines`); a backlog of ``pool_bytes`` or more (a backfill) is read in
+chunks of whole lines that a worker process classifies while this process commits the chunks before
+(:meth:`Tailer._read_chunks`). Either way each batch commits its rows with the cursor that covers
+them, in file order, on the committer thread.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import stat
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import structlog
 
-from lacd.ingest.classifier import PREFIX_CHARS, Classifier, ClassifierPool, ClassifierSpec, Line, LineLesson, pool_workers
+from lacd.ingest.classifier import PREFIX_CHARS, Chunk, Classifier, ClassifierPool, ClassifierSpec, Line, pool_workers
 from lacd.ingest.identity import Cursor, continues, find_continuation
 from lacd.ingest.store import CommitStats, Store
 
@@ -32,6 +38,8 @@ log = structlog.get_logger(__name__)
 CHUNK = 1 << 20
 BATCH_BYTES = 8 << 20
 POOL_BYTES = 32 << 20  # a backlog this large is classified in worker processes
+FIRST_READ = 1 << 20  # the first chunk read for worker processes; later ones fit `batch_lines` lines
+COMMIT_DEPTH = 2  # batches read ahead of the one being committed: enough to keep a worker busy, and memory low
 
 
 @dataclass
@@ -86,6 +94,16 @@ def iter_lines(fd: int, start: int, end: int, max_line: int) -> Iterator[Line]:
         pos += len(buf)
 
 
+def lines_end(data: bytes, n: int) -> int:
+    """Where the first `n` complete lines of `data` end (0: not one complete line)."""
+    if data.count(b"\n") <= n:
+        return data.rfind(b"\n") + 1
+    end = 0
+    for _ in range(n):
+        end = data.index(b"\n", end) + 1
+    return end
+
+
 class Committer:
     """Commits batches in order on a thread of its own.
 
@@ -95,20 +113,21 @@ class Committer:
     and :meth:`drain` raises it so the tailer can fall back to what the database holds.
     """
 
-    def __init__(self, store: Store, depth: int = 4):
+    def __init__(self, store: Store, depth: int = COMMIT_DEPTH):
         self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
-    def submit(self, cursor: Cursor, work: Future, stats: SyncStats) -> None:
-        """Commit the records `work` answers (a classifier's future) with `cursor`, after the earlier ones."""
+    def submit(self, cursor: Cursor, work, stats: SyncStats, bulk: bool = False) -> None:
+        """Commit the batch `work` answers (a classifier's future, or a worker's ChunkWork) with
+        `cursor`, after the earlier ones; `bulk`: part of a backfill (see Store.commit)."""
         if self.error is not None:
             raise self.error
         if self.thread is None:
             self.thread = threading.Thread(target=self._loop, name="lacd-commit", daemon=True)
             self.thread.start()
-        self.queue.put((cursor, work, stats))
+        self.queue.put((cursor, work, stats, bulk))
 
     def drain(self) -> None:
         """Wait until every submitted batch is committed; raise the first failure."""
@@ -134,11 +153,8 @@ class Committer:
                 self.queue.task_done()
         self.queue.task_done()
 
-    def _commit(self, cursor: Cursor, work: Future, stats: SyncStats) -> None:
-        records = work.result()
-        lessons = [r for r in records if isinstance(r, LineLesson)]
-        rejects = [r for r in records if r is not None and not isinstance(r, LineLesson)]
-        result = self.store.commit(cursor, lessons, rejects)
+    def _commit(self, cursor: Cursor, work, stats: SyncStats, bulk: bool) -> None:
+        result = self.store.commit(cursor, work.result(), bulk)
         stats.add(result)
         log.info("ingest_batch", source=cursor.source_id, offset=cursor.offset, lessons=result.lessons,
                  pending=result.pending, rejected=result.rejected, excluded=dict(result.excluded),
@@ -310,7 +326,14 @@ class Tailer:
         size = os.fstat(t.fd).st_size
         if size <= t.cursor.offset:
             return
-        classifier = self._classifier_for(size - t.cursor.offset)
+        if size - t.cursor.offset >= self.pool_bytes and self.workers >= 1:
+            gc.freeze()  # the collector skips the daemon's own objects while millions of rows come and go
+            try:
+                with self.store.flushing():
+                    self._read_chunks(t, size, stats)
+            finally:
+                gc.unfreeze()
+            return
         batch: list[Line] = []
         batch_bytes = 0
         end = t.cursor.offset
@@ -319,23 +342,40 @@ class Tailer:
             end = line.offset + line.length
             batch_bytes += line.length
             if len(batch) >= self.batch_lines or batch_bytes >= BATCH_BYTES:
-                self._commit(t, end, classifier.submit(batch), stats)
+                self._commit(t, end, self.classifier.submit(batch), stats)
                 batch, batch_bytes = [], 0
                 if self.interrupted():
                     return
         if end > t.cursor.offset:
-            self._commit(t, end, classifier.submit(batch), stats)
+            self._commit(t, end, self.classifier.submit(batch), stats)
 
-    def _classifier_for(self, backlog: int) -> Classifier | ClassifierPool:
-        """Worker processes for a large backlog (a backfill), this process for ordinary appends."""
-        if backlog < self.pool_bytes or self.workers < 1:
-            return self.classifier
+    def _read_chunks(self, t: Tracked, size: int, stats: SyncStats) -> None:
+        """A large backlog (a backfill): whole lines are read in chunks of `batch_lines` lines (at
+        most BATCH_BYTES) and classified by worker processes while earlier chunks are committed.
+        A line longer than a chunk is read the bounded way (:func:`iter_lines`) in this process."""
         if self.pool is None:
             self.pool = ClassifierPool(self.spec, self.workers)
-        return self.pool
+        want = FIRST_READ
+        while (pos := t.cursor.offset) < size:
+            data = os.pread(t.fd, min(want, size - pos), pos)
+            cut = lines_end(data, self.batch_lines)
+            if cut:
+                work = self.pool.submit_chunk(Chunk(pos, data[:cut], self.max_line))
+                self._commit(t, pos + cut, work, stats, bulk=True)
+                want = min(BATCH_BYTES, max(CHUNK, cut + cut // 4))
+            elif len(data) == want and want < BATCH_BYTES:
+                want = BATCH_BYTES  # a long line: look further before reading it on its own
+                continue
+            else:
+                line = next(iter_lines(t.fd, pos, size, self.max_line), None)
+                if line is None:
+                    return  # only an incomplete last line is left
+                self._commit(t, line.offset + line.length, self.classifier.submit([line]), stats)
+            if self.interrupted():
+                return
 
-    def _commit(self, t: Tracked, end: int, work: Future, stats: SyncStats) -> None:
+    def _commit(self, t: Tracked, end: int, work, stats: SyncStats, bulk: bool = False) -> None:
         moved = replace(t.cursor)
         moved.advance(t.fd, end)
-        self.committer.submit(moved, work, stats)
+        self.committer.submit(moved, work, stats, bulk)
         t.cursor, t.since = moved, self.clock()  # read ahead; on a failed commit, _fall_back rewinds
