@@ -593,24 +593,17 @@ def evaluate_in_child(
 def _wait_child(child: subprocess.Popen, timeout_s: float | None, stop: threading.Event, poll_s: float,
                 log_path: Path) -> int:
     """The child's exit code; ends it (TERM, then KILL) on a stop request or past the timeout."""
+    from lacd.pipeline.train import stop_child  # the trainer's child is ended the same way
+
     deadline = None if not timeout_s else time.monotonic() + timeout_s
     while child.poll() is None:
         if stop.wait(poll_s):
-            _end_child(child)
+            stop_child(child)
             raise EvaluateInterrupted("evaluation stopped on request; it is redone at the next start")
         if deadline is not None and time.monotonic() > deadline:
-            _end_child(child)
+            stop_child(child)
             raise EvaluateError(f"evaluation did not finish within {timeout_s:.0f} s; see {log_path}")
     return child.returncode
-
-
-def _end_child(child: subprocess.Popen) -> None:
-    child.terminate()
-    try:
-        child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def unmeasured_result(

@@ -1156,14 +1156,14 @@ def _run_child(
         waiter = stop if stop is not None else threading.Event()
         while child.poll() is None:
             if waiter.wait(poll_s):
-                _stop_child(child)
+                stop_child(child)
                 raise TrainInterrupted("training stopped on request; it resumes from its last checkpoint")
             last_seen = _relay_progress(Path(spec.progress_path), last_seen, on_progress)
         _relay_progress(Path(spec.progress_path), last_seen, on_progress)
     return child.returncode, result_path, log_path
 
 
-def _stop_child(child: subprocess.Popen) -> None:
+def stop_child(child: subprocess.Popen) -> None:
     """SIGTERM the child, then SIGKILL it if it has not exited within 10 s."""
     child.terminate()
     try:
