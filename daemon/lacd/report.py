@@ -19,12 +19,13 @@ import html
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import structlog
+
+from lacd.artifacts import write_bytes_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -444,11 +445,9 @@ def _plain(value: Any) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes under a temporary name in the same folder, then rename over path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write bytes under a temporary name in the same folder, then rename over path (a report is
+    redrawn from the database when lost: no fsync)."""
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, durable=False)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc

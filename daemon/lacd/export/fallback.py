@@ -20,6 +20,7 @@ from pathlib import Path
 import gguf
 import structlog
 
+from lacd.artifacts import fsync_path
 from lacd.export.result import ExportResult
 
 log = structlog.get_logger(__name__)
@@ -48,7 +49,7 @@ def export_with_llama_cpp(
             merged = merge_to_folder(base_dir, Path(adapter_dir), model_dir)
         tmp_out = Path(scratch) / out_path.name
         run_converter(convert_script, model_dir, tmp_out, outtype)
-        _fsync(tmp_out)
+        fsync_path(tmp_out)
         os.replace(tmp_out, out_path)
     n_tensors = len(gguf.GGUFReader(out_path).tensors)
     result = ExportResult(out_path, n_tensors, out_path.stat().st_size, time.perf_counter() - started, merged)
@@ -86,9 +87,3 @@ def run_converter(convert_script: Path, model_dir: Path, out_file: Path, outtype
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
         raise ConverterFailed(f"{convert_script.name} exited with status {done.returncode}:\n{tail}")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a finished file to disk before it is renamed into place."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
