@@ -22,17 +22,15 @@ line as read: the tailer's process decodes it again from the chunk it kept (:met
 from __future__ import annotations
 
 import gc
-import hashlib
 import multiprocessing
 import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-import orjson
 import structlog
 
-from lacd.ingest.lessons import LineRejected, flaw, parse_line
+from lacd.ingest.lessons import LineRejected, canonical, flaw, parse_line
 from lacd.ingest.secrets import DEFAULT_SECRET_PATHS, KINDS, Scrubber
 
 log = structlog.get_logger(__name__)
@@ -204,8 +202,7 @@ class Classifier:
             scrubbed = self.scrubber.scrub_lesson(text, parsed.messages, tags)
             if scrubbed.findings:
                 raw, messages = scrubbed.raw, scrubbed.messages
-                encoded = orjson.dumps({"messages": messages})
-                conversation, conv_hash = encoded.decode(), hashlib.blake2b(encoded, digest_size=16).hexdigest()
+                conversation, conv_hash = canonical(messages)
                 out.findings += [(offset, f.kind, f.field, f.turn) for f in scrubbed.findings]
                 if scrubbed.exclude:
                     secret = next(f"secret:{f.kind}" for f in scrubbed.findings if f.kind in self.spec.exclude)

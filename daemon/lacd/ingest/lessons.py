@@ -91,9 +91,13 @@ def parse_line(text: str | bytes) -> Parsed:
     else:
         keys = ", ".join(sorted(obj)[:6]) or "none"
         raise LineRejected(f"unknown shape: keys {keys}; expected user_prompt/user_message + ai_responses, or messages")
+    return Parsed(fmt, messages, *canonical(messages), unmatched)
+
+
+def canonical(messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """The stored form of a conversation and its hash (what duplicates are found by)."""
     encoded = orjson.dumps({"messages": messages})
-    digest = hashlib.blake2b(encoded, digest_size=16).hexdigest()
-    return Parsed(fmt, messages, encoded.decode(), digest, unmatched)
+    return encoded.decode(), hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
 
 def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
