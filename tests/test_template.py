@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import skip_outside_ci
 from lacd.pipeline import template as tpl
 
 HERE = Path(__file__).parent
@@ -87,7 +88,7 @@ def gotemplate(tmp_path_factory) -> Path:
     """The tests/gotemplate program, built once per session."""
     go = shutil.which("go")
     if go is None:
-        pytest.skip("`go` is not installed (apt-get install golang-go): cannot execute Ollama's Go template")
+        skip_outside_ci("`go` is not installed (apt-get install golang-go): cannot execute Ollama's Go template")
     out = tmp_path_factory.mktemp("gotemplate") / "gotemplate"
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": ""}
     build = subprocess.run([go, "build", "-o", str(out), "."], cwd=GO_SOURCE, env=env,
