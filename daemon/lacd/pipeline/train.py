@@ -1087,6 +1087,28 @@ def _die_with_parent(parent_pid: int | None) -> None:
         os._exit(EXIT_ERROR)
 
 
+TEST_OOM_ENV = "LACD_TEST_OOM_ABOVE_TOKENS"
+"""Test-only fault injection, read by the training child alone: with it set to N, every micro-batch
+of more than N tokens raises torch.cuda.OutOfMemoryError inside the real training step, so the
+out-of-memory retry is tested on a CPU. Never set it outside tests."""
+
+
+def _inject_oom_for_tests(limit: str | None) -> None:
+    """Wrap loss_sum so a micro-batch over `limit` tokens raises CUDA's out-of-memory (see TEST_OOM_ENV)."""
+    if not limit:
+        return
+    real = globals()["loss_sum"]
+
+    def loss_sum_with_a_memory_cap(model, batch, *args, **kwargs):
+        tokens = int(batch["input_ids"].numel())
+        if tokens > int(limit):
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried a micro-batch of {tokens} tokens "
+                                              f"({TEST_OOM_ENV}={limit})")
+        return real(model, batch, *args, **kwargs)
+
+    globals()["loss_sum"] = loss_sum_with_a_memory_cap
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Child entry point: python -m lacd.pipeline.train SPEC.json [--result RESULT.json]."""
     parser = argparse.ArgumentParser(prog="python -m lacd.pipeline.train")
@@ -1097,6 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lacd import logs
 
     logs.setup(level=args.log_level, fmt="json", stream=sys.stderr)
+    _inject_oom_for_tests(os.environ.get(TEST_OOM_ENV))
     parent = os.environ.get("LACD_TRAIN_PARENT_PID")
     _die_with_parent(int(parent) if parent else None)
     try:
