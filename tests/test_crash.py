@@ -16,10 +16,12 @@ from lacd.samples import write_log
 
 WRITER = r"""
 import json, sys, time, random
-path, n = sys.argv[1], int(sys.argv[2])
+import os
+path, stop = sys.argv[1], sys.argv[2]
 rng = random.Random(7)
+i = 0
 with open(path, "ab", buffering=0) as fh:
-    for i in range(n):
+    while not os.path.exists(stop):  # writes until the test has done all its kills
         line = (json.dumps({"user_prompt": f"task {i}", "ai_responses": [f"<tool_code>\nread_file('f{i}')\n</tool_code>", f"done {i}"],
                             "tool_executions": [{"tool_call": f"read_file('f{i}')", "tool_output": f"<tool_output>{i}</tool_output>"}]}) + "\n").encode()
         if rng.random() < 0.3:  # a line written in two pieces: the daemon may see half of it
@@ -28,31 +30,40 @@ with open(path, "ab", buffering=0) as fh:
         else:
             fh.write(line)
         time.sleep(rng.random() * 0.004)
+        i += 1
+print(i)
 """
 
 
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):
+    """Each daemon is killed only after it has stored a lesson of its own (start-up alone takes
+    longer than the old fixed delays), so every kill lands in the ingest loop, while the writer
+    is still appending."""
     log = tmp_path / "agent_interactions.jsonl"
     env = lacd_env(tmp_path, log, LACD_WATCH_POLL_INTERVAL="0.05", LACD_WATCH_BATCH_LINES="7", LACD_LOG_LEVEL="warning")
-    n_lines = 12000  # about 30 s of writing: the writer runs through all the kills
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), str(n_lines)])
+    stop = tmp_path / "stop-writing"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), str(stop)], stdout=subprocess.PIPE, text=True)
     rng = random.Random(1)
-    kills = 0
+    stored: list[int] = []
     try:
-        while kills < 50:
+        for _ in range(12):  # each daemon must start up (imports: seconds on a busy machine) before its kill
             daemon = subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.4 + rng.random() * 0.6)  # past start-up, somewhere in the ingest loop
+            before = stored[-1] if stored else 0
+            wait_until(lambda: daemon.poll() is not None or lessons(tmp_path) > before, timeout=60, interval=0.02)
+            time.sleep(rng.random() * 0.3)  # somewhere in the ingest loop, a few batches after it resumed
             daemon.send_signal(signal.SIGKILL)
             daemon.wait()
-            kills += 1
+            stored.append(lessons(tmp_path))
     finally:
-        writer.wait(timeout=120)
+        stop.touch()
+        n_lines = int(writer.communicate(timeout=120)[0])
     assert run_cli("ingest", env=env).returncode == 0
 
     con = sqlite3.connect(tmp_path / "state" / "lacd.db")
     prompts = [json.loads(raw)["user_prompt"] for (raw,) in con.execute("SELECT raw FROM lessons ORDER BY id")]
-    assert kills == 50
+    assert all(a < b for a, b in zip([0, *stored], stored)), stored  # every daemon stored lessons before its kill
+    assert stored[-1] < n_lines  # and was killed before the writer had finished
     assert prompts == [f"task {i}" for i in range(n_lines)]
     assert con.execute("SELECT count(*) FROM rejects").fetchone()[0] == 0
 

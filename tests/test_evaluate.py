@@ -218,8 +218,28 @@ def test_transformers_generation_from_gguf_and_from_the_hf_folder_agree(tiny):
     assert generate_transformers(tiny["base"], cases, 6, "chatml", batch_size=4) == from_folder  # left padding
 
 
+def merged_greedy(base, adapter, cases, max_tokens: int) -> list[tuple[str, bool]]:
+    """(reply, stopped) of base + adapter merged by peft, greedy, with transformers' generate: none of
+    lacd's export, GGUF loading or generation code (the independent side of a comparison)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).merge_and_unload()
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    out = []
+    for case in cases:
+        ids = tokenizer(case.prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = model.eval().generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops,
+                                        pad_token_id=stops[0])[0, ids.shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stops), None)
+        out.append((tokenizer.decode(new[:cut]), cut is not None))
+    return out
+
+
 @needs_go
-def test_ollama_generation_matches_transformers_on_the_same_gguf(tiny, tmp_path):
+def test_ollama_generation_matches_transformers_on_the_merged_model(tiny, tmp_path):
     from lacd.pipeline import register
     from ollama_standin import StandIn
 
@@ -230,14 +250,13 @@ def test_ollama_generation_matches_transformers_on_the_same_gguf(tiny, tmp_path)
         served = generate_ollama(client, "coder:v1", tiny["cases"], 6)
         chats = [r for r in server.requests if r["path"] == "/api/chat"]
         prompts = list(server.prompts[-len(tiny["cases"]):])
-    local = generate_transformers(tiny["gguf"], tiny["cases"], 6, "chatml", batch_size=1)
-    assert served == local
+    assert served == merged_greedy(tiny["base"], tiny["adapter"], tiny["cases"], 6)
     assert prompts == [case.prompt for case in tiny["cases"]]  # Ollama's TEMPLATE rendered the same prompt
     assert chats[0]["body"]["options"]["num_predict"] == 6 and chats[0]["body"]["options"]["temperature"] == 0
 
 
 def test_evaluate_candidate_against_the_base_model_with_transformers(tiny, tmp_path):
-    from lacd.pipeline.train import evaluate, load_examples
+    from lacd.pipeline.train import load_examples
 
     spec = EvalSpec(base_dir=tiny["base"], dataset_dir=tiny["root"] / "dataset", family="chatml",
                     max_tokens=5, max_seq_len=256, device="cpu", threads=1)
@@ -252,8 +271,10 @@ def test_evaluate_candidate_against_the_base_model_with_transformers(tiny, tmp_p
     assert cand["heldout_loss"] != inc["heldout_loss"]  # the adapter changes the model
     from transformers import AutoModelForCausalLM
 
+    from hf_reference import hf_mean_loss
+
     rows, _ = load_examples(tiny["root"] / "dataset", "heldout", 256)
-    base_loss = evaluate(AutoModelForCausalLM.from_pretrained(tiny["base"]), rows, 4096, torch.device("cpu"))
+    base_loss = hf_mean_loss(AutoModelForCausalLM.from_pretrained(tiny["base"]), rows)  # transformers' own loss
     assert inc["heldout_loss"] == pytest.approx(base_loss, abs=1e-4)
     assert inc["perplexity"] == pytest.approx(2.718281828 ** base_loss, rel=1e-3)
     for name in ("exact_call_accuracy", "clean_stop_rate", "fabricated_output_rate"):

@@ -26,6 +26,17 @@ def all_bytes(*folders: Path) -> str:
     return "\n".join(parts)
 
 
+def dataset_text(dataset_dir: Path, base: Path) -> str:
+    """Every split's token ids decoded with the base tokenizer: the dataset stores ids, so a secret
+    that reached training is in no byte of the run folder, only in this text."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    splits = load_from_disk(str(dataset_dir))
+    return "\n".join(tokenizer.decode(ids) for split in splits.values() for ids in split["input_ids"])
+
+
 def test_no_secret_survives_a_whole_cycle_and_files_are_private(tmp_path, tiny_base):  # noqa: F811
     lines, planted = corpus(seed=23)
     ordinary = list(generate_lines(8, seed=4))
@@ -43,7 +54,10 @@ def test_no_secret_survives_a_whole_cycle_and_files_are_private(tmp_path, tiny_b
     state = Path(env["LACD_STATE_DIR"])
     run_dir = state / "runs" / str(status["runs"][0]["id"])
     assert (run_dir / "model.gguf").exists() and status["runs"][0]["lessons"] > len(ordinary)
-    everything = all_bytes(state, tmp_path / "ollama") + ingest.stderr + train.stdout + train.stderr + requests
+    trained_on = dataset_text(run_dir / "dataset", tiny_base)
+    assert "<redacted:" in trained_on and "<tool_code>" in trained_on  # the decoded text is the lessons'
+    everything = (all_bytes(state, tmp_path / "ollama") + trained_on + ingest.stderr + train.stdout + train.stderr
+                  + requests)
     for p in planted:
         assert not leaked(p.secret, everything), f"{p.kind} planted in line {p.line} survived"
     assert set(status["secrets"]) >= {p.kind for p in planted}
