@@ -31,3 +31,25 @@ def hf_mean_loss(model: torch.nn.Module, rows: Sequence[Mapping]) -> float:
     with torch.no_grad():
         total, count = hf_loss(model, rows)
     return float(total) / count
+
+
+def labelled_texts(tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> list[str]:
+    """The exact text of each run of labelled tokens, whitespace included.
+
+    Decoding a run alone loses what a tokenizer drops at the start of a text (SentencePiece's
+    leading space), so each run is the difference of two decoded prefixes of the whole example:
+    decode(ids[:end]) minus decode(ids[:start]).
+    """
+    runs, start = [], None
+    for i, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    texts = []
+    for a, b in runs:
+        before, through = tokenizer.decode(input_ids[:a]), tokenizer.decode(input_ids[:b])
+        assert through.startswith(before), (before[-40:], through[-40:])
+        texts.append(through[len(before):])
+    return texts

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_reference import labelled_texts
 from lacd.pipeline import format as fmt
 from lacd.pipeline import template as tpl
 
@@ -101,8 +102,8 @@ def test_labels_cover_exactly_the_assistant_parts(bases, tmp_path, kind, family)
     by_id = {lesson.id: lesson for lesson in batch}
     for row in rows:
         rendered = tpl.render(family, by_id[row["lesson_id"]].messages, SYSTEM)
-        decoded = [tokenizer.decode(segment) for segment in labelled_segments(row)]
-        assert [d.strip() for d in decoded] == [p.strip() for p in rendered.assistant_parts()]
+        labelled_segments(row)  # every label is its token or ignored
+        assert labelled_texts(tokenizer, row["input_ids"], row["labels"]) == rendered.assistant_parts()
         assert tokenizer.decode(row["input_ids"]).count(SYSTEM.splitlines()[0]) == 1
     assert result.train_tokens == sum(len(row["input_ids"]) for row in splits["train"])
     trained = [x for row in splits["train"] for x in row["labels"] if x != tpl.IGNORE_INDEX]
@@ -286,5 +287,5 @@ def test_real_agent_lines(bases, tmp_path, kind, family):
     by_id = {lesson.id: lesson for lesson in batch}
     for row in load(tmp_path / "out")["train"]:
         rendered = tpl.render(family, by_id[row["lesson_id"]].messages, system)
-        decoded = [tokenizer.decode(segment) for segment in labelled_segments(row)]
-        assert [d.strip() for d in decoded] == [p.strip() for p in rendered.assistant_parts()]
+        labelled_segments(row)  # every label is its token or ignored
+        assert labelled_texts(tokenizer, row["input_ids"], row["labels"]) == rendered.assistant_parts()

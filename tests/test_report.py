@@ -54,7 +54,8 @@ def test_report_writes_a_self_contained_page_and_a_png(tmp_path):
     assert "base &lt;model&gt;" in page and "<model>" not in page
     assert re.search(r"<td>exact-call accuracy</td><td class='num'>0.00</td><td class='num'>0.75</td>", page)
     assert "+0.750" in page and "Generations from transformers" in page
-    assert "excluded at ingestion: duplicate" in page and "5" in page
+    assert "<tr><th>excluded at ingestion: duplicate</th><td>5</td></tr>" in page  # the count in its row
+    assert "<tr><th>excluded at ingestion: fabricated output</th><td>2</td></tr>" in page
     assert "train example tokens (min / median / max)</th><td>80 / 120 / 300" in page
     # self-contained: no link, script or image from anywhere else; the figure is inlined
     assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import skip_outside_ci
+from hf_reference import labelled_texts
 from lacd.pipeline import template as tpl
 
 HERE = Path(__file__).parent
@@ -296,17 +297,7 @@ def test_assistant_token_labels_cover_exactly_the_replies(tiny_tokenizers, famil
     input_ids, labels = tpl.assistant_token_labels(tokenizer, rendered, max_len=4096)
     assert len(input_ids) == len(labels)
     assert all(label in (tpl.IGNORE_INDEX, token) for token, label in zip(input_ids, labels))
-    segments, current = [], []
-    for token, label in zip(input_ids, labels):
-        if label != tpl.IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            segments.append(current)
-            current = []
-    if current:
-        segments.append(current)
-    decoded = [tokenizer.decode(segment) for segment in segments]
-    assert [d.strip() for d in decoded] == [p.strip() for p in rendered.assistant_parts()]
+    assert labelled_texts(tokenizer, input_ids, labels) == rendered.assistant_parts()  # exact, whitespace too
     assert sum(1 for t, l in zip(input_ids, labels) if l == tokenizer.eos_token_id and t == l) \
         == len(rendered.assistant_spans)
     if kind == "spm":  # the tokenizer adds BOS, as llama.cpp does; it is never trained on
