@@ -1,0 +1,49 @@
+"""[run] keep_runs: finished run folders beyond the newest N are deleted after each run, never the
+active run's (executor with stand-in stages, as in tests/test_worker.py)."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import insert
+
+from lacd import config, db
+from lacd.models import Lesson, Source
+from lacd.runs import RunStore
+from lacd.worker import RunExecutor
+from test_worker import fake_stages
+
+
+def make_executor(tmp_path, keep_runs: int) -> RunExecutor:
+    s = config.load(env={"LACD_STATE_DIR": str(tmp_path / "state"), "LACD_RUN_RETRIES": "1",
+                         "LACD_RUN_KEEP_RUNS": str(keep_runs)})
+    engine = db.write_engine(s.db_path)
+    db.migrate(engine)
+    with engine.begin() as conn:
+        source = conn.execute(insert(Source).values(path="log", dev=1, inode=1, state="active", created_at=1.0,
+                                                    updated_at=1.0)).inserted_primary_key[0]
+        conn.execute(insert(Lesson), [dict(source_id=source, offset=i, length=1, ingested_at=1.0, format="v1",
+                                           conversation='{"messages": []}', raw="", conv_hash=str(i),
+                                           status="pending") for i in range(3)])
+    return RunExecutor(s, RunStore(engine), threading.Event())
+
+
+def run_folders(executor: RunExecutor) -> list[int]:
+    return sorted(int(p.name) for p in executor.settings.runs_dir.iterdir())
+
+
+def test_only_the_newest_keep_runs_folders_stay_and_never_the_active_runs(tmp_path, monkeypatch):
+    executor = make_executor(tmp_path, keep_runs=2)
+    fake_stages(monkeypatch)
+    seen = []
+    for _ in range(4):
+        run_id = executor.store.create("threshold", 10)
+        assert executor.execute(run_id) == "rejected"
+        assert (executor.settings.runs_dir / str(run_id) / "report.html").is_file()
+        seen.append(run_folders(executor))
+    assert seen == [[1], [1, 2], [2, 3], [3, 4]]
+
+    active = executor.store.create("manual", 10)
+    executor.run_dir(active)  # its stages have begun writing
+    executor.prune_run_dirs()  # as a failed or finished run elsewhere would
+    assert run_folders(executor) == [3, 4, active]  # the two newest finished ones, and the active one
