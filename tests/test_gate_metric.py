@@ -28,7 +28,7 @@ import torch
 from conftest import lacd_env, run_cli
 from lacd import config
 from lacd.cycle import run_foreground
-from lacd.pipeline import register, stages
+from lacd.pipeline import stages
 from lacd.service import catch_up
 from ollama_standin import StandIn
 from test_gate_cycle import cli_json, look
