@@ -5,6 +5,8 @@ next run's dataset without them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -64,11 +66,12 @@ def test_forget_by_pattern_through_the_cli(tmp_path):
     env = lacd_env(tmp_path, s.watch.log)
     result = run_cli("forget", "--pattern", "payroll-1", "--yes", env=env)  # payroll-1 only (no payroll-1x)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("forgot 1 lesson;")
+    assert result.stdout.splitlines() == ["matches 1 of 8 lessons", "      2  read the file payroll-1.txt",
+                                          "forgot 1 lesson; their text is erased"]
     listed = json.loads(run_cli("lessons", "--status", "forgotten", "--json", env=env).stdout)
     assert [(r["status"], r["reason"], r["prompt"]) for r in listed] == [("forgotten", "forgotten", "")]
     again = run_cli("forget", "--pattern", "payroll-1", "--yes", env=env)
-    assert again.returncode == 2 and "no stored lesson contains that text" in again.stderr
+    assert again.returncode == 2 and "no stored lesson or rejected line contains that text" in again.stderr
     unknown = run_cli("forget", "99", "--yes", env=env)
     assert unknown.returncode == 2 and "no lesson to forget with id 99" in unknown.stderr
 
@@ -140,3 +143,88 @@ def test_the_next_runs_dataset_does_not_hold_a_forgotten_lesson(tmp_path):
     assert sorted(splits["train"]["lesson_id"]) == [1, 2, 3, 4, 5, 6, 7]  # lesson 8 (line 7) is gone
     text = AutoTokenizer.from_pretrained(base).decode(sum(splits["train"]["input_ids"], []))
     assert PROMPT.format(6) in text and PROMPT.format(7) not in text
+
+
+def plain_line(i: int, prompt: str) -> str:
+    """A lesson whose text holds no underscore, quote or the word tool: only its JSON does."""
+    return json.dumps({"user_prompt": prompt, "ai_responses": [f"answer {i}"], "tool_executions": []})
+
+
+def plain_log(tmp_path: Path, prompts: list[str], extra: str = "") -> dict:
+    log = tmp_path / "agent_interactions.jsonl"
+    log.write_text("".join(plain_line(i, p) + "\n" for i, p in enumerate(prompts)) + extra)
+    env = lacd_env(tmp_path, log)
+    assert run_cli("ingest", env=env).returncode == 0
+    return env
+
+
+def forgotten_count(env) -> int:
+    return json.loads(run_cli("status", "--json", env=env).stdout)["forgotten"]
+
+
+def test_a_pattern_matches_the_lessons_text_never_json_syntax_keys_or_roles(tmp_path):
+    env = plain_log(tmp_path, [f"hello {i}" for i in range(35)])
+    for pattern in ("_", "tool", '"', "user", "assistant", "role", "content", "messages", "prompt", "{"):
+        result = run_cli("forget", "--pattern", pattern, "--yes", env=env)
+        assert result.returncode == 2, (pattern, result.stdout)
+        assert result.stderr == ("lacd: no stored lesson or rejected line contains that text "
+                                 "(matching is case-sensitive, on the redacted text)\n")
+    assert forgotten_count(env) == 0
+
+
+def test_a_pattern_matching_too_large_a_share_is_refused_unless_all_matching(tmp_path):
+    env = plain_log(tmp_path, [f"hello {i}" for i in range(9)] + ["goodbye"])
+    refused = run_cli("forget", "--pattern", "hello", "--yes", env=env)
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert refused.stderr == ("lacd: the pattern matches 9 of 10 lessons and rejected lines (90%), more than "
+                              "[forget] max_share (20%): give a longer pattern, or pass --all-matching to "
+                              "forget every one of them\n")
+    assert forgotten_count(env) == 0
+    done = run_cli("forget", "--pattern", "hello", "--all-matching", "--yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["matches 9 of 10 lessons", "      9  hello 8", "      8  hello 7",
+                                        "      7  hello 6", "    ... and 6 more (`lacd lessons` lists them)",
+                                        "forgot 9 lessons; their text is erased"]
+    assert forgotten_count(env) == 9
+    lenient = {**env, "LACD_FORGET_MAX_SHARE": "1"}
+    assert run_cli("forget", "--pattern", "goodbye", "--yes", env=lenient).returncode == 0
+    assert forgotten_count(env) == 10
+
+
+def test_the_count_and_samples_are_shown_before_asking_and_no_erases_nothing(tmp_path):
+    env = plain_log(tmp_path, [f"hello {i}" for i in range(10)] + ["tell me about payroll \x1b[2J now"])
+    asked = subprocess.run([sys.executable, "-m", "lacd", "forget", "--pattern", "payroll"], env=env,
+                           input="n\n", capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 1
+    assert asked.stdout == ("matches 1 of 11 lessons\n     11  tell me about payroll \\x1b[2J now\n"
+                            "forget them? Their text is erased from the database [y/N]: ")
+    assert forgotten_count(env) == 0
+    agreed = subprocess.run([sys.executable, "-m", "lacd", "forget", "--pattern", "payroll"], env=env,
+                            input="y\n", capture_output=True, text=True, timeout=60)
+    assert agreed.returncode == 0 and agreed.stdout.endswith("forgot 1 lesson; their text is erased\n")
+    assert forgotten_count(env) == 1
+
+
+def test_a_rejected_lines_stored_prefix_can_be_forgotten(tmp_path):
+    env = plain_log(tmp_path, [f"hello {i}" for i in range(9)], extra="not json: deploy the build zq81x\n")
+    s = config.load(env=env)
+    assert b"zq81x" in db_bytes(s)
+    result = run_cli("forget", "--pattern", "zq81x", "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["matches 0 of 9 lessons and 1 of 1 rejected lines",
+                                          "forgot 0 lessons and 1 rejected line; their text is erased"]
+    rejects = json.loads(run_cli("rejects", "--json", env=env).stdout)
+    assert [(r["reason"].split(":")[0], r["prefix"]) for r in rejects] == [("invalid JSON", "")]
+    assert b"zq81x" not in db_bytes(s)
+    assert forgotten_count(env) == 0
+
+
+def test_forget_on_a_state_dir_without_a_database_creates_nothing(tmp_path):
+    env = lacd_env(tmp_path, tmp_path / "agent_interactions.jsonl")
+    for args in (("1", "--yes"), ("--pattern", "x", "--yes"), ("--pattern", "x")):
+        result = run_cli("forget", *args, env=env)
+        assert result.returncode == 2
+        assert result.stderr == (f"lacd: no database at {tmp_path / 'state' / 'lacd.db'} yet: "
+                                 "start the daemon or run `lacd migrate`\n")
+    assert not (tmp_path / "state").exists()

@@ -129,21 +129,31 @@ def _exclusion_reason(value: str | None) -> str | None:
 
 @cli.command("forget")
 @click.argument("ids", nargs=-1, type=int)
-@click.option("--pattern", metavar="TEXT", help="forget every lesson whose stored text contains TEXT (case-sensitive)")
+@click.option("--pattern", metavar="TEXT", help="forget every lesson whose text (prompt, replies, tool calls and outputs) "
+              "contains TEXT (case-sensitive), and every rejected line whose stored prefix does")
+@click.option("--all-matching", is_flag=True, help="forget them even when TEXT matches more than [forget] max_share of all lessons")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @click.pass_context
-def forget_cmd(ctx, ids, pattern, yes):
+def forget_cmd(ctx, ids, pattern, all_matching, yes):
     """Remove lessons by id or by text, and retrain the model in use without them."""
     from lacd import forget
 
     s = settings_of(ctx)
-    if not yes and not click.confirm(f"forget {'lessons ' + ', '.join(map(str, ids)) if ids else 'every lesson containing that text'}"
-                                     "? Their text is erased from the database", default=False):
+    if bool(ids) == bool(pattern):
+        raise forget.ForgetError("name lesson ids or give --pattern TEXT (one of the two)")
+    _read(ctx, lambda conn: None)  # no database: nothing to forget, and none is created
+    if pattern:
+        found = _read(ctx, lambda conn: forget.matching(conn, pattern, s.forget.max_share, all_matching))
+        _show_matches(found)
+    what = f"lessons {', '.join(map(str, ids))}" if ids else "them"
+    if not yes and not click.confirm(f"forget {what}? Their text is erased from the database", default=False):
         ctx.exit(1)
     engine = db.write_engine(s.db_path)
-    db.require_schema(engine, "lessons", "forgets")
-    done = forget.forget(engine, s.runs_dir, s.queue.max_lessons, ids=list(ids) or None, pattern=pattern)
-    click.echo(f"forgot {done.lessons} lesson{'s' if done.lessons != 1 else ''}; their text is erased"
+    done = forget.forget(engine, s.runs_dir, s.queue.max_lessons, ids=list(ids) or None, pattern=pattern,
+                         max_share=s.forget.max_share, all_matching=all_matching)
+    click.echo(f"forgot {done.lessons} lesson{'s' if done.lessons != 1 else ''}"
+               + (f" and {done.rejects} rejected line{'s' if done.rejects != 1 else ''}" if done.rejects else "")
+               + "; their text is erased"
                + ("" if done.wal_truncated else " (the write-ahead log is still in use: it is cleared at the next checkpoint)"))
     if done.purged_runs:
         click.echo(f"deleted the datasets of runs {', '.join(f'#{r}' for r in done.purged_runs)}")
@@ -154,6 +164,18 @@ def forget_cmd(ctx, ids, pattern, yes):
         click.echo(f"retrain without them: run #{done.retrain_run} queued ({where})")
     elif done.waits_for_run:
         click.echo(f"retrain without them: starts after run #{done.waits_for_run}")
+
+
+def _show_matches(found) -> None:
+    """How many lessons and rejected lines the pattern matches, and a few of the lessons."""
+    from lacd.terminal import printable
+
+    click.echo(f"matches {len(found.lessons)} of {found.live_lessons} lessons"
+               + (f" and {len(found.rejects)} of {found.all_rejects} rejected lines" if found.rejects else ""))
+    for lesson_id, snippet in found.samples:
+        click.echo(f"{lesson_id:>7}  {printable(snippet)[:100]}")
+    if len(found.lessons) > len(found.samples):
+        click.echo(f"    ... and {len(found.lessons) - len(found.samples)} more (`lacd lessons` lists them)")
 
 
 @cli.command()

@@ -239,6 +239,11 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class Forget:
+    max_share: float = _key(0.2, "`lacd forget --pattern` refuses a pattern matching more than this share of all lessons and rejected lines unless given --all-matching", _between(0, 1))
+
+
+@dataclass(frozen=True)
 class Log:
     level: str = _key("info", "debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
     format: str = _key("auto", "auto (console on a TTY, JSON otherwise), console or json", _one_of("auto", "console", "json"))
@@ -261,6 +266,7 @@ class Settings:
     export: Export = field(default_factory=Export)
     evaluate: Evaluate = field(default_factory=Evaluate)
     gate: Gate = field(default_factory=Gate)
+    forget: Forget = field(default_factory=Forget)
     log: Log = field(default_factory=Log)
     source: str = "embedded defaults"
 

@@ -9,9 +9,13 @@ models trained on them still hold what they learned: the active model is reporte
 forgotten lessons (``lacd status``) and a run with reason ``forget`` retrains without them, now if
 no run is active, else as soon as the active one ends (the scheduler's :func:`retrain_due`).
 
-The pattern is matched on what is stored (after redaction: a secret was never stored, so it
-cannot be matched), case-sensitively, anywhere in the raw line or the conversation. The pattern
-itself is never stored or logged.
+The pattern is matched on a lesson's text as stored (after redaction: a secret was never stored,
+so it cannot be matched), case-sensitively: the prompt, the replies, the tool calls (name and
+argument values) and the tool outputs, each a string of the decoded conversation. Never on JSON
+syntax, keys or roles: ``"``, ``_`` or ``tool`` match only lessons whose text holds them. A
+rejected line has no conversation; its stored prefix is matched as written. A pattern matching
+more than ``[forget] max_share`` of the lessons and rejected lines is refused unless the
+caller asks for all of them (``--all-matching``). The pattern itself is never stored or logged.
 """
 
 from __future__ import annotations
@@ -24,16 +28,35 @@ from pathlib import Path
 import structlog
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
-from lacd.models import Forget, Lesson, ModelVersion, Run, RunLesson
+from lacd.models import Forget, Lesson, ModelVersion, Reject, Run, RunLesson
 from lacd.runs import ACTIVE, RunStore
 
 log = structlog.get_logger(__name__)
 
 EMPTY_CONVERSATION = '{"messages":[]}'
+SAMPLES = 3  # matching lessons shown before the user confirms
+
+TEXT_MATCHES = """
+    FROM lessons l, json_tree(l.conversation, '$.messages') t
+    WHERE l.status != 'forgotten' AND t.type = 'text' AND instr(t.atom, :pattern) > 0
+      AND NOT (t.key = 'role' AND instr(substr(t.path, 11), '.') = 0)"""
+"""Every string of a lesson's conversation holding the pattern: contents, tool-call names and
+argument values; never a key, never the JSON around them, never a message's role."""
 
 
 class ForgetError(Exception):
     """Nothing to forget, or a bad request; the message says which."""
+
+
+@dataclass(frozen=True)
+class Matches:
+    """What a pattern matches, before anything is erased."""
+
+    lessons: list[int]
+    live_lessons: int  # lessons not yet forgotten: the share is taken of these
+    rejects: list[int]
+    all_rejects: int
+    samples: list[tuple[int, str]]  # (lesson id, the matching text around the first match)
 
 
 @dataclass(frozen=True)
@@ -44,18 +67,63 @@ class Forgotten:
     waits_for_run: int | None  # the active run the retrain waits for, if any
     purged_runs: list[int]  # finished runs whose dataset folder was deleted
     wal_truncated: bool
+    rejects: int = 0  # rejected lines whose stored prefix was erased
+
+
+def matching(conn: Connection, pattern: str, max_share: float = 1.0, all_matching: bool = False) -> Matches:
+    """The lessons and rejected lines `pattern` matches; ForgetError when none, or when it matches
+    more than `max_share` of all lessons and rejected lines and `all_matching` is off."""
+    if not pattern:
+        raise ForgetError("the pattern is empty: it would match every lesson")
+    lessons = sorted(conn.execute(text(f"SELECT DISTINCT l.id {TEXT_MATCHES}"), {"pattern": pattern}).scalars())
+    rejects = sorted(conn.execute(select(Reject.id).where(Reject.prefix != "",
+                                                          func.instr(Reject.prefix, pattern) > 0)).scalars())
+    if not lessons and not rejects:
+        raise ForgetError("no stored lesson or rejected line contains that text "
+                          "(matching is case-sensitive, on the redacted text)")
+    live = conn.execute(select(func.count()).select_from(Lesson).where(Lesson.status != "forgotten")).scalar_one()
+    all_rejects = conn.execute(select(func.count()).select_from(Reject).where(Reject.prefix != "")).scalar_one()
+    if not all_matching:
+        _check_share(len(lessons) + len(rejects), live + all_rejects, max_share)
+    samples = conn.execute(text(f"SELECT l.id, t.atom {TEXT_MATCHES} GROUP BY l.id ORDER BY l.id DESC LIMIT {SAMPLES}"),
+                           {"pattern": pattern}).all()
+    return Matches(lessons, live, rejects, all_rejects, [(i, _around(atom, pattern)) for i, atom in samples])
+
+
+def _check_share(n: int, total: int, max_share: float) -> None:
+    if total and n / total > max_share:
+        raise ForgetError(f"the pattern matches {n} of {total} lessons and rejected lines ({n / total:.0%}), more "
+                          f"than [forget] max_share ({max_share:.0%}): give a longer pattern, or pass --all-matching "
+                          "to forget every one of them")
+
+
+def _around(atom: str, pattern: str, context: int = 30) -> str:
+    """The matching text with `context` characters either side, on one line."""
+    at = atom.find(pattern)
+    start, end = max(0, at - context), at + len(pattern) + context
+    snippet = ("..." if start else "") + atom[start:end] + ("..." if end < len(atom) else "")
+    return " ".join(snippet.split())
 
 
 def forget(engine: Engine, runs_dir: Path, max_lessons: int, *, ids: list[int] | None = None,
-           pattern: str | None = None, clock=time.time) -> Forgotten:
-    """Forget the lessons named by `ids` or containing `pattern`; queue a retrain when needed."""
+           pattern: str | None = None, max_share: float = 1.0, all_matching: bool = False,
+           clock=time.time) -> Forgotten:
+    """Forget the lessons named by `ids`, or the lessons and rejected lines containing `pattern`
+    (see :func:`matching`); queue a retrain when needed."""
     if bool(ids) == bool(pattern):
         raise ForgetError("name lesson ids or give --pattern TEXT (one of the two)")
     with engine.begin() as conn:
         conn.exec_driver_sql("PRAGMA secure_delete = ON")
-        chosen = _choose(conn, ids, pattern)
-        conn.execute(update(Lesson).where(Lesson.id.in_(chosen)).values(
-            status="forgotten", reason="forgotten", raw="", conversation=EMPTY_CONVERSATION, conv_hash=""))
+        if ids:
+            chosen, rejects = _choose(conn, ids), []
+        else:
+            found = matching(conn, pattern, max_share, all_matching)
+            chosen, rejects = found.lessons, found.rejects
+        for part in _chunks(chosen):
+            conn.execute(update(Lesson).where(Lesson.id.in_(part)).values(
+                status="forgotten", reason="forgotten", raw="", conversation=EMPTY_CONVERSATION, conv_hash=""))
+        for part in _chunks(rejects):
+            conn.execute(update(Reject).where(Reject.id.in_(part)).values(prefix=""))
         conn.execute(insert(Forget).values(created_at=clock(), lessons=len(chosen), chosen_by="ids" if ids else "pattern"))
         runs = _runs_with(conn, chosen)
         versions = list(conn.execute(select(ModelVersion.tag).where(ModelVersion.run_id.in_(runs))
@@ -66,31 +134,29 @@ def forget(engine: Engine, runs_dir: Path, max_lessons: int, *, ids: list[int] |
     retrain = RunStore(engine, clock).create("forget", max_lessons) if due and active is None else None
     waits = active if due and active is not None else None
     truncated = _truncate_wal(engine)
-    log.info("lessons_forgotten", lessons=len(chosen), versions=len(versions), retrain_run=retrain,
-             purged_runs=len(purged), wal_truncated=truncated)
-    return Forgotten(len(chosen), versions, retrain, waits, purged, truncated)
+    log.info("lessons_forgotten", lessons=len(chosen), rejects=len(rejects), versions=len(versions),
+             retrain_run=retrain, purged_runs=len(purged), wal_truncated=truncated)
+    return Forgotten(len(chosen), versions, retrain, waits, purged, truncated, len(rejects))
 
 
-def _choose(conn: Connection, ids: list[int] | None, pattern: str | None) -> list[int]:
-    live = Lesson.status != "forgotten"
-    if ids:
-        found = set(conn.execute(select(Lesson.id).where(Lesson.id.in_(ids), live)).scalars())
-        missing = sorted(set(ids) - found)
-        if missing:
-            raise ForgetError(f"no lesson to forget with id {', '.join(map(str, missing))} "
-                              "(unknown or already forgotten; `lacd lessons` lists ids)")
-        return sorted(found)
-    chosen = list(conn.execute(select(Lesson.id).where(
-        live, (func.instr(Lesson.raw, pattern) > 0) | (func.instr(Lesson.conversation, pattern) > 0))).scalars())
-    if not chosen:
-        raise ForgetError("no stored lesson contains that text (matching is case-sensitive, on the redacted text)")
-    return chosen
+def _choose(conn: Connection, ids: list[int]) -> list[int]:
+    found = set(conn.execute(select(Lesson.id).where(Lesson.id.in_(ids), Lesson.status != "forgotten")).scalars())
+    missing = sorted(set(ids) - found)
+    if missing:
+        raise ForgetError(f"no lesson to forget with id {', '.join(map(str, missing))} "
+                          "(unknown or already forgotten; `lacd lessons` lists ids)")
+    return sorted(found)
+
+
+def _chunks(ids: list[int], size: int = 500):
+    """Ids in pieces small enough for one statement's parameters."""
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
 
 
 def _runs_with(conn: Connection, lesson_ids: list[int]) -> list[int]:
     found: set[int] = set()
-    for i in range(0, len(lesson_ids), 500):
-        chunk = lesson_ids[i:i + 500]
+    for chunk in _chunks(lesson_ids):
         found.update(conn.execute(select(RunLesson.run_id).where(RunLesson.lesson_id.in_(chunk)).distinct()).scalars())
     return sorted(found)
 
