@@ -161,3 +161,28 @@ def test_the_wal_flusher_follows_the_wal_and_lets_go_of_it(tmp_path):
         wal.write_bytes(b"frames")
         assert wait_until(held, timeout=5)
     assert not held()
+
+
+def test_an_unfinished_long_line_starts_no_worker_process_while_it_waits(tmp_path, monkeypatch):
+    started = []
+
+    class CountedPool(tailer_mod.ClassifierPool):
+        def __init__(self, *args, **kw):
+            started.append(1)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(tailer_mod, "ClassifierPool", CountedPool)
+    ing = Ingest(tmp_path / "pool", True, max_line=8 << 20)
+    ing.write((agent_line(0) + "\n").encode())
+    ing.sync()
+    assert len(started) == 1 and len(ing.rows()["lessons"]) == 1
+    unfinished = json.dumps({"user_prompt": "w" * (3 << 20), "ai_responses": ["done"]})  # 3 MiB, several chunks
+    ing.write(unfinished[:-10].encode())
+    for _ in range(5):  # polls while the writer has not finished the line
+        ing.sync()
+    assert len(started) == 1 and len(ing.rows()["lessons"]) == 1
+    assert ing.tailer.current.no_newline_to == os.path.getsize(ing.log)  # each byte looked at once
+    ing.write((unfinished[-10:] + "\n" + agent_line(1) + "\n").encode())
+    ing.sync()
+    assert len(started) == 2 and len(ing.rows()["lessons"]) == 3
+    ing.close()

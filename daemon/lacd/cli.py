@@ -110,13 +110,15 @@ def lessons(ctx, status_, reason, secrets_only, limit, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from lacd.terminal import printable
+
     totals = _read(ctx, queue.secret_counts)
     if totals["secrets"]:
         kinds = ", ".join(f"{k} {n}" for k, n in totals["secrets"].items())
         click.echo(f"secrets redacted: {sum(totals['secrets'].values())} in {totals['secret_lines']} lines ({kinds})")
     for r in rows:
         why = f" ({r['reason']})" if r["reason"] else ""
-        prompt = r["prompt"].replace("\n", " ")[:60]
+        prompt = printable(" ".join(r["prompt"].split()))[:60]  # a prompt's escape sequences never reach the terminal
         found = f"  [redacted: {', '.join(r['secrets'])}]" if r["secrets"] else ""
         click.echo(f"{r['id']:>7}  {r['status']}{why:<22} {r['turns']:>3} turns  {prompt}{found}")
 

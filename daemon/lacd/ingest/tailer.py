@@ -48,6 +48,7 @@ class Tracked:
     fd: int
     since: float  # when it was opened or last grew or was retired (for rotate_wait)
     draining: bool = False
+    no_newline_to: int = 0  # the bytes from the cursor's offset to here hold no newline (an unfinished line)
 
 
 @dataclass
@@ -324,7 +325,7 @@ class Tailer:
 
     def _read(self, t: Tracked, stats: SyncStats) -> None:
         size = os.fstat(t.fd).st_size
-        if size <= t.cursor.offset:
+        if size <= t.cursor.offset or not self._complete_line_in(t, size):
             return
         if size - t.cursor.offset >= self.pool_bytes and self.workers >= 1:
             gc.freeze()  # the collector skips the daemon's own objects while millions of rows come and go
@@ -348,6 +349,21 @@ class Tailer:
                     return
         if end > t.cursor.offset:
             self._commit(t, end, self.classifier.submit(batch), stats)
+
+    def _complete_line_in(self, t: Tracked, size: int) -> bool:
+        """Does the unread part hold a newline? Only bytes not looked at before are read: an
+        unfinished line of any size waiting for its newline costs nothing per poll, and starts
+        no worker process."""
+        pos = max(t.cursor.offset, t.no_newline_to)
+        while pos < size:
+            buf = os.pread(t.fd, min(CHUNK, size - pos), pos)
+            if not buf:
+                break
+            if b"\n" in buf:
+                return True
+            pos += len(buf)
+        t.no_newline_to = pos
+        return False
 
     def _read_chunks(self, t: Tracked, size: int, stats: SyncStats) -> None:
         """A large backlog (a backfill): whole lines are read in chunks of `batch_lines` lines (at
