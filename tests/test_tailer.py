@@ -357,3 +357,49 @@ def test_a_failed_commit_rewinds_to_what_the_database_holds(h):
     assert h.stored_ids() == [1, 2, 3]
     h.sync()
     assert h.stored_ids() == list(range(1, 12))
+
+
+@pytest.fixture
+def no_dedup(tmp_path):
+    """Duplicates stored as rows (`[curation] duplicate = false`): a line read twice shows."""
+    return Harness(tmp_path, rules={"duplicate": False})
+
+
+def test_a_symlinked_log_retargeted_to_another_file_and_back_is_read_once(no_dedup):
+    h = no_dedup
+    first, second = h.dir / "agent_interactions-a.jsonl", h.dir / "agent_interactions-b.jsonl"
+    h.write(h.lines(*range(6)), path=first)
+    h.write(h.lines(*range(6, 11)), path=second)
+    h.log.symlink_to(first)
+    h.sync()
+    for target in (second, first, second, first):
+        h.log.unlink()
+        h.log.symlink_to(target)
+        h.sync()
+        h.sync(advance=10)  # past rotate_wait each time: the other file is finished
+    h.write(h.lines(11), path=first)
+    h.sync()
+    h.restart()
+    h.sync()
+    assert h.stored_ids() == list(range(12))  # 11 lines written before, 17 rows before the fix
+    assert [(s.state, s.offset) for s in h.sources()] == [("active", first.stat().st_size),
+                                                          ("done", second.stat().st_size)]
+    assert all("lost" not in (s.note or "") for s in h.sources())
+
+
+def test_a_log_moved_away_and_back_after_rotate_wait_is_read_once(no_dedup):
+    h = no_dedup
+    h.write(h.lines(*range(6)))
+    h.sync()
+    away = h.dir.parent / "elsewhere.jsonl"
+    os.rename(h.log, away)
+    h.sync()
+    h.sync(advance=10)  # past rotate_wait: the generation is done
+    assert [s.state for s in h.sources()] == ["done"]
+    os.rename(away, h.log)
+    h.sync()
+    h.write(h.lines(6))
+    h.sync()
+    assert h.stored_ids() == list(range(7))  # 6 lines, 12 rows before the fix
+    [source] = h.sources()
+    assert (source.state, source.note) == ("active", f"came back to the log path: read before, up to offset {len(h.lines(*range(6)))}")

@@ -93,3 +93,19 @@ def _file_continues(path: str, cursor: Cursor) -> bool:
         return continues(fd, cursor)
     finally:
         os.close(fd)
+
+
+def find_generation(fd: int, cursors: list[Cursor]) -> Cursor | None:
+    """The generation among `cursors` that the file behind `fd` continues, the most read first: a
+    file lacd read before, back at the log path (moved back, a symlink pointed back at it, made
+    readable again). One hash of the file's head per distinct head length, then the marker."""
+    heads: dict[int, str] = {}
+    size = os.fstat(fd).st_size
+    for cursor in sorted(cursors, key=lambda c: -c.offset):
+        if cursor.offset == 0 or cursor.offset > size:
+            continue
+        if cursor.head_len not in heads:
+            heads[cursor.head_len] = _hash_range(fd, 0, cursor.head_len)
+        if heads[cursor.head_len] == cursor.head_hash and continues(fd, cursor):
+            return cursor
+    return None

@@ -55,6 +55,14 @@ class Store:
             draining.append(_cursor(extra))
         return (_cursor(active[-1]) if active else None), draining
 
+    def known_generations(self, following: set[int]) -> list[Cursor]:
+        """Generations read before and not followed now (finished, lost, or draining in the
+        database only): a file at the log path may be one of them come back."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Source).where(Source.state.in_(("done", "lost", "draining")), Source.offset > 0,
+                                                     Source.id.not_in(following))).all()
+        return [_cursor(r) for r in rows]
+
     def new_source(self, path: str, dev: int, inode: int) -> Cursor:
         now = time.time()
         with self.engine.begin() as conn:

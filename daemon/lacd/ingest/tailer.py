@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import structlog
 
 from lacd.ingest.classifier import PREFIX_CHARS, Chunk, Classifier, ClassifierPool, ClassifierSpec, Line, pool_workers
-from lacd.ingest.identity import Cursor, continues, find_continuation
+from lacd.ingest.identity import Cursor, continues, find_continuation, find_generation
 from lacd.ingest.store import CommitStats, Store
 
 log = structlog.get_logger(__name__)
@@ -40,6 +40,30 @@ BATCH_BYTES = 8 << 20
 POOL_BYTES = 32 << 20  # a backlog this large is classified in worker processes
 FIRST_READ = 1 << 20  # the first chunk read for worker processes; later ones fit `batch_lines` lines
 COMMIT_DEPTH = 2  # batches read ahead of the one being committed: enough to keep a worker busy, and memory low
+
+
+KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+class LogPathError(Exception):
+    """The log path names something lacd must not read (a directory, a FIFO, ...), or cannot."""
+
+
+def check_log_path(path: os.PathLike) -> None:
+    """Refuse a log path that is not a regular file (a missing one is waited for): a FIFO would
+    block the agent's writes, a directory would read as an empty log."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, PermissionError):
+        return  # waited for; an unreadable one is reported by the tailer while it waits
+    except OSError as exc:
+        raise LogPathError(f"cannot use the log path {path}: {exc.strerror}; set [watch] log to the agent's "
+                           "JSONL file") from None
+    kind = next((name for test, name in KINDS if test(st.st_mode)), None)
+    if kind is not None:
+        raise LogPathError(f"the log path {path} is {kind}, not a regular file: set [watch] log to the agent's "
+                           "JSONL file")
 
 
 @dataclass
@@ -183,6 +207,7 @@ class Tailer:
         self.current: Tracked | None = None
         self.draining: list[Tracked] = []
         self.saved: Cursor | None = None  # the active generation the database remembers
+        self.waiting: str | None = None  # why the file at the path cannot be read now, if it cannot
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -243,6 +268,9 @@ class Tailer:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None
+        except PermissionError:
+            self._wait(f"cannot look at the log {self.path}: permission denied on its directory")
+            return
         if st is not None and not stat.S_ISREG(st.st_mode):
             st = None
         if st is None and self.saved:
@@ -257,6 +285,17 @@ class Tailer:
             self._retire(cur)
         if st:
             self.current = self._adopt(st)
+        if self.current or not st:
+            self._wait(None)
+
+    def _wait(self, reason: str | None) -> None:
+        """Say once why the log cannot be read (or that it can again); the next polls retry."""
+        if reason != self.waiting:
+            if reason:
+                log.warning("log_unreadable", path=self.path, reason=reason)
+            elif self.waiting:
+                log.info("log_readable", path=self.path)
+        self.waiting = reason
 
     def _retire(self, t: Tracked) -> None:
         """The path no longer names this file: read it to its end, then keep draining it."""
@@ -273,6 +312,9 @@ class Tailer:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            self._wait(f"cannot read the log {self.path}: permission denied; lacd reads it once it is readable")
+            return None
         if os.fstat(fd).st_ino != st.st_ino:
             os.close(fd)  # replaced between stat and open: the next sync looks again
             return None
@@ -286,6 +328,9 @@ class Tailer:
             return self._continue(fd, st, saved, None)
         if saved:
             self._resume_elsewhere(saved, note="the file at the path changed while lacd was stopped", skip={(st.st_dev, st.st_ino)})
+        known = find_generation(fd, self.store.known_generations({t.cursor.source_id for t in self.draining}))
+        if known is not None:  # read before: never again from 0
+            return self._continue(fd, st, known, f"came back to the log path: read before, up to offset {known.offset}")
         return Tracked(self.store.new_source(self.path, st.st_dev, st.st_ino), fd, self.clock())
 
     def _continue(self, fd: int, st: os.stat_result, cursor: Cursor, note: str | None) -> Tracked:
