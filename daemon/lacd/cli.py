@@ -21,9 +21,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from lacd.report import ReportError
 
     from lacd.forget import ForgetError
+    from lacd.ingest.tailer import LogPathError
     from lacd.service import StateDirError
 
-    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError, RollbackError, ReportError, ForgetError)
+    return (ConfigError, DatabaseError, LockHeld, NothingToTrain, StateDirError, RollbackError, ReportError, ForgetError,
+            LogPathError)
 
 
 class Lacd(click.Group):
@@ -34,6 +36,13 @@ class Lacd(click.Group):
             return super().invoke(ctx)
         except _user_errors() as exc:
             click.echo(f"lacd: {exc}", err=True)
+            ctx.exit(2)
+        except Exception as exc:  # a SQLite failure any command can meet: locked, damaged, full
+            settings = ctx.obj.get("settings") if ctx.obj else None
+            found = settings and db.explain(exc, settings.db_path)
+            if not found:
+                raise
+            click.echo(f"lacd: {found}", err=True)
             ctx.exit(2)
 
 

@@ -36,6 +36,36 @@ class DatabaseError(Exception):
     """The database is missing, unreadable or not migrated; the message says what to do."""
 
 
+class DamagedDatabase(DatabaseError):
+    """SQLite says the file is not a database, or a damaged one: only moving it aside helps."""
+
+
+def explain(exc: BaseException, path: Path) -> DatabaseError | None:
+    """A SQLite failure (raw or wrapped by SQLAlchemy) as one line that says what to do; None for
+    anything else. Lessons come from the log, so a damaged database can be rebuilt from it."""
+    import sqlite3
+
+    orig = getattr(exc, "orig", exc)
+    if not isinstance(orig, sqlite3.Error):
+        return None
+    name = getattr(orig, "sqlite_errorname", "") or ""
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or name.startswith("SQLITE_CORRUPT"):
+        return DamagedDatabase(
+            f"the database {path} is damaged ({orig}): stop lacd, move it aside "
+            f"(mv {path} {path}.damaged, and its -wal and -shm files) and start lacd again: it is rebuilt "
+            "from the log, which holds every lesson (runs and model versions are not)")
+    if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+        return DatabaseError(f"the database {path} stayed locked by another process for more than "
+                             f"{BUSY_TIMEOUT_MS / 1000:g} s ({orig})")
+    if name == "SQLITE_FULL":
+        return DatabaseError(f"the disk holding {path} is full ({orig}): free some space")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return DatabaseError(f"cannot write the database {path} ({orig}): lacd needs to own its state dir")
+    if name.startswith("SQLITE_IOERR"):
+        return DatabaseError(f"the database {path} could not be read or written ({orig}; {name})")
+    return None
+
+
 def write_engine(path: Path) -> Engine:
     """An engine for writers: WAL, synchronous=NORMAL, busy timeout, BEGIN IMMEDIATE."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from lacd import db, forget, lock, queue
+from lacd import db, forget, health, lock, queue
 from lacd.config import Settings
 
 
@@ -21,6 +21,7 @@ def snapshot(settings: Settings) -> dict:
         "daemon": {"running": pid is not None, "pid": pid},
         "current_run": None, "runs": [], "active_model": None, "sources": [],
         "log": str(settings.watch.log), "state_dir": str(settings.state.dir), "config": settings.source,
+        "health": health.read(settings.state.dir / "lacd.health", pid),
     }
     if not settings.db_path.exists():
         return out
@@ -64,6 +65,7 @@ def _scheduler_decision(settings: Settings) -> dict | None:
 def render(s: dict) -> str:
     """The readable table."""
     daemon = f"running (pid {s['daemon']['pid']})" if s["daemon"]["running"] else "not running"
+    daemon += _health_text(s.get("health"))
     lines = [f"note        {s['note']}"] if s.get("note") else []
     lines += [
         f"daemon      {daemon}",
@@ -87,6 +89,16 @@ def render(s: dict) -> str:
         note = f"  ({src['note']})" if src["note"] else ""
         lines.append(f"  file #{src['id']} {src['state']:<8} offset {src['offset']}  {src['path']}{note}")
     return "\n".join(lines)
+
+
+def _health_text(h: dict | None) -> str:
+    """What the running daemon said it is doing, when that is not plain watching."""
+    if not h or h.get("state") == "ok":
+        return ""
+    if h["state"] == "waiting":
+        return f", waiting: {h['message']}"
+    retry = f"; retrying every {h['retry_in']:.0f} s" if h.get("retry_in") else ""
+    return f", but failing since {time.strftime('%H:%M:%S', time.localtime(h['since']))}: {h['message']}{retry}"
 
 
 def _privacy_lines(s: dict) -> list[str]:
