@@ -293,3 +293,52 @@ def test_a_full_disk_backs_off_as_it_says_and_status_shows_it(tmp_path):
         finally:
             assert daemon.stop() == 0
         assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_log_folder_lacd_cannot_enter_is_waited_for(tmp_path):
+    folder = tmp_path / "agent"
+    folder.mkdir()
+    log = folder / "agent_interactions.jsonl"
+    log.write_text(lines(1, 2))
+    folder.chmod(0)
+    env = fast_env(tmp_path, log)
+    daemon = Daemon(env, tmp_path, unprivileged=True)
+    try:
+        waiting = f"daemon      running (pid {daemon.proc.pid}), waiting: cannot look at the log {log}: permission " \
+                  "denied on its directory"
+        assert wait_until(lambda: daemon_line(env) == waiting), daemon_line(env)
+        folder.chmod(0o700)
+        assert wait_until(lambda: status(env)["lessons_total"] == 2)
+    finally:
+        folder.chmod(0o700)
+        assert daemon.stop() == 0
+    assert len(daemon.events("watcher_unavailable")) <= 1 and len(daemon.events("log_unreadable")) == 1
+
+
+def test_the_daemon_waits_out_a_locked_database_and_status_shows_it(tmp_path):
+    log = tmp_path / "agent_interactions.jsonl"
+    log.write_text(lines(1))
+    env = fast_env(tmp_path, log)
+    short_busy = ("import sys; import lacd.db; lacd.db.BUSY_TIMEOUT_MS = 300; from lacd.cli import main; "
+                  "sys.argv = ['lacd', 'run']; main()")
+    out = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen([sys.executable, "-c", short_busy], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: status(env)["lessons_total"] == 1)
+        holder = sqlite3.connect(tmp_path / "state" / "lacd.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction that does not end
+        with open(log, "a") as fh:
+            fh.write(lines(2))
+        failing = (f": the database {tmp_path / 'state' / 'lacd.db'} stayed locked by another process for more than "
+                   "0.3 s (database is locked); retrying every ")
+        assert wait_until(lambda: failing in daemon_line(env)), daemon_line(env)
+        assert daemon.poll() is None
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert wait_until(lambda: status(env)["lessons_total"] == 2, 30)
+        assert wait_until(lambda: daemon_line(env) == f"daemon      running (pid {daemon.pid})")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+        out.close()
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()

@@ -403,3 +403,27 @@ def test_a_log_moved_away_and_back_after_rotate_wait_is_read_once(no_dedup):
     assert h.stored_ids() == list(range(7))  # 6 lines, 12 rows before the fix
     [source] = h.sources()
     assert (source.state, source.note) == ("active", f"came back to the log path: read before, up to offset {len(h.lines(*range(6)))}")
+
+
+def test_a_database_locked_through_the_fall_back_is_read_again_only_once_free(tmp_path, monkeypatch):
+    """A sync that fails because the database is locked cannot reload its cursors from it either:
+    the next sync does, and reads nothing twice (it used to start the file again from 0)."""
+    import sqlite3
+
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 200)
+    h = Harness(tmp_path, rules={"duplicate": False})
+    h.write(h.lines(1))
+    h.sync()
+    holder = sqlite3.connect(tmp_path / "state" / "lacd.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    h.write(h.lines(2))
+    for _ in range(2):
+        with pytest.raises(Exception, match="database is locked"):
+            h.sync()
+    holder.execute("ROLLBACK")
+    holder.close()
+    h.sync()
+    h.write(h.lines(3))
+    h.sync()
+    assert h.stored_ids() == [1, 2, 3]
+    assert [s.state for s in h.sources()] == ["active"]

@@ -208,6 +208,7 @@ class Tailer:
         self.draining: list[Tracked] = []
         self.saved: Cursor | None = None  # the active generation the database remembers
         self.waiting: str | None = None  # why the file at the path cannot be read now, if it cannot
+        self.rewind = False  # a sync failed: the next one first reloads the cursors from the database
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -236,6 +237,9 @@ class Tailer:
         """Follow the path, read every followed file to its last complete line, commit."""
         stats = SyncStats()
         try:
+            if self.rewind:
+                self.start()
+                self.rewind = False
             self._follow()
             for t in list(self._followed()):
                 self._read(t, stats)
@@ -249,13 +253,14 @@ class Tailer:
         return stats
 
     def _fall_back(self) -> None:
-        """After a failure, forget what was read ahead: the database says where to resume."""
+        """After a failure, forget what was read ahead: the next sync starts from what the database
+        holds (read then, since the database may be what failed: locked, full)."""
         try:
             self.committer.drain()
         except BaseException:  # noqa: S110 - the failure being handled is the one raised
             pass
         self._close_files()
-        self.start()
+        self.saved, self.rewind = None, True
 
     def _followed(self) -> list[Tracked]:
         """Older generations first, so lessons keep the order in which they were written."""

@@ -37,6 +37,7 @@ class Watcher:
         self.handler = _Wake(os.path.basename(log_path).split(".")[0], wake)
         self.observer: Observer | None = None
         self.restarts = 0
+        self.unavailable: str | None = None  # why the last start failed (said once, retried each poll)
 
     def supervise(self) -> None:
         """Start the observer if it is not running (first call, dead thread, directory created)."""
@@ -53,10 +54,12 @@ class Watcher:
         observer.daemon = True
         try:
             observer.start()
-        except OSError as exc:  # inotify limits and the like: polling still works
-            log.warning("watcher_unavailable", directory=self.directory, error=str(exc))
+        except OSError as exc:  # inotify limits, an unreadable folder and the like: polling still works
+            if str(exc) != self.unavailable:
+                log.warning("watcher_unavailable", directory=self.directory, error=str(exc))
+            self.unavailable = str(exc)
             return
-        self.observer = observer
+        self.observer, self.unavailable = observer, None
 
     def stop(self) -> None:
         self._stop_observer()
