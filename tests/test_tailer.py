@@ -427,3 +427,36 @@ def test_a_database_locked_through_the_fall_back_is_read_again_only_once_free(tm
     h.sync()
     assert h.stored_ids() == [1, 2, 3]
     assert [s.state for s in h.sources()] == ["active"]
+
+
+def test_files_coming_back_through_the_real_cli_are_not_read_twice(tmp_path):
+    from conftest import lacd_env, run_cli
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path, first, second = logs / "agent_interactions.jsonl", logs / "agent_interactions-a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(agent_line(i) + "\n" for i in range(6)))
+    second.write_text("".join(agent_line(i) + "\n" for i in range(6, 11)))
+    env = lacd_env(tmp_path, path, LACD_CURATION_DUPLICATE="false")
+
+    def ingest() -> str:
+        result = run_cli("ingest", env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    path.symlink_to(first)
+    assert ingest().startswith("ingested 6 lessons")
+    for target in (second, first, second):  # retargeted and back
+        path.unlink()
+        path.symlink_to(target)
+        ingest()
+    path.unlink()
+    os.rename(second, path)  # the other file moved in, away, and back
+    ingest()
+    os.rename(path, tmp_path / "away.jsonl")
+    ingest()
+    os.rename(tmp_path / "away.jsonl", path)
+    assert ingest() == "ingested 0 lessons (0 usable, excluded: none), rejected 0 lines\n"
+    status = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert status["lessons_total"] == 11  # 17 before
+    assert not [s for s in status["sources"] if s["state"] == "lost"]
