@@ -113,6 +113,10 @@ def test_a_state_dir_under_a_regular_file_is_refused_in_one_line(tmp_path):
         assert (result.returncode, result.stdout) == (2, "")
         assert result.stderr == (f"lacd: cannot create the state dir {state}: Not a directory; set [state] dir to a "
                                  "folder this user can write\n")
+    env["LACD_STATE_DIR"] = str(tmp_path / "file")
+    result = lacd("run", env=env)
+    assert (result.returncode, result.stderr) == (2, f"lacd: the state dir {tmp_path / 'file'} is a file, not a "
+                                                     "directory; set [state] dir to a folder this user can write\n")
 
 
 def test_a_state_dir_owned_by_another_user_is_refused_in_one_line(tmp_path):
@@ -167,7 +171,7 @@ def test_an_unreadable_log_at_start_is_waited_for_and_shown_in_status(tmp_path):
     daemon = Daemon(env, tmp_path, unprivileged=True)
     try:
         waiting = f"daemon      running (pid {daemon.proc.pid}), waiting: cannot read the log {log}: permission denied; " \
-                  "lacd reads it once it is readable"
+                  "it is read once it can be"
         assert wait_until(lambda: daemon_line(env) == waiting), daemon_line(env)
         assert daemon.proc.poll() is None and status(env)["lessons_total"] == 0
         log.chmod(0o600)
@@ -305,7 +309,7 @@ def test_a_log_folder_lacd_cannot_enter_is_waited_for(tmp_path):
     daemon = Daemon(env, tmp_path, unprivileged=True)
     try:
         waiting = f"daemon      running (pid {daemon.proc.pid}), waiting: cannot look at the log {log}: permission " \
-                  "denied on its directory"
+                  "denied on its directory; it is read once it can be"
         assert wait_until(lambda: daemon_line(env) == waiting), daemon_line(env)
         folder.chmod(0o700)
         assert wait_until(lambda: status(env)["lessons_total"] == 2)

@@ -53,11 +53,12 @@ def prepare_state_dir(settings: Settings) -> None:
     try:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = state.stat()
+    except FileExistsError:
+        raise StateDirError(f"the state dir {state} is a file, not a directory; set [state] dir to a folder this "
+                            "user can write") from None
     except OSError as exc:
         raise StateDirError(f"cannot create the state dir {state}: {exc.strerror}; set [state] dir to a "
                             "folder this user can write") from None
-    if not state.is_dir():
-        raise StateDirError(f"the state dir {state} is not a directory; set [state] dir to a folder this user can write")
     mode = st.st_mode & 0o777
     if mode & 0o077:
         raise StateDirError(f"state dir {state} is open to other users (mode {mode:04o}) and lessons hold your code: "
@@ -115,7 +116,7 @@ def catch_up(settings: Settings) -> SyncStats:
             finally:
                 tailer.close()
         if tailer.waiting:
-            raise LogPathError(tailer.waiting.split("; lacd reads it")[0])
+            raise LogPathError(tailer.waiting)
         return stats
     finally:
         lock.release()
@@ -246,7 +247,7 @@ class Service:
             raise found from None  # `lacd run` exits 2: a restart would find the same damage
         self.failures += 1
         delay = min(MAX_BACKOFF, 2.0 ** self.failures)
-        message = str(found) if found is not None else f"{type(exc).__name__}: {exc}"
+        message = str(found) if found is not None else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.error("ingest_failed", error=message, failures=self.failures, retry_in=delay)
         self.health.set("failing", message, delay)
         self.notifier.send(f"STATUS=failing: {message}; retrying in {delay:.0f} s")

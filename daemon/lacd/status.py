@@ -96,7 +96,7 @@ def _health_text(h: dict | None) -> str:
     if not h or h.get("state") == "ok":
         return ""
     if h["state"] == "waiting":
-        return f", waiting: {h['message']}"
+        return f", waiting: {h['message']}; it is read once it can be"
     retry = f"; retrying every {h['retry_in']:.0f} s" if h.get("retry_in") else ""
     return f", but failing since {time.strftime('%H:%M:%S', time.localtime(h['since']))}: {h['message']}{retry}"
 

@@ -207,7 +207,7 @@ class Tailer:
         self.current: Tracked | None = None
         self.draining: list[Tracked] = []
         self.saved: Cursor | None = None  # the active generation the database remembers
-        self.waiting: str | None = None  # why the file at the path cannot be read now, if it cannot
+        self.waiting: str | None = None  # why the file at the path cannot be read now (retried each sync)
         self.rewind = False  # a sync failed: the next one first reloads the cursors from the database
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -318,7 +318,7 @@ class Tailer:
         except FileNotFoundError:
             return None
         except PermissionError:
-            self._wait(f"cannot read the log {self.path}: permission denied; lacd reads it once it is readable")
+            self._wait(f"cannot read the log {self.path}: permission denied")
             return None
         if os.fstat(fd).st_ino != st.st_ino:
             os.close(fd)  # replaced between stat and open: the next sync looks again
