@@ -164,6 +164,7 @@ def test_the_wal_flusher_follows_the_wal_and_lets_go_of_it(tmp_path):
 
 
 def test_an_unfinished_long_line_starts_no_worker_process_while_it_waits(tmp_path, monkeypatch):
+    """The daemon's own thresholds: a 33 MB line still being written is a backlog of pool size."""
     started = []
 
     class CountedPool(tailer_mod.ClassifierPool):
@@ -172,17 +173,21 @@ def test_an_unfinished_long_line_starts_no_worker_process_while_it_waits(tmp_pat
             super().__init__(*args, **kw)
 
     monkeypatch.setattr(tailer_mod, "ClassifierPool", CountedPool)
-    ing = Ingest(tmp_path / "pool", True, max_line=8 << 20)
+    ing = Ingest(tmp_path / "pool", False, max_line=16 << 20)
+    ing.tailer.pool_bytes, ing.tailer.workers = tailer_mod.POOL_BYTES, 1
     ing.write((agent_line(0) + "\n").encode())
     ing.sync()
-    assert len(started) == 1 and len(ing.rows()["lessons"]) == 1
-    unfinished = json.dumps({"user_prompt": "w" * (3 << 20), "ai_responses": ["done"]})  # 3 MiB, several chunks
-    ing.write(unfinished[:-10].encode())
-    for _ in range(5):  # polls while the writer has not finished the line
-        ing.sync()
-    assert len(started) == 1 and len(ing.rows()["lessons"]) == 1
-    assert ing.tailer.current.no_newline_to == os.path.getsize(ing.log)  # each byte looked at once
-    ing.write((unfinished[-10:] + "\n" + agent_line(1) + "\n").encode())
+    unfinished = b'{"user_prompt": "' + b"w" * (33 << 20)  # the writer has not finished it
+    ing.write(unfinished[: 20 << 20])
     ing.sync()
-    assert len(started) == 2 and len(ing.rows()["lessons"]) == 3
+    ing.write(unfinished[20 << 20:])
+    for _ in range(5):  # polls while it waits for its newline
+        ing.sync()
+    assert started == [] and len(ing.rows()["lessons"]) == 1
+    assert ing.tailer.current.no_newline_to == os.path.getsize(ing.log)  # each byte looked at once
+    ing.write(b'", "ai_responses": ["done"]}\n' + (agent_line(1) + "\n").encode())
+    ing.sync()
+    rows = ing.rows()
+    assert len(started) == 1 and len(rows["lessons"]) == 2
+    assert [r[2].split(" (")[0] for r in rows["rejects"]] == ["line longer than the cap"]
     ing.close()
