@@ -228,3 +228,20 @@ def test_forget_on_a_state_dir_without_a_database_creates_nothing(tmp_path):
         assert result.stderr == (f"lacd: no database at {tmp_path / 'state' / 'lacd.db'} yet: "
                                  "start the daemon or run `lacd migrate`\n")
     assert not (tmp_path / "state").exists()
+
+
+def test_tool_calls_are_matched_by_name_and_argument_values_not_keys(tmp_path):
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "read_file", "arguments": json.dumps({"path": "quarterly-plan.md"})}}]}
+    line = json.dumps({"messages": [{"role": "user", "content": "open it"}, call,
+                                    {"role": "tool", "content": "the plan says ship"}, {"role": "assistant", "content": "ok"}]})
+    env = plain_log(tmp_path, [f"hello {i}" for i in range(9)], extra=line + "\n")
+    for pattern in ("path", "arguments", "function", "tool_calls"):  # keys of the call, not its text
+        assert run_cli("forget", "--pattern", pattern, "--yes", env=env).returncode == 2, pattern
+    named = run_cli("forget", "--pattern", "read_file", env=env)  # the call's name; no answer: nothing erased
+    assert named.returncode == 1 and named.stdout.startswith("matches 1 of 10 lessons\n     10  read_file\n")
+    found = run_cli("forget", "--pattern", "quarterly-plan", "--yes", env=env)  # an argument's value
+    assert found.stdout.splitlines()[1:] == ["     10  quarterly-plan.md", "forgot 1 lesson; their text is erased"]
+    by_name = run_cli("forget", "--pattern", "read_file", "--yes", env=env)  # the call's name: that lesson only
+    assert by_name.returncode == 2 and "no stored lesson" in by_name.stderr
+    assert forgotten_count(env) == 1
