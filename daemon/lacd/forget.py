@@ -124,7 +124,8 @@ def forget(engine: Engine, runs_dir: Path, max_lessons: int, *, ids: list[int] |
                 status="forgotten", reason="forgotten", raw="", conversation=EMPTY_CONVERSATION, conv_hash=""))
         for part in _chunks(rejects):
             conn.execute(update(Reject).where(Reject.id.in_(part)).values(prefix=""))
-        conn.execute(insert(Forget).values(created_at=clock(), lessons=len(chosen), chosen_by="ids" if ids else "pattern"))
+        if chosen:  # rejected lines alone were never trained on: no retrain for them
+            conn.execute(insert(Forget).values(created_at=clock(), lessons=len(chosen), chosen_by="ids" if ids else "pattern"))
         runs = _runs_with(conn, chosen)
         versions = list(conn.execute(select(ModelVersion.tag).where(ModelVersion.run_id.in_(runs))
                                      .order_by(ModelVersion.version)).scalars())
