@@ -212,24 +212,32 @@ def test_an_unreadable_file_put_in_place_by_atomic_replace_is_read_once(tmp_path
 # -- the database ---------------------------------------------------------------------------------------
 
 
-def test_a_damaged_database_is_detected_and_the_fix_given(tmp_path):
+@pytest.mark.parametrize("damage", ["header", "pages"])
+def test_a_damaged_database_is_detected_and_the_fix_given(tmp_path, damage):
     log = tmp_path / "agent_interactions.jsonl"
-    log.write_text(lines(*range(5)))
+    log.write_text(lines(*range(300)))
     env = lacd_env(tmp_path, log)
     assert lacd("ingest", env=env).returncode == 0
     db_path = tmp_path / "state" / "lacd.db"
     with open(db_path, "r+b") as fh:
-        fh.write(b"\xde\xad" * 50)  # the header is gone: SQLite no longer knows the file
-    fix = (f"lacd: the database {db_path} is damaged (file is not a database): stop lacd, move it aside "
+        if damage == "header":
+            fh.write(b"\xde\xad" * 50)  # SQLite no longer knows the file
+        else:
+            for page in range(3, db_path.stat().st_size // 4096, 3):  # every third page of the tables overwritten
+                fh.seek(page * 4096)
+                fh.write(b"\xab" * 4096)
+    reason = "file is not a database" if damage == "header" else "database disk image is malformed"
+    fix = (f"lacd: the database {db_path} is damaged ({reason}): stop lacd, move it aside "
            f"(mv {db_path} {db_path}.damaged, and its -wal and -shm files) and start lacd again: it is rebuilt from "
            "the log, which holds every lesson (runs and model versions are not)\n")
-    for command in (("run",), ("ingest",), ("status",), ("lessons",), ("forget", "1", "--yes")):
+    commands = [("run",), ("ingest",), ("status",)] + ([("lessons",), ("forget", "1", "--yes")] if damage == "header" else [])
+    for command in commands:
         result = lacd(*command, env=env)
         assert (result.returncode, result.stderr.splitlines()[-1] + "\n") == (2, fix), command
         assert "Traceback" not in result.stderr
     for path in tmp_path.joinpath("state").glob("lacd.db*"):
         path.rename(f"{path}.damaged")  # the fix, as the message gives it
-    assert lacd("ingest", env=env).stdout == "ingested 5 lessons (5 usable, excluded: none), rejected 0 lines\n"
+    assert lacd("ingest", env=env).stdout == "ingested 300 lessons (300 usable, excluded: none), rejected 0 lines\n"
 
 
 def test_a_database_locked_longer_than_the_busy_timeout_gives_one_line(tmp_path):
