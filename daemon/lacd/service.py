@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+from contextlib import contextmanager
 import os
 import signal
 import threading
@@ -122,20 +123,16 @@ def catch_up(settings: Settings) -> SyncStats:
         lock.release()
 
 
-class explained:
+@contextmanager
+def explained(settings: Settings):
     """Turns a SQLite failure or a full disk into the one-line error that says what to do."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        found = exc and explain(exc, self.settings)
-        if found is not None:
-            raise found from None
-        return False
+    try:
+        yield
+    except Exception as exc:
+        found = explain(exc, settings)
+        if found is None:
+            raise
+        raise found from None
 
 
 def explain(exc: BaseException, settings: Settings) -> Exception | None:
