@@ -1,6 +1,7 @@
-"""WATCHDOG=1 only while the ingest loop is healthy: a daemon whose writes fail (the database
-locked by another process) stops pinging, so systemd's WatchdogSec can restart it, and pings
-again once a loop succeeds. A real Service on a real state dir and a real notify socket."""
+"""WATCHDOG=1 while the ingest loop runs, also while it backs off from a failure it reports (the
+database locked by another process): a restart would not help, so systemd must not kill it
+(README, "When something fails"); the failure is counted and the line lands once the lock goes.
+A real Service on a real state dir and a real notify socket."""
 
 from __future__ import annotations
 
@@ -73,16 +74,14 @@ def locked_then_released(tmp_path, path, sock, monkeypatch):
     return pings, failures, lessons
 
 
-def test_watchdog_pings_stop_while_ingest_fails_and_resume_after(tmp_path, notify, monkeypatch):
+def test_watchdog_pings_go_on_while_ingest_backs_off_and_the_line_lands_after(tmp_path, notify, monkeypatch):
     pings, failures, lessons = locked_then_released(tmp_path, *notify, monkeypatch)
     assert failures == [0, 1, 2, 3, 0]
-    assert pings == [1, 0, 0, 0, 1]  # no ping from a failing loop; the first healthy one pings again
+    assert pings == [1, 1, 1, 1, 1]  # a loop backing off from a reported failure is alive: systemd must not restart it
     second = len(agent_line(1)) + 1
     assert [(o, s) for _, o, s in lessons if o == second] == [(second, "pending")]  # the line waited, then landed
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 (robust): after a sync fails on a locked database the "
-                   "tailer opens a new generation and stores line 1 again (as a duplicate)")
 def test_a_sync_failed_on_a_locked_database_stores_no_line_twice(tmp_path, notify, monkeypatch):
     _, _, lessons = locked_then_released(tmp_path, *notify, monkeypatch)
     assert lessons == [(1, 0, "pending"), (1, len(agent_line(1)) + 1, "pending")]
