@@ -33,6 +33,8 @@ gate (about twice ``parse_line``); detectors then look only near their literals.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import functools
 import re
@@ -58,6 +60,7 @@ from detect_secrets.plugins.sendgrid import SendGridDetector
 from detect_secrets.plugins.slack import SlackDetector
 from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
+from detect_secrets.plugins.twilio import TwilioKeyDetector
 from detect_secrets.util.filetype import FileType, determine_file_type
 
 from lacd.samples import parse_call
@@ -71,6 +74,7 @@ KINDS = (
     "aws-access-key", "github-token", "gitlab-token", "slack-token", "jwt", "private-key", "stripe-key",
     "openai-key", "npm-token", "pypi-token", "sendgrid-key", "square-token", "azure-storage-key",
     "password-in-url", "password", "secret-assignment", "high-entropy", "secret-file",
+    "anthropic-key", "huggingface-token", "google-api-key", "twilio-key", "auth-header",
 )
 ACTIONS = ("redact", "exclude")
 DEFAULT_SECRET_PATHS = (
@@ -106,13 +110,26 @@ ENV_ASSIGN = re.compile(r"([A-Z][A-Z0-9_]*)=" + VALUE)
 ENV_NAME_AT = re.compile(r"[A-Z][A-Z0-9_]*=")
 ENV_BEFORE = " \t\n;&|(:,>\"'`[{"  # what may precede a shell name being assigned (a tag: <tool_output>NAME=)
 TOOL_START = r"(?:(?<![\w-])|(?<=\\[nrt]))"  # a command name starts here (after an escaped newline too)
+DASHLESS_VALUE = r"('[^'\n]*'|\"[^\"\n]*\"|[^\s'\"-][^\s'\"]*)"  # a value, not the next -flag
+REGISTRY_LOGIN = r"(?:docker|podman|nerdctl|buildah|skopeo|oras|helm(?:\s+registry)?)\s+login\b"
 CLI_FLAG = re.compile(r"(--?[\w-]*)(?:=|\s+)" + VALUE)
 CLI_TOOLS = (
     re.compile(TOOL_START + r"(?:mysql|mysqldump|mysqladmin|mysqlimport|mysqlcheck|mysqlshow|mariadb|sshpass)\b"
                r"[^\n|;&]*?\s-p(?:(?<=sshpass -p)\s*)?('[^'\n]*'|\"[^\"\n]*\"|[^\s'\"-][^\s'\"]*)"),
     re.compile(TOOL_START + r"redis-cli\b[^\n|;&]*?\s-a\s+" + VALUE),
     re.compile(TOOL_START + r"curl\b[^\n|;&]*?\s(?:-u|--user)\s*['\"]?[^\s:'\"]+:([^\s'\"@]+)"),
+    re.compile(TOOL_START + REGISTRY_LOGIN + r"[^\n|;&]*?\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE),
+    re.compile(TOOL_START + r"(?:mongo|mongosh|mongodump|mongorestore|mongoexport|mongoimport)\b[^\n|;&]*?"
+               r"\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE),
+    re.compile(TOOL_START + r"sqlcmd\b[^\n|;&]*?\s-P\s*" + DASHLESS_VALUE),
+    re.compile(TOOL_START + r"ldap(?:search|add|modify|delete|passwd|whoami|compare)\b[^\n|;&]*?\s-w\s+" + DASHLESS_VALUE),
+    re.compile(TOOL_START + r"htpasswd\b[^\n|;&]*?\s-[a-zA-Z]*b[a-zA-Z]*\s+[^\s-]\S*\s+[^\s-]\S*\s+" + DASHLESS_VALUE),
+    re.compile(TOOL_START + r"openssl\b[^\n|;&]*?\s-pass(?:in|out)?\s+['\"]?pass:([^\s'\"]+)"),
+    re.compile(TOOL_START + r"smbclient\b[^\n|;&]*?\s(?:-U|--user)(?:=|\s+)['\"]?[^\s%'\"]+%([^\s'\"]+)"),
+    re.compile(r"\becho\s+(?:-n\s+)?" + DASHLESS_VALUE + r"\s*\|\s*(?:sudo\s+)?" + REGISTRY_LOGIN + r"[^\n|;&]*--password-stdin"),
 )
+CLI_WORDS = ("mysql", "mariadb", "sshpass", "redis-cli", "curl", "echo", "docker", "podman", "nerdctl", "buildah",
+             "skopeo", "oras", "helm", "mongo", "sqlcmd", "ldap", "htpasswd", "openssl", "smbclient")  # a window for CLI_TOOLS starts at one of these
 FLAG_WORDS = re.compile(r"password|passwd|passphrase|token|secret|api-?key|api_key", re.I)
 FLAG_NOT_VALUE = ("-stdin", "-file", "-env", "-prompt", "-cmd", "-command", "-length", "-len", "-limit")
 WORD_BEFORE = re.compile(r"[\w-]*$")
@@ -131,11 +148,16 @@ PLACEHOLDERS = frozenset({
 
 # -- the gate ------------------------------------------------------------------------------------------
 SECRET_WORDS = ("key", "pass", "pwd", "secret", "token", "credential")  # keyword, env, flag and field names
-CLI_NEEDLES = (" -p", "curl", "redis-cli")
-BASE_NEEDLES = SECRET_WORDS + CLI_NEEDLES + ("://", "env", "id_")  # env: .env and env dumps; id_: ssh keys
+CLI_NEEDLES = (" -p", "curl", "redis-cli", "ldap", "smbclient")  # and "pass" (htpasswd, openssl, --password-stdin)
+HEADER_NEEDLES = ("bearer", "basic", "authoriz", "api-key", "auth-token", "private-token", "access-token",
+                  "subscription-key")  # Authorization and API key headers (kept whole: not reduced by _minimal)
+CONTEXT_NEEDLES = ("aws", "twilio", "azure")  # shapes with no literal of their own, looked for near these words
+BASE_NEEDLES = (SECRET_WORDS + CLI_NEEDLES + CONTEXT_NEEDLES
+                + ("://", "env", "id_", "sig=", "\\u", "\\/"))  # env: .env and env dumps; id_: ssh keys;
+# sig=: Azure shared access signatures; \u, \/: JSON escapes (the gate then reads the line decoded)
 # gate tags: which detectors have a candidate (see Scrubber.gate)
-RUNS, QUOTED, WORDS, KEYS, NPM_TAG, URL, CLI, FILES = (
-    "tokens", "quoted", "words", "keys", "npm", "url", "cli", "files")
+RUNS, QUOTED, WORDS, KEYS, NPM_TAG, URL, CLI, FILES, HEADERS, CONTEXT = (
+    "tokens", "quoted", "words", "keys", "npm", "url", "cli", "files", "headers", "context")
 CLASSES = bytes(
     ord("a") if (chr(i).isascii() and chr(i).isalnum()) or chr(i) in "_-" else
     ord("b") if chr(i) in "+/=" else ord("q") if chr(i) in "'\"" else ord(" ") for i in range(256))
@@ -146,8 +168,8 @@ NOT_FILES = frozenset({"process.env", "import.meta.env"})  # JavaScript, not fil
 FIELD_AFTER = re.compile(r'[\w-]*\\?"\s*:')  # a JSON field name ends here: "access_token": ...
 RUN_CHARS = re.compile(r"[A-Za-z0-9_\-]{%d,}" % TOKEN_RUN)  # the same on text that is not ASCII
 
-PRIORITY = {"private-key": 0, "secret-file": 0, "password-in-url": 2, "password": 3, "secret-assignment": 3,
-            "high-entropy": 4}  # the most specific kind names a merged hit; token kinds are 1
+PRIORITY = {"private-key": 0, "secret-file": 0, "password-in-url": 2, "auth-header": 2, "password": 3,
+            "secret-assignment": 3, "high-entropy": 4}  # the most specific kind names a merged hit; token kinds are 1
 
 
 class SecretsConfigError(ValueError):
@@ -265,13 +287,76 @@ AZURE = _Plugin(AzureStorageKeyDetector(), "azure-storage-key", ("accountkey=",)
 BASIC_AUTH = _Plugin(BasicAuthDetector(), "password-in-url", ("://",), (1,))
 JWT = JwtTokenDetector()
 PRIVATE_KEY = PrivateKeyDetector()
+TWILIO = TwilioKeyDetector()
+
+
+def _mixed_case(value: str) -> bool:
+    return any(c.isupper() for c in value) and any(c.islower() for c in value)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A token shape of lacd's own, for a documented format no detect-secrets plugin knows: its kind,
+    the literals (case-sensitive) one of which every match holds, its pattern and a check."""
+
+    kind: str
+    needles: tuple[str, ...]
+    regex: re.Pattern
+    check: Callable[[str], bool] | None = None
+
+
+TOKEN_SHAPES = (
+    _Shape("anthropic-key", ("sk-ant-",), re.compile(r"sk-ant-[a-z]{2,8}\d{2}-[A-Za-z0-9_\-]{20,}")),
+    _Shape("openai-key", ("sk-proj-", "sk-svcacct-", "sk-admin-"),
+           re.compile(r"sk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{20,}")),
+    _Shape("huggingface-token", ("hf_", "api_org_"),
+           re.compile(r"(?<![A-Za-z0-9_])(?:hf|api_org)_[A-Za-z0-9]{34}(?![A-Za-z0-9_])"), _mixed_case),
+    _Shape("google-api-key", ("AIza",), re.compile(r"AIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])")),
+    _Shape("npm-token", ("npm_",), re.compile(r"(?<![A-Za-z0-9_])npm_[A-Za-z0-9]{36}(?![A-Za-z0-9_])")),
+    _Shape("stripe-key", ("k_test_", "k_live_", "whsec_"),
+           re.compile(r"(?<![A-Za-z0-9])(?:[sr]k_(?:test|live)_[0-9a-zA-Z]{24,}|whsec_[0-9a-zA-Z]{32,})")),
+    _Shape("slack-token", ("xapp-",), re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[A-Za-z0-9]+")),
+    _Shape("github-token", ("github_pat_",), GITHUB_PAT),
+)
+"""Anthropic (``sk-ant-api03-``), OpenAI project/service/admin keys (detect-secrets knows only the
+``T3BlbkFJ`` ones), Hugging Face (``hf_`` + 34), Google API keys (``AIza`` + 35), npm (``npm_`` +
+36; detect-secrets only inside ``.npmrc``), Stripe test and webhook keys, Slack app tokens and
+GitHub fine-grained tokens."""
+TOKEN_TAIL = re.compile(r"[A-Za-z0-9_\-]*")  # a token a plugin's fixed-length pattern cut short runs on
+
 TOKEN_HINT = re.compile("|".join([re.escape(n) for p in TOKEN_PLUGINS if not p.ignore_case for n in p.needles]
-                                 + ["(?i:xox)", "eyJ", "github_pat_"]))
+                                 + [re.escape(n) for shape in TOKEN_SHAPES for n in shape.needles]
+                                 + ["(?i:xox)", "eyJ"]))
 TOKEN_LITERALS: dict[str, tuple[str, ...]] = {}  # lower-cased literal -> its case-sensitive forms ("" : any case)
 for _p in TOKEN_PLUGINS:
     for _n in _p.needles:
         TOKEN_LITERALS.setdefault(_n.lower(), ("",) if _p.ignore_case else (_n,))
-TOKEN_LITERALS.update({"eyj": ("eyJ",), "github_pat_": ("github_pat_",)})
+for _shape in TOKEN_SHAPES:
+    for _n in _shape.needles:
+        TOKEN_LITERALS[_n.lower()] = tuple(sorted(set(TOKEN_LITERALS.get(_n.lower(), ())) | {_n}))
+TOKEN_LITERALS.update({"eyj": ("eyJ",)})
+
+# -- Authorization and API key headers (lacd's own: detect-secrets has none) --------------------------
+HEADER_VALUE = r"([A-Za-z0-9._~+/\-]{%d,}=*)(?![A-Za-z0-9._~+/=\-])"
+BASIC_HEADER = re.compile(r"(?i:\bbasic)\s+([A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])")
+BEARER_HEADER = re.compile(r"(?:(?i:\bbearer)\s+|(?i:\bauthorization)\\?[\"']?\s*:\s*\\?[\"']?"
+                           r"(?:(?i:token|bot|apikey|key|sso-key)\s+)?)" + HEADER_VALUE % 16)
+KEY_HEADER_NAMES = HEADER_NEEDLES[3:]
+KEY_HEADER = re.compile(r"(?i:(?<![\w-])(?:[a-z]+-)*(?:api-key|auth-token|private-token|access-token|subscription-key))"
+                        r"\\?[\"']?\s*:\s*\\?[\"']?" + HEADER_VALUE % 12)
+
+# -- shapes with no literal, looked for only near a word that names their service ---------------------
+AWS_SECRET = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{40}(?![A-Za-z0-9+/=])")
+AWS_SECRET_LOOSE = re.compile(r"[A-Za-z0-9+/]{40}")  # the gate's superset (a raw line's \\n before it)
+BASE64_ENTROPY = Base64HighEntropyString(4.5)
+TWILIO_TOKEN = re.compile(r"(?<![A-Za-z0-9])[0-9a-f]{32}(?![A-Za-z0-9])")
+AZURE_KEY = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{86}==(?![A-Za-z0-9+/=])")
+AZURE_SHARED_KEY = re.compile(r"(?i:SharedAccessKey|AccountKey)\s*=\s*([A-Za-z0-9+/]{20,}={0,2})")
+AZURE_SAS = re.compile(r"[?&;]sig=([A-Za-z0-9%+/]{20,}(?:=|%3[dD]){0,2})")
+CONTEXT_REACH = 300  # how far from its service's name a context shape is looked for
+
+# -- JSON escapes: a literal written with them (\u0067hp_...) is still that literal ------------------
+JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
 
 
 class _Literals:
@@ -328,7 +413,7 @@ class Scrubber:
         self._name_pattern = re.compile("|".join(names) or "(?!)")
         self._path_pattern = re.compile("|".join(paths) or "(?!)")
         gate_needles = _minimal(BASE_NEEDLES + self._path_needles)
-        self._literals = _Literals(gate_needles + tuple(TOKEN_LITERALS), use_automaton)
+        self._literals = _Literals(dict.fromkeys(gate_needles + tuple(TOKEN_LITERALS) + HEADER_NEEDLES), use_automaton)
         # each path literal with the gate literal it holds: it is searched for only when that one is there
         self._path_covers = tuple((n, next(m for m in gate_needles if m in n)) for n in self._path_needles)
 
@@ -359,6 +444,8 @@ class Scrubber:
         if not tags:
             return text, []
         obj = _json_container(text)
+        if obj is None and ("\\u" in text or "\\/" in text):
+            text = _unescaped(text)  # broken JSON (a reject's prefix): scanned as the agent wrote it
         root = obj if obj is not None else [text]
         units = self._raw_units(obj) if obj is not None else [_Unit(text, (0,), "raw", -1)]
         self._scan(units, tags)
@@ -401,24 +488,36 @@ class Scrubber:
         """
         lower = text.lower()
         present = self._literals.present(lower)
+        if "\\u" in present or "\\/" in present:  # a literal written with JSON escapes is still that literal
+            text = _unescaped(text)
+            lower = text.lower()
+            present = self._literals.present(lower)
         tags = set()
         if present and any(form in text for n in present & TOKEN_LITERALS.keys() for form in TOKEN_LITERALS[n]):
             tags.add(RUNS)
         if ("'" in text or '"' in text) and self._quoted_candidate(text, lower):
             tags.add(QUOTED)
+        if "sig=" in present and "sv=" in lower:
+            tags.add(KEYS)  # an Azure shared access signature
         if not present:
             return tags
         words = [w for w in SECRET_WORDS if w in present]
         if words and _word_candidate(text, lower, words):
             tags.add(WORDS)
-        if "key" in present and ("private key" in lower or "putty-user-key" in lower or "accountkey=" in lower):
+        if "key" in present and ("private key" in lower or "putty-user-key" in lower or "accountkey" in lower
+                                 or "sharedaccesskey" in lower):
             tags.add(KEYS)
+        if any(n in present for n in HEADER_NEEDLES):
+            tags.add(HEADERS)
+        if ("twilio" in present or "azure" in present
+                or ("aws" in present and AWS_SECRET_LOOSE.search(text))):
+            tags.add(CONTEXT)
         if "token" in present and "_authtoken=" in lower:
             tags.add(NPM_TAG)
         if "://" in present and (("@" in text and (URL_CREDENTIALS.search(text) or next(BASIC_AUTH.spans(text), None)))
                                  or "hooks.slack.com" in lower):
             tags.add(URL)
-        if any(n in present for n in CLI_NEEDLES) and _cli_tool_hits(text, lower, any_value=True):
+        if (any(n in present for n in CLI_NEEDLES) or "pass" in present) and _cli_tool_hits(text, lower, any_value=True):
             tags.add(CLI)
         if self._file_candidate(text, lower, present):
             tags.add(FILES)
@@ -578,7 +677,11 @@ class Scrubber:
             if QUOTED in tags and b"q" in classes:
                 hits += self._quoted_hits(u, text, lower)
         if KEYS in tags:
-            hits += _plugin_hits(AZURE, text, lower) + _private_key_hits(text, lower)
+            hits += _plugin_hits(AZURE, text, lower) + _private_key_hits(text, lower) + _azure_hits(text, lower)
+        if HEADERS in tags:
+            hits += _header_hits(text, lower)
+        if CONTEXT in tags:
+            hits += _context_hits(text, lower)
         if NPM_TAG in tags:
             hits += _plugin_hits(NPM, text, lower)
         if URL in tags and "://" in text:
@@ -694,9 +797,12 @@ def _token_hits(text: str, classes: bytes) -> list[_Hit]:
     for p in TOKEN_PLUGINS:
         hay = joined.lower() if p.ignore_case else joined
         if any(n in hay for n in p.needles):
-            hits += [_Hit(s, e, p.kind) for s, e in p.spans(text) if p is not AWS or _delimited(text, s, e)]
-    if "github_pat_" in joined:
-        hits += [_Hit(m.start(), m.end(), "github-token") for m in GITHUB_PAT.finditer(text)]
+            hits += [_Hit(s, TOKEN_TAIL.match(text, e).end(), p.kind) for s, e in p.spans(text)
+                     if p is not AWS or _delimited(text, s, e)]
+    for shape in TOKEN_SHAPES:
+        if any(n in joined for n in shape.needles):
+            hits += [_Hit(m.start(), m.end(), shape.kind) for m in shape.regex.finditer(text)
+                     if shape.check is None or shape.check(m.group())]
     if "eyJ" in joined:
         hits += _jwt_hits(text)
     return hits
@@ -782,6 +888,91 @@ def _url_hits(text: str, lower: str) -> list[_Hit]:
     return hits
 
 
+def _header_hits(text: str, lower: str) -> list[_Hit]:
+    """``Authorization: Basic <base64 of user:password>``, ``Bearer <token>``, ``Authorization: token
+    <token>`` and API key headers (``X-Api-Key: ...``, ``PRIVATE-TOKEN: ...``): the credential."""
+    hits = []
+    if "basic" in lower:
+        hits += [_Hit(*m.span(1), "auth-header") for m in BASIC_HEADER.finditer(text) if _basic_credentials(m.group(1))]
+    if "bearer" in lower or "authoriz" in lower:
+        hits += [_Hit(*m.span(1), "auth-header") for m in BEARER_HEADER.finditer(text) if _opaque_ok(m.group(1))]
+    if any(n in lower for n in KEY_HEADER_NAMES):
+        hits += [_Hit(*m.span(1), "auth-header") for m in KEY_HEADER.finditer(text) if _opaque_ok(m.group(1))]
+    return hits
+
+
+def _basic_credentials(value: str) -> bool:
+    """Is ``value`` base64 of ``user:password`` (printable text with a colon after a user name)?"""
+    try:
+        decoded = base64.b64decode(value + "=" * (-len(value) % 4), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return False
+    return decoded.isprintable() and decoded.find(":") >= 1 and len(decoded) > decoded.find(":") + 1
+
+
+def _opaque_ok(value: str) -> bool:
+    """A header's token: letters and digits (not a word, a template or a placeholder)."""
+    return (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+            and _value_ok(value, "secret-assignment"))
+
+
+def _azure_hits(text: str, lower: str) -> list[_Hit]:
+    """Azure connection strings' ``SharedAccessKey=`` / ``AccountKey=`` (any length; detect-secrets'
+    plugin wants exactly 88 characters) and a shared access signature's ``sig=``."""
+    hits = []
+    if "accountkey" in lower or "sharedaccesskey" in lower:
+        hits += [_Hit(*m.span(1), "azure-storage-key") for m in AZURE_SHARED_KEY.finditer(text)]
+    if "sig=" in lower and "sv=" in lower:
+        hits += [_Hit(*m.span(1), "azure-storage-key") for m in AZURE_SAS.finditer(text)]
+    return hits
+
+
+def _context_hits(text: str, lower: str) -> list[_Hit]:
+    """Shapes with no literal, taken for secrets only within CONTEXT_REACH characters of their
+    service's name: an AWS secret access key (40 base64 characters, mixed case and digits), Twilio
+    SIDs (detect-secrets' plugin) and auth tokens (32 hex), an Azure storage key (86 + ``==``)."""
+    hits = []
+    for word, find in (("aws", _aws_secrets), ("twilio", _twilio_keys), ("azure", _azure_keys)):
+        if word in lower:
+            for start, end in _reach(lower, word):
+                hits += find(text, start, end)
+    return hits
+
+
+def _reach(lower: str, word: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for pos in _occurrences(lower, word):
+        s, e = max(0, pos - CONTEXT_REACH), pos + len(word) + CONTEXT_REACH
+        if spans and s <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], e)
+        else:
+            spans.append((s, e))
+    return spans
+
+
+def _aws_secrets(text: str, start: int, end: int) -> list[_Hit]:
+    return [_Hit(*m.span(), "aws-access-key") for m in AWS_SECRET.finditer(text, start, end)
+            if _random_token(m.group())]
+
+
+def _twilio_keys(text: str, start: int, end: int) -> list[_Hit]:
+    hits = [_Hit(*m.span(), "twilio-key") for regex in TWILIO.denylist for m in regex.finditer(text, start, end)
+            if _delimited(text, *m.span())]
+    return hits + [_Hit(*m.span(), "twilio-key") for m in TWILIO_TOKEN.finditer(text, start, end)
+                   if len(set(m.group())) >= 10]
+
+
+def _azure_keys(text: str, start: int, end: int) -> list[_Hit]:
+    return [_Hit(*m.span(), "azure-storage-key") for m in AZURE_KEY.finditer(text, start, end)
+            if _random_token(m.group())]
+
+
+def _random_token(value: str) -> bool:
+    """Upper case, lower case and digits, and the entropy of a random string (not a path or a word run)."""
+    return (any(c.isdigit() for c in value) and _mixed_case(value) and value.count("/") <= len(value) // 8
+            and BASE64_ENTROPY.calculate_shannon_entropy(value) > 4.2)
+
+
 def _keyword_hits(text: str, lower: str, words: list[str], filetype: Callable[[], FileType]) -> list[_Hit]:
     """detect-secrets' keyword patterns (those for the file type, else quotes required), run near
     each keyword of its DENYLIST; ``filetype`` is asked only when there is such a keyword."""
@@ -854,7 +1045,7 @@ def _cli_tool_hits(text: str, lower: str, any_value: bool = False) -> list[_Hit]
     """``mysql -pX``, ``sshpass -p X``, ``redis-cli -a X``, ``curl -u user:X`` (``any_value``: also
     values the filters would drop; the gate's superset)."""
     hits = []
-    for start, end in _windows(text, lower, ("mysql", "mariadb", "sshpass", "redis-cli", "curl"), 0, 1 << 30):
+    for start, end in _windows(text, lower, CLI_WORDS, 0, 1 << 30):
         for regex in CLI_TOOLS:
             for m in regex.finditer(text, start, end):
                 if any_value or _value_ok(m.group(1)):
@@ -1106,6 +1297,18 @@ def _extend(text: str, end: int, window_end: int) -> int:
     while end < len(text) and text[end] not in " \t\r\n'\"`,":
         end += 1
     return end
+
+
+def _unescaped(text: str) -> str:
+    """``text`` with JSON's ``\\uXXXX`` and ``\\/`` escapes decoded (a surrogate stays escaped)."""
+    return JSON_ESCAPE.sub(_unescape_one, text)
+
+
+def _unescape_one(m: re.Match) -> str:
+    if m.group(1) is None:
+        return "/"
+    code = int(m.group(1), 16)
+    return chr(code) if code >= 0x20 and not 0xD800 <= code < 0xE000 else m.group()
 
 
 def _unquoted_span(m: re.Match, group: int) -> tuple[int, int]:
