@@ -20,6 +20,8 @@ from typing import Callable
 B32 = string.ascii_uppercase + "234567"
 ALNUM = string.ascii_letters + string.digits
 B64 = ALNUM + "+/"
+URLSAFE = ALNUM + "-_"
+HEX = "0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,50 @@ class _Fake:
     def salt(self) -> str:
         """A random base64 string long enough to be clearly high-entropy."""
         return self.chars(B64, 48)
+
+    # -- token formats recognised by their shape alone (issue 11) --
+
+    def anthropic(self) -> str:
+        return "sk-ant-api03-" + self.chars(URLSAFE, 93) + "AA"
+
+    def huggingface(self) -> str:
+        return "hf_" + self.chars(string.ascii_letters, 34)
+
+    def google(self) -> str:
+        return "AIza" + self.chars(URLSAFE, 35)
+
+    def openai_project(self) -> str:
+        return "sk-proj-" + self.chars(URLSAFE, 74) + "T3BlbkFJ" + self.chars(URLSAFE, 74)
+
+    def gitlab(self) -> str:
+        return "glpat-" + self.chars(URLSAFE, 20)
+
+    def npm(self) -> str:
+        return "npm_" + self.chars(ALNUM, 36)
+
+    def pypi(self) -> str:
+        return "pypi-AgEIcHlwaS5vcmc" + self.chars(URLSAFE, 120)
+
+    def slack_user(self) -> str:
+        return f"xoxp-{self.chars(string.digits, 11)}-{self.chars(string.digits, 11)}-{self.chars(string.digits, 13)}-{self.chars(HEX, 32)}"
+
+    def stripe_long(self) -> str:
+        return "sk_live_" + self.chars(ALNUM, 99)
+
+    def sendgrid(self) -> str:
+        return f"SG.{self.chars(URLSAFE, 22)}.{self.chars(URLSAFE, 43)}"
+
+    def twilio_sid(self) -> str:
+        return "SK" + self.chars(HEX, 32)
+
+    def twilio_token(self) -> str:
+        return self.chars(HEX, 32)
+
+    def azure_account_key(self) -> str:
+        return self.chars(B64, 86) + "=="
+
+    def basic_auth(self, user: str) -> str:
+        return base64.b64encode(f"{user}:{self.password()}".encode()).decode()
 
 
 def _v1(prompt: str, replies: list[str], executions: list[tuple[str, str]]) -> str:
@@ -304,11 +350,128 @@ def _netrc_and_aws_credentials(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
     return line, [(machine, "secret-file"), (secret, "secret-file")]
 
 
+def _anthropic_curl_reply(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    key = f.anthropic()
+    reply = ("You can call the Messages API directly:\n\n```sh\ncurl https://api.anthropic.com/v1/messages \\\n"
+             f"  -H \"x-api-key: {key}\" \\\n  -H \"anthropic-version: 2023-06-01\" \\\n"
+             "  -H \"content-type: application/json\" -d @request.json\n```")
+    return _v1("how do I call Claude from the shell with the key in my notes?", [reply], []), [(key, "anthropic-key")]
+
+
+def _tokens_in_prose(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    hf, google, secret = f.huggingface(), f.google(), f.aws_secret()
+    prompt = (f"the model download fails with 401 although my Hugging Face token is {hf}. The maps widget uses "
+              f"the key {google} and works. Also, the backup job should use the AWS secret key {secret} now.")
+    line = _v2(prompt, ["A 401 from the Hub means the token lacks read access to that repository; create a read token."], [])
+    return line, [(hf, "huggingface-token"), (google, "google-api-key"), (secret, "aws-access-key")]
+
+
+def _json_escaped(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    """Secrets whose letters the writer escaped: ``\\u0067hp_...``, ``\\u0041Iza...``, and a URL
+    with every slash written ``\\/`` (as PHP's json_encode does)."""
+    token, google, password = f.github_classic(), f.google(), f.password().replace("#", "x").replace("%", "y")
+    prompt = f"push with {token}, keep the maps key {google} and clone https://dana:{password}@git.example.com/acme/shop.git"
+    line = _v1(prompt, ["Pushed and cloned."], [])
+    line = line.replace(token, "\\u0067" + token[1:]).replace(google, "\\u0041" + google[1:]).replace("/", "\\/")
+    return line, [(token, "github-token"), (google, "google-api-key"), (password, "password-in-url")]
+
+
+def _registry_logins(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    short, long_, stdin, helm = f.password(), f.password(), f.password(), f.password()
+    commands = [f"docker login -u deploybot -p {short} registry.example.com",
+                f"podman login quay.io --username dana --password {long_}",
+                f"echo {stdin} | docker login ghcr.io -u dana --password-stdin"]
+    calls = [f"run_shell_command('{c}')" for c in commands]
+    line = _v1("log in to our three registries", ["\n".join(_call(c) for c in calls),
+                                                   f"All three logins succeeded. For the charts run `helm registry login "
+                                                   f"charts.example.com --username bot --password {helm}`."],
+               [(c, _out("Login Succeeded")) for c in calls])
+    return line, [(short, "password"), (long_, "password"), (stdin, "password"), (helm, "password")]
+
+
+def _auth_headers(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    basic, bearer, private = f.basic_auth("ci"), f.chars(ALNUM, 40), f.chars(URLSAFE, 20) + "7"
+    verbose = ("*   Trying 10.0.0.7:443...\n> GET /api/json HTTP/1.1\n> Host: ci.example.com\n"
+               f"> Authorization: Basic {basic}\n> User-Agent: curl/8.5.0\n> Accept: */*\n>\n< HTTP/1.1 403 Forbidden")
+    call = "run_shell_command('curl -v --netrc https://ci.example.com/api/json')"
+    line = _v1(f"the webhook sends 'Authorization: Bearer {bearer}' and gets 403; does the CI accept my netrc login?",
+               [_call(call), "The CI rejects the netrc user (403); the webhook token is not the problem.",
+                f"To test the GitLab API use: curl --header \"PRIVATE-TOKEN: {private}\" https://gitlab.example.com/api/v4/user"],
+               [(call, _out(verbose))])
+    return line, [(basic, "auth-header"), (bearer, "auth-header"), (private, "auth-header")]
+
+
+def _tokens_in_written_code(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    openai, gitlab, pypi, npm = f.openai_project(), f.gitlab(), f.pypi(), f.npm()
+    code = ("import openai\\nimport gitlab\\n\\n"
+            f"openai.api_key = \"{openai}\"\\n"
+            f"gl = gitlab.Gitlab(\"https://gitlab.example.com\", private_token=\"{gitlab}\")\\n"
+            f"TWINE_ARGS = [\"--username\", \"__token__\", \"{pypi}\"]\\n"
+            f"NPMRC = \"//registry.npmjs.org/:_authToken={npm}\"\\n")
+    call = f"write_file('scripts/release.py', '{code}')"
+    line = _v2("write scripts/release.py that publishes to PyPI and npm and tags the release on GitLab",
+               [_call(call), "scripts/release.py is written."], [(call, _out("File written: scripts/release.py"))])
+    return line, [(openai, "openai-key"), (gitlab, "gitlab-token"), (pypi, "pypi-token"), (npm, "npm-token")]
+
+
+def _service_keys_in_output(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    slack, stripe, sendgrid, square = f.slack_user(), f.stripe_long(), f.sendgrid(), "sq0csp-" + f.chars(URLSAFE, 43)
+    sid, token, account = f.twilio_sid(), f.twilio_token(), f.azure_account_key()
+    bus, sig = f.chars(B64, 43) + "=", f.chars(ALNUM, 43) + "%3D"
+    notes = ("# Production services\n\n"
+             f"* Slack user token for the bot migration: {slack}\n"
+             f"* Stripe: {stripe}\n"
+             f"* SendGrid: {sendgrid}\n"
+             f"* Square application secret: {square}\n"
+             f"* Twilio (SMS alerts): key {sid}, auth token {token}\n"
+             f"* Storage: DefaultEndpointsProtocol=https;AccountName=shopassets;AccountKey={account};EndpointSuffix=core.windows.net\n"
+             f"* Queue: Endpoint=sb://shop.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey={bus}\n"
+             f"* Export: https://shopassets.blob.core.windows.net/exports?sv=2022-11-02&ss=b&srt=co&sp=rl&se=2026-01-01T00:00:00Z&sig={sig}\n")
+    line = _v1("what services does production use? see docs/ops-notes.md",
+               [_call("read_file('docs/ops-notes.md')"), "Slack, Stripe, SendGrid, Twilio and Azure storage and queues."],
+               [("read_file('docs/ops-notes.md')", _out(notes))])
+    return line, [(slack, "slack-token"), (stripe, "stripe-key"), (sendgrid, "sendgrid-key"), (square, "square-token"),
+                  (sid, "twilio-key"),
+                  (token, "twilio-key"), (account, "azure-storage-key"), (bus, "azure-storage-key"), (sig, "azure-storage-key")]
+
+
+def _keys_and_jwt_in_chat(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    key, jwt = f.pem("EC PRIVATE KEY", 3), f.jwt()
+    line = json.dumps({"messages": [
+        {"role": "user", "content": "decode the tls secret and check the session token"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "run_shell_command", "arguments": json.dumps({"command": "kubectl get secret tls -o jsonpath='{.data.tls-key}' | base64 -d"})}}]},
+        {"role": "tool", "content": key},
+        {"role": "assistant", "content": f"The key is an EC key. The session token {jwt} is a valid HS256 JWT."}]})
+    return line, [(key, "private-key"), (jwt, "jwt")]
+
+
+def _more_command_lines(f: _Fake) -> tuple[str, list[tuple[str, str]]]:
+    mongo, ldap, pg, sql, htp, ssl, redis = (f.password().replace("#", "x").replace("%", "y") for _ in range(7))
+    commands = [f"mongosh 'mongodb+srv://admin:{mongo}@cluster0.example.net/shop' --eval 'db.stats()'",
+                f"ldapsearch -x -D cn=admin,dc=example,dc=com -w {ldap} -b dc=example,dc=com",
+                f"PGPASSWORD={pg} psql -h db -U app -c 'select 1'",
+                f"sqlcmd -S reports -U sa -P {sql} -Q 'SELECT 1'",
+                f"htpasswd -b -c .htpasswd dana {htp}",
+                f"openssl pkcs12 -export -in cert.pem -inkey key.pem -out bundle.p12 -passout pass:{ssl}"]
+    messages = [{"role": "user", "content": "check every service's credentials"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "run_shell_command", "arguments": json.dumps({"command": c})}}
+                    for c in commands]}]
+    messages += [{"role": "tool", "content": "ok"} for _ in commands]
+    messages += [{"role": "tool", "content": f"cache: redis://:{redis}@cache:6379/0 reachable"},
+                 {"role": "assistant", "content": "Every service accepted its credentials."}]
+    line = json.dumps({"messages": messages})
+    return line, [(mongo, "password-in-url"), (ldap, "password"), (pg, "password"), (sql, "password"),
+                  (htp, "password"), (ssl, "password"), (redis, "password-in-url")]
+
+
 BUILDERS: tuple[Callable[[_Fake], tuple[str, list[tuple[str, str]]]], ...] = (
     _aws_in_code, _aws_inline_env, _github_push, _github_pat_workflow, _slack_config, _jwt_curl, _pem_in_prompt,
     _pem_written, _cat_id_rsa, _read_env, _read_env_production, _mysqldump, _password_flags, _url_passwords,
     _keywords_in_code, _entropy_and_stripe, _openai_tool_calls, _plan_step, _printenv, _grep_finds_env,
-    _netrc_and_aws_credentials,
+    _netrc_and_aws_credentials, _anthropic_curl_reply, _tokens_in_prose, _json_escaped, _registry_logins, _auth_headers,
+    _tokens_in_written_code, _service_keys_in_output, _keys_and_jwt_in_chat, _more_command_lines,
 )
 
 

@@ -48,9 +48,7 @@ def test_every_planted_secret_is_found_with_its_kind_and_gone(scrubber, planted)
         assert not leaked(p.secret, everything(result)), f"line {p.line}: a {p.kind} survived"
         assert p.kind in result.counts(), f"line {p.line}: expected a {p.kind} finding, got {result.counts()}"
         assert f"<redacted:{p.kind}>" in everything(result)
-    assert {p.kind for p in plants} == {  # the corpus covers what it claims
-        "aws-access-key", "github-token", "slack-token", "jwt", "private-key", "password-in-url", "password",
-        "secret-assignment", "high-entropy", "stripe-key", "secret-file"}
+    assert {p.kind for p in plants} == set(KINDS)  # the corpus covers every kind
 
 
 def test_the_corpus_is_the_same_for_a_seed_and_holds_no_secret_twice():
@@ -232,6 +230,13 @@ def test_openai_tool_call_arguments_are_scanned(scrubber):
     "_b32alphabet = b'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'", 'status = "not_supported"  # password_last_used',
     '"integrity": "sha512-Zk9xW1vQ8bL4nR2tY6uP0sA3dF5gH7jK9lM1nB3vC5xZ7qW9eR1tY3uI5oP7aS9dF1gH3jK5lZ7xC9vB1nM3qw=="',
     "GATTACAACCATGCGCGATATAGCGCGATTATAT" * 2, "the -----BEGIN RSA PRIVATE KEY----- marker starts a key",
+    'WWW-Authenticate: Basic realm="admin"', "a basic example of bearer tokens", 'auth = "Basic " + b64encode(creds)',
+    'headers = {"Authorization": f"Bearer {self.token}"}', "Authorization: Bearer $GITHUB_TOKEN",
+    'curl -H "X-Api-Key: <your key>" https://api.example.com', "authorization = base64.decodebytes(authorization)",
+    "docker login -u dana --password-stdin < ~/pw.txt", "docker login -u dana -p", "mongosh -p --quiet",
+    "the aws cli reads ~/.aws/config; commit 3f2a1c9e8d7b6a5f4e3d2c1b0a9f8e7d6c5b4a39 fixed it",
+    "hf_hub_download(repo_id, filename)", "the laws of thermodynamics: ZmFzdGFwaS9yb3V0aW5nL3Jlc3BvbnNlcy5weQ",
+    r"caf\u00e9 and na\u00efve are escaped, https:\/\/example.com\/docs too",
 ])
 def test_ordinary_code_and_prose_is_left_alone(scrubber, text):
     assert scrubber.scrub_text(text) == (text, [])
@@ -320,12 +325,71 @@ def test_without_the_automaton_module_the_scrubber_still_works(monkeypatch, plan
         assert not leaked(p.secret, everything(scrub(plain, lines[p.line])))
 
 
+NEW_SHAPES = {  # issue 11: each alone, in prose, with no keyword next to it
+    "anthropic-key": "curl -H 'x-api-key: sk-ant-api03-" + "Ab3_De5-Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5" * 2 + "Qq1Ww2Ee3Rr4Tt5AA'",
+    "huggingface-token": "my token is hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh" + " thanks",
+    "google-api-key": "the key AIza" + "Sy9Qk2Lm4Np6Rt8Vx0Zb1Dc3Fe5Gh7Jk9Lm" + " works",
+    "aws-access-key": "our AWS secret key is " + "wJalrXUtnFEMI/K7MDENG/bPxRfiCYq3x8Zt2LkQ" + " now",
+    "github-token": "ghp_" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5",
+    "openai-key": "export it: sk-proj-" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5" * 2,
+    "gitlab-token": "token glpat-" + "Ab3De5Fg7Hj9Kl1Mn3Pq",
+    "npm-token": "npm_" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5",
+    "pypi-token": "pypi-AgEIcHlwaS5vcmc" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5" * 3,
+    "slack-token": "xoxp-12345678901-12345678901-1234567890123-" + "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+    "stripe-key": "sk_live_" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5" * 2,
+    "sendgrid-key": "SG." + "Ab3De5Fg7Hj9Kl1Mn3Pq5R" + "." + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5Ab3De5F",
+    "twilio-key": "Twilio auth token 0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+    "azure-storage-key": "AccountName=x;AccountKey=" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5/+" * 2 + "Ab3De5Fg7H==",
+    "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NSJ9.Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5",
+    "auth-header": "curl -H 'Authorization: Basic ZGFuYTpQdzEyMzQ1eA==' https://ci.example.com",
+    "password": "docker login -u dana -p Pw12345x registry.example.com",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_SHAPES))
+@pytest.mark.parametrize("escape", [False, True])
+def test_each_shape_is_found_alone_also_when_the_writer_escaped_it(scrubber, kind, escape):
+    """Each shape in a prompt and in a tool output; ``escape``: its first character written as a
+    JSON \\u escape in the raw line (the line decodes to the same lesson). Gone from the raw line
+    and the conversation, found with its kind."""
+    text = NEW_SHAPES[kind]
+    for line in (json.dumps({"user_prompt": f"look: {text}", "ai_responses": ["ok"]}),
+                 json.dumps({"user_prompt": "show notes.txt", "ai_responses": ["<tool_code>\nread_file('notes.txt')\n</tool_code>"],
+                             "tool_executions": [{"tool_call": "read_file('notes.txt')", "tool_output": f"<tool_output>{text}</tool_output>"}]})):
+        if escape:
+            line = line.replace(text, "\\u%04x" % ord(text[0]) + text[1:])
+            assert text not in line and parse_line(line).messages == parse_line(line.replace("\\u%04x" % ord(text[0]), text[0])).messages
+        result = scrub(scrubber, line)
+        assert kind in result.counts(), (kind, result.counts())
+        kept = everything(result)
+        assert f"<redacted:{kind}>" in kept and "<redacted:" in result.raw
+        assert not any(part in kept for part in ("Ab3De5Fg7Hj9Kl1", "AbCdEfGhIjKl", "Sy9Qk2Lm4Np6", "wJalrXUtnFEMI",
+                                                  "0a1b2c3d4e5f6071", "ZGFuYTpQdzEyMzQ1eA", "Pw12345x", "Zb1Dc3Fe5Gh7"))
+
+
+def test_json_escapes_alone_do_not_open_the_gate(scrubber):
+    line = json.dumps({"user_prompt": "caf\u00e9 \u2014 na\u00efve", "ai_responses": ["https://example.com/docs"]})
+    assert "\\u00e9" in line and scrubber.gate(line) == set()
+    assert scrubber.gate(line.replace("/", "\\/")) == set()
+
+
+def test_a_reject_prefix_is_scanned_as_decoded(scrubber):
+    token = "ghp_" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5"
+    broken = '{"user_prompt": "push with \\u0067' + token[1:] + ' and more", oops'
+    prefix, kinds = scrubber.scrub_prefix(broken, 200)
+    assert kinds == ["github-token"] and token[1:] not in prefix and "<redacted:github-token>" in prefix
+
+
 SNIPPETS = [
     "GH_TOKEN=abc123def456", "DB_PASSWORD=hunter22x", "export NPM_TOKEN=abc123def456", "--password=Pw12345x",
     "mysql -uroot -pPw12345x db", 'password = "Pw12345x"', "api_key: 'Zx81kQ0pL2'", "AKIA" + "Q7Z2K4M6N8P2R4T6",
     "ghp_" + "Ab3De5Fg7Hj9Kl1Mn3Pq5Rs7Tu9Vw1Xy3Za5", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
     "postgres://u:Pw12345x@h/db", "curl -u bob:Pw12345x https://x", 'SIGNING = "' + "Zk9xW1vQ8bL4nR2tY6uP0sA3dF5gH7jK9lM1nB3v" + '"',
-    "sshpass -p Pw12345x ssh host", "redis-cli -a Pw12345x ping",
+    "sshpass -p Pw12345x ssh host", "redis-cli -a Pw12345x ping", "docker login -u a -p Pw12345x r.io",
+    "echo Pw12345x | docker login -u a --password-stdin r.io", "mongosh -u a -p Pw12345x", "sqlcmd -U sa -P Pw12345x",
+    "ldapsearch -x -w Pw12345x", "htpasswd -bc f dana Pw12345x", "openssl rsa -passin pass:Pw12345x",
+    "Authorization: Basic dTpQdzEyMzQ1eA==", "Authorization: Bearer abc123def456ghi789", "X-Api-Key: abc123def456",
+    "redis://:Pw12345x@cache:6379", "aws secret abc123def456" + "Zk9xW1vQ8bL4nR2tY6uP0sA3Qx9z",
 ]
 
 

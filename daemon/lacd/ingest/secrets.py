@@ -99,7 +99,7 @@ PATH_SPLIT = re.compile(r"[\s'\"`=<>|;&(),\[\]{}]+")
 ENV_DUMP = re.compile(r"(?:^|[;&|]\s*)(?:printenv|env)\s*(?:$|[;&|])")
 
 # -- lacd's own patterns: only what detect-secrets has no plugin for --------------------------------
-URL_CREDENTIALS = re.compile(r"://[^\s:/?#@'\"]+:([^\s/@'\"]+)@[\w\[]")
+URL_CREDENTIALS = re.compile(r"://[^\s:/?#@'\"]*:([^\s/@'\"]+)@[\w\[]")
 GITHUB_PAT = re.compile(r"github_pat_[A-Za-z0-9_]{22,}")
 JWT_SIGNATURE = re.compile(r"[A-Za-z0-9_\-]*")
 KEY_BLOCK_END = re.compile(r"-{4,5} ?END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)? ?-{4,5}")
@@ -123,10 +123,11 @@ CLI_TOOLS = (
                r"\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE),
     re.compile(TOOL_START + r"sqlcmd\b[^\n|;&]*?\s-P\s*" + DASHLESS_VALUE),
     re.compile(TOOL_START + r"ldap(?:search|add|modify|delete|passwd|whoami|compare)\b[^\n|;&]*?\s-w\s+" + DASHLESS_VALUE),
-    re.compile(TOOL_START + r"htpasswd\b[^\n|;&]*?\s-[a-zA-Z]*b[a-zA-Z]*\s+[^\s-]\S*\s+[^\s-]\S*\s+" + DASHLESS_VALUE),
+    re.compile(TOOL_START + r"htpasswd(?=(?:\s+-[a-zA-Z]+)*\s+-[a-zA-Z]*b)(?:\s+-[a-zA-Z]+)+\s+[^\s-]\S*\s+[^\s-]\S*\s+"
+               + DASHLESS_VALUE),  # htpasswd -b[c] FILE USER PASSWORD
     re.compile(TOOL_START + r"openssl\b[^\n|;&]*?\s-pass(?:in|out)?\s+['\"]?pass:([^\s'\"]+)"),
     re.compile(TOOL_START + r"smbclient\b[^\n|;&]*?\s(?:-U|--user)(?:=|\s+)['\"]?[^\s%'\"]+%([^\s'\"]+)"),
-    re.compile(r"\becho\s+(?:-n\s+)?" + DASHLESS_VALUE + r"\s*\|\s*(?:sudo\s+)?" + REGISTRY_LOGIN + r"[^\n|;&]*--password-stdin"),
+    re.compile(TOOL_START + r"echo\s+(?:-n\s+)?" + DASHLESS_VALUE + r"\s*\|\s*(?:sudo\s+)?" + REGISTRY_LOGIN + r"[^\n|;&]*--password-stdin"),
 )
 CLI_WORDS = ("mysql", "mariadb", "sshpass", "redis-cli", "curl", "echo", "docker", "podman", "nerdctl", "buildah",
              "skopeo", "oras", "helm", "mongo", "sqlcmd", "ldap", "htpasswd", "openssl", "smbclient")  # a window for CLI_TOOLS starts at one of these
