@@ -132,3 +132,52 @@ def test_worker_processes_store_exactly_what_this_process_stores(tmp_path, secre
         results.append((rows_of(engine), stats.lessons, stats.rejected, Counter(stats.secrets)))
     assert results[0] == results[1]
     assert results[0][1] > 20 and results[0][2] == 3 and results[0][3]
+
+
+def _cut_around(line: str, secret: str) -> str | None:
+    """A broken JSON line (a reject) holding the text around ``secret`` as the log has it (JSON
+    escapes included), the secret 100 characters in and 60 after it."""
+    escaped = json.dumps(secret)[1:-1]
+    twice = json.dumps(escaped)[1:-1]  # a JSON string inside a JSON string (tool call arguments)
+    for form, back in ((escaped, 0), (twice, 0), (secret.replace("\n", "\\\\n"), 0), (escaped[1:], 6),
+                       (escaped[1:].replace("/", "\\/"), 6)):
+        pos = line.find(form)
+        if pos >= 0:
+            start = max(0, pos - back - 100)
+            return '{"user_prompt": "' + line[start:pos + len(form) + 60] + ' <the agent was killed here'
+    return None
+
+
+def test_issue_11_secrets_are_in_no_byte_of_the_database_its_wal_or_the_cli(tmp_path):
+    """Every planted secret, in a lesson and in a rejected line around it: absent from the database
+    file and from its write-ahead log while the writer still holds it, from ``lacd lessons --json``
+    and from ``lacd rejects --json`` (the real CLI on the same state dir)."""
+    lines, planted = corpus(seed=31)
+    cuts = [(p, _cut_around(lines[p.line], p.secret)) for p in planted if p.kind != "secret-file"]
+    assert all(cut for _, cut in cuts) and all(json.loads(lines[p.line]) for p, _ in cuts)
+    log = tmp_path / "agent_interactions.jsonl"
+    log.write_text("\n".join(lines + [cut for _, cut in cuts]) + "\n")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    engine = db.write_engine(state / "lacd.db")
+    db.migrate(engine)
+    tailer = Tailer(log, Store(engine, {}), max_line=1 << 20, rotate_wait=0, batch_lines=5, spec=ClassifierSpec(),
+                    pool_bytes=1 << 40, workers=0)
+    tailer.start()
+    stats = tailer.sync()
+    wal = (state / "lacd.db-wal").read_bytes().decode("latin-1")
+    stored = (state / "lacd.db").read_bytes().decode("latin-1")
+    tailer.close()
+    engine.dispose()
+    assert stats.lessons == len(lines) and stats.rejected == len(cuts) and len(wal) > 4096
+    env = lacd_env(tmp_path, log)
+    listed = run_cli("lessons", "--json", "--limit", "1000", env=env)
+    listed_secrets = run_cli("lessons", "--secrets", "--json", "--limit", "1000", env=env)
+    rejects = run_cli("rejects", "--json", "--limit", "1000", env=env)
+    assert listed.returncode == listed_secrets.returncode == rejects.returncode == 0, rejects.stderr
+    shown = listed.stdout + listed_secrets.stdout
+    assert len(json.loads(listed.stdout)) == len(lines) and len(json.loads(rejects.stdout)) == len(cuts)
+    for p in planted:
+        for where, text in (("database", stored), ("WAL", wal), ("lacd lessons", shown), ("lacd rejects", rejects.stdout)):
+            assert not leaked(p.secret, text), f"a {p.kind} from line {p.line} is in the {where}"
+    assert "<redacted:" in rejects.stdout

@@ -358,6 +358,8 @@ CONTEXT_REACH = 300  # how far from its service's name a context shape is looked
 
 # -- JSON escapes: a literal written with them (\u0067hp_...) is still that literal ------------------
 JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
+ANY_ESCAPE = re.compile(r"\\(?:([\"\\nrt])|u([0-9a-fA-F]{4})|/)")
+ESCAPED_CHARS = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
 
 
 class _Literals:
@@ -441,18 +443,18 @@ class Scrubber:
         secret-file rule for ``tool_call``/``tool_output`` pairs and role messages) and re-encoded;
         the text itself is returned when nothing was found. Other text is scanned as it is.
         """
+        original, obj = text, _json_container(text)
+        if obj is None and "\\" in text:
+            text = _decoded(text)  # broken JSON (a reject): scanned as the agent wrote it, escapes decoded
         tags = self.gate(text)
         if not tags:
-            return text, []
-        obj = _json_container(text)
-        if obj is None and ("\\u" in text or "\\/" in text):
-            text = _unescaped(text)  # broken JSON (a reject's prefix): scanned as the agent wrote it
+            return original, []
         root = obj if obj is not None else [text]
         units = self._raw_units(obj) if obj is not None else [_Unit(text, (0,), "raw", -1)]
         self._scan(units, tags)
         found = _apply_paths(root, units)
         if not found:
-            return text, []
+            return original, []
         return (orjson.dumps(obj).decode() if obj is not None else root[0]), [f.kind for f, _ in found]
 
     def scrub_prefix(self, text: str, limit: int) -> tuple[str, list[str]]:
@@ -1305,11 +1307,31 @@ def _unescaped(text: str) -> str:
     return JSON_ESCAPE.sub(_unescape_one, text)
 
 
+def _decoded(text: str) -> str:
+    """Text that is not valid JSON (a broken line) with JSON's escapes decoded, twice over (a JSON
+    string inside a JSON string: tool call arguments), so that ``password: \\"X\\"`` reads as code."""
+    for _ in range(2):
+        if "\\" not in text:
+            break
+        text = ANY_ESCAPE.sub(_decode_one, text)
+    return text
+
+
+def _decode_one(m: re.Match) -> str:
+    return ESCAPED_CHARS[m.group(1)] if m.group(1) else _char(m.group(2), m.group())
+
+
 def _unescape_one(m: re.Match) -> str:
-    if m.group(1) is None:
+    return _char(m.group(1), m.group())
+
+
+def _char(hex_code: str | None, escape: str) -> str:
+    """The character a ``\\uXXXX`` escape stands for (``/`` for ``\\/``); a control character or a
+    surrogate stays escaped."""
+    if hex_code is None:
         return "/"
-    code = int(m.group(1), 16)
-    return chr(code) if code >= 0x20 and not 0xD800 <= code < 0xE000 else m.group()
+    code = int(hex_code, 16)
+    return chr(code) if code >= 0x20 and not 0xD800 <= code < 0xE000 else escape
 
 
 def _unquoted_span(m: re.Match, group: int) -> tuple[int, int]:
