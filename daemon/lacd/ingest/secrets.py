@@ -6,14 +6,23 @@ each configurable to ``redact`` (the default: the lesson is kept, redacted) or `
 
 * detect-secrets' plugins: ``aws-access-key``, ``github-token``, ``gitlab-token``, ``slack-token``,
   ``jwt``, ``private-key``, ``stripe-key``, ``openai-key``, ``npm-token``, ``pypi-token``,
-  ``sendgrid-key``, ``square-token``, ``azure-storage-key``, ``password-in-url``; its keyword plugin
-  gives ``password`` / ``secret-assignment`` (``password = "..."``, ``api_key: "..."``); its Base64
-  and Hex entropy plugins give ``high-entropy`` (quoted strings, as detect-secrets does);
-* lacd's own checks, only where detect-secrets has nothing: GitHub fine-grained tokens
-  (``github_pat_``), the whole PEM/PuTTY key block (detect-secrets matches only its BEGIN line),
-  the JWT signature (its pattern stops after the payload), passwords on command lines
-  (``mysql -pX``, ``--password=X``, ``--token X``, ``sshpass -p X``, ``redis-cli -a X``,
-  ``curl -u user:X``), shell/.env assignments to secret-named variables (``DB_PASSWORD=X``,
+  ``sendgrid-key``, ``square-token``, ``azure-storage-key``, ``twilio-key``, ``password-in-url``; its
+  keyword plugin gives ``password`` / ``secret-assignment`` (``password = "..."``, ``api_key:
+  "..."``); its Base64 and Hex entropy plugins give ``high-entropy`` (quoted strings, as
+  detect-secrets does); a fixed-length match runs on to the end of its token;
+* lacd's own checks, only where detect-secrets has nothing: token shapes (TOKEN_SHAPES:
+  ``anthropic-key``, ``huggingface-token``, ``google-api-key``, OpenAI project/service keys, npm
+  ``npm_`` tokens anywhere, Stripe test/webhook keys, Slack app tokens, GitHub fine-grained tokens);
+  shapes with no literal, only near their service's name (an AWS secret key near "aws", Twilio
+  SIDs and auth tokens near "twilio", an Azure storage key near "azure"); Azure connection strings
+  (``SharedAccessKey=``, ``AccountKey=``) and SAS ``sig=``; ``auth-header``: ``Authorization:
+  Basic`` (base64 of ``user:password``), ``Bearer`` and ``Authorization: token`` values, API key
+  headers (``x-api-key``, ``PRIVATE-TOKEN``...); the whole PEM/PuTTY key block (detect-secrets
+  matches only its BEGIN line), the JWT signature (its pattern stops after the payload), passwords
+  on command lines (``mysql -pX``, ``--password=X``, ``--token X``, ``sshpass -p X``, ``redis-cli -a
+  X``, ``curl -u user:X``, ``docker/podman/helm registry login -p X``, ``echo X | docker login
+  --password-stdin``, ``mongosh -p X``, ``sqlcmd -P X``, ``ldapsearch -w X``, ``htpasswd -b``,
+  ``openssl ... pass:X``, ``smbclient -U user%X``), shell/.env assignments to secret-named variables (``DB_PASSWORD=X``,
   ``export GH_TOKEN=X``), JSON fields with secret names (tool call arguments), and ``secret-file``:
   the output of a tool call that read a secret-by-nature path (``read_file('.env')``,
   ``cat ~/.ssh/id_rsa``, ``printenv``) is replaced whole (its wrapper tags kept), and so is the
@@ -28,7 +37,10 @@ installed, else one substring search per literal) over the lower-cased text for 
 literals, one byte translation for quoted high-entropy candidates, and a cheap confirmation next to
 each literal found. On a raw JSON line it is sound for the whole lesson (the literals survive JSON
 escaping; ``test_the_raw_line_gate_is_sound_wherever_the_secret_sits``), so a clean line costs one
-gate (about twice ``parse_line``); detectors then look only near their literals.
+gate (about twice ``parse_line``); detectors then look only near their literals. Everything is
+found in the decoded text: a line holding JSON escapes (``\\u0067hp_...``, ``https:\\/\\/...``) is
+gated decoded (the escapes are literals of the same pass, so other lines cost nothing more), and
+text that is not valid JSON (a reject's prefix) is scanned with its escapes decoded.
 """
 
 from __future__ import annotations
