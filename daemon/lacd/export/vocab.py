@@ -158,9 +158,7 @@ def pre_tokenizer_name(base_dir: Path, tokenizer: dict) -> str:
     name, digest = pretokenizer.identify(base_dir)
     if name:
         return name
-    name = bpe_pre_tokenizer_name(tokenizer)
-    log.info("export.pre_tokenizer_hash_unknown", chkhsh=digest, by_structure=name)
-    return name
+    return bpe_pre_tokenizer_name(tokenizer, digest)
 
 
 def source_gguf_pre(base_dir: Path) -> str | None:
@@ -178,8 +176,9 @@ def source_gguf_pre(base_dir: Path) -> str | None:
     return str(field.contents()) if field is not None else None
 
 
-def bpe_pre_tokenizer_name(tokenizer: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer in tokenizer.json, or "default" (with a warning)."""
+def bpe_pre_tokenizer_name(tokenizer: dict, chkhsh: str | None = None) -> str:
+    """llama.cpp's name for the pre-tokenizer in tokenizer.json, or "default" (with a warning that
+    gives the converter's hash ``chkhsh`` when known)."""
     steps = _pre_tokenizer_steps(tokenizer.get("pre_tokenizer"))
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -189,7 +188,7 @@ def bpe_pre_tokenizer_name(tokenizer: dict) -> str:
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         if steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT_REGEX:
             return "llama-bpe"
-    log.warning("export.pre_tokenizer_unknown", steps=kinds, written="default")
+    log.warning("export.pre_tokenizer_unknown", steps=kinds, chkhsh=chkhsh, written="default")
     return "default"
 
 
