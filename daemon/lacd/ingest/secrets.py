@@ -125,24 +125,26 @@ TOOL_START = r"(?:(?<![\w-])|(?<=\\[nrt]))"  # a command name starts here (after
 DASHLESS_VALUE = r"('[^'\n]*'|\"[^\"\n]*\"|[^\s'\"-][^\s'\"]*)"  # a value, not the next -flag
 REGISTRY_LOGIN = r"(?:docker|podman|nerdctl|buildah|skopeo|oras|helm(?:\s+registry)?)\s+login\b"
 CLI_FLAG = re.compile(r"(--?[\w-]*)(?:=|\s+)" + VALUE)
-CLI_TOOLS = (
-    re.compile(TOOL_START + r"(?:mysql|mysqldump|mysqladmin|mysqlimport|mysqlcheck|mysqlshow|mariadb|sshpass)\b"
-               r"[^\n|;&]*?\s-p(?:(?<=sshpass -p)\s*)?('[^'\n]*'|\"[^\"\n]*\"|[^\s'\"-][^\s'\"]*)"),
-    re.compile(TOOL_START + r"redis-cli\b[^\n|;&]*?\s-a\s+" + VALUE),
-    re.compile(TOOL_START + r"curl\b[^\n|;&]*?\s(?:-u|--user)\s*['\"]?[^\s:'\"]+:([^\s'\"@]+)"),
-    re.compile(TOOL_START + REGISTRY_LOGIN + r"[^\n|;&]*?\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE),
-    re.compile(TOOL_START + r"(?:mongo|mongosh|mongodump|mongorestore|mongoexport|mongoimport)\b[^\n|;&]*?"
-               r"\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE),
-    re.compile(TOOL_START + r"sqlcmd\b[^\n|;&]*?\s-P\s*" + DASHLESS_VALUE),
-    re.compile(TOOL_START + r"ldap(?:search|add|modify|delete|passwd|whoami|compare)\b[^\n|;&]*?\s-w\s+" + DASHLESS_VALUE),
-    re.compile(TOOL_START + r"htpasswd(?=(?:\s+-[a-zA-Z]+)*\s+-[a-zA-Z]*b)(?:\s+-[a-zA-Z]+)+\s+[^\s-]\S*\s+[^\s-]\S*\s+"
-               + DASHLESS_VALUE),  # htpasswd -b[c] FILE USER PASSWORD
-    re.compile(TOOL_START + r"openssl\b[^\n|;&]*?\s-pass(?:in|out)?\s+['\"]?pass:([^\s'\"]+)"),
-    re.compile(TOOL_START + r"smbclient\b[^\n|;&]*?\s(?:-U|--user)(?:=|\s+)['\"]?[^\s%'\"]+%([^\s'\"]+)"),
-    re.compile(TOOL_START + r"echo\s+(?:-n\s+)?" + DASHLESS_VALUE + r"\s*\|\s*(?:sudo\s+)?" + REGISTRY_LOGIN + r"[^\n|;&]*--password-stdin"),
+REGISTRY_WORDS = ("docker", "podman", "nerdctl", "buildah", "skopeo", "oras", "helm")
+CLI_TOOLS = (  # (the words one of which starts a match, the pattern); group 1 is the password
+    (("mysql", "mariadb", "sshpass"),
+     re.compile(TOOL_START + r"(?:mysql|mysqldump|mysqladmin|mysqlimport|mysqlcheck|mysqlshow|mariadb|sshpass)\b"
+                r"[^\n|;&]*?\s-p(?:(?<=sshpass -p)\s*)?('[^'\n]*'|\"[^\"\n]*\"|[^\s'\"-][^\s'\"]*)")),
+    (("redis-cli",), re.compile(TOOL_START + r"redis-cli\b[^\n|;&]*?\s-a\s+" + VALUE)),
+    (("curl",), re.compile(TOOL_START + r"curl\b[^\n|;&]*?\s(?:-u|--user)\s*['\"]?[^\s:'\"]+:([^\s'\"@]+)")),
+    (REGISTRY_WORDS, re.compile(TOOL_START + REGISTRY_LOGIN + r"[^\n|;&]*?\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE)),
+    (("mongo",), re.compile(TOOL_START + r"(?:mongo|mongosh|mongodump|mongorestore|mongoexport|mongoimport)\b"
+                            r"[^\n|;&]*?\s(?:-p|--password)(?:=|\s+)" + DASHLESS_VALUE)),
+    (("sqlcmd",), re.compile(TOOL_START + r"sqlcmd\b[^\n|;&]*?\s-P\s*" + DASHLESS_VALUE)),
+    (("ldap",), re.compile(TOOL_START + r"ldap(?:search|add|modify|delete|passwd|whoami|compare)\b[^\n|;&]*?\s-w\s+"
+                           + DASHLESS_VALUE)),
+    (("htpasswd",), re.compile(TOOL_START + r"htpasswd(?=(?:\s+-[a-zA-Z]+)*\s+-[a-zA-Z]*b)(?:\s+-[a-zA-Z]+)+"
+                               r"\s+[^\s-]\S*\s+[^\s-]\S*\s+" + DASHLESS_VALUE)),  # htpasswd -b[c] FILE USER PASSWORD
+    (("openssl",), re.compile(TOOL_START + r"openssl\b[^\n|;&]*?\s-pass(?:in|out)?\s+['\"]?pass:([^\s'\"]+)")),
+    (("smbclient",), re.compile(TOOL_START + r"smbclient\b[^\n|;&]*?\s(?:-U|--user)(?:=|\s+)['\"]?[^\s%'\"]+%([^\s'\"]+)")),
+    (("echo",), re.compile(TOOL_START + r"echo\s+(?:-n\s+)?" + DASHLESS_VALUE + r"\s*\|\s*(?:sudo\s+)?"
+                           + REGISTRY_LOGIN + r"[^\n|;&]*--password-stdin")),
 )
-CLI_WORDS = ("mysql", "mariadb", "sshpass", "redis-cli", "curl", "echo", "docker", "podman", "nerdctl", "buildah",
-             "skopeo", "oras", "helm", "mongo", "sqlcmd", "ldap", "htpasswd", "openssl", "smbclient")  # a window for CLI_TOOLS starts at one of these
 FLAG_WORDS = re.compile(r"password|passwd|passphrase|token|secret|api-?key|api_key", re.I)
 FLAG_NOT_VALUE = ("-stdin", "-file", "-env", "-prompt", "-cmd", "-command", "-length", "-len", "-limit")
 WORD_BEFORE = re.compile(r"[\w-]*$")
@@ -161,7 +163,8 @@ PLACEHOLDERS = frozenset({
 
 # -- the gate ------------------------------------------------------------------------------------------
 SECRET_WORDS = ("key", "pass", "pwd", "secret", "token", "credential")  # keyword, env, flag and field names
-CLI_NEEDLES = (" -p", "curl", "redis-cli", "ldap", "smbclient")  # and "pass" (htpasswd, openssl, --password-stdin)
+CLI_NEEDLES = (" -p", "curl", "redis-cli", "ldap", "smbclient")
+PASS_CLI_NEEDLES = ("htpasswd", "pass:", "password-stdin")  # command lines the literal "pass" opens the gate for
 HEADER_NEEDLES = ("bearer", "basic", "authoriz", "api-key", "auth-token", "private-token", "access-token",
                   "subscription-key")  # Authorization and API key headers (kept whole: not reduced by _minimal)
 CONTEXT_NEEDLES = ("aws", "twilio", "azure")  # shapes with no literal of their own, looked for near these words
@@ -369,7 +372,7 @@ AZURE_SAS = re.compile(r"[?&;]sig=([A-Za-z0-9%+/]{20,}(?:=|%3[dD]){0,2})")
 CONTEXT_REACH = 300  # how far from its service's name a context shape is looked for
 
 # -- JSON escapes: a literal written with them (\u0067hp_...) is still that literal ------------------
-JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
+JSON_ESCAPE = re.compile(r"\\(?:(\\)|u([0-9a-fA-F]{4})|/)")  # an escaped backslash is consumed whole, kept
 ANY_ESCAPE = re.compile(r"\\(?:([\"\\nrt])|u([0-9a-fA-F]{4})|/)")
 ESCAPED_CHARS = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
 
@@ -504,9 +507,10 @@ class Scrubber:
         lower = text.lower()
         present = self._literals.present(lower)
         if "\\u" in present or "\\/" in present:  # a literal written with JSON escapes is still that literal
-            text = _unescaped(text)
-            lower = text.lower()
-            present = self._literals.present(lower)
+            decoded = _unescaped(text)
+            if decoded != text:
+                text, lower = decoded, decoded.lower()
+                present = self._literals.present(lower)
         tags = set()
         if present and any(form in text for n in present & TOKEN_LITERALS.keys() for form in TOKEN_LITERALS[n]):
             tags.add(RUNS)
@@ -532,7 +536,8 @@ class Scrubber:
         if "://" in present and (("@" in text and (URL_CREDENTIALS.search(text) or next(BASIC_AUTH.spans(text), None)))
                                  or "hooks.slack.com" in lower):
             tags.add(URL)
-        if (any(n in present for n in CLI_NEEDLES) or "pass" in present) and _cli_tool_hits(text, lower, any_value=True):
+        if ((any(n in present for n in CLI_NEEDLES) or ("pass" in present and any(n in lower for n in PASS_CLI_NEEDLES)))
+                and _cli_tool_hits(text, lower, any_value=True)):
             tags.add(CLI)
         if self._file_candidate(text, lower, present):
             tags.add(FILES)
@@ -1060,8 +1065,8 @@ def _cli_tool_hits(text: str, lower: str, any_value: bool = False) -> list[_Hit]
     """``mysql -pX``, ``sshpass -p X``, ``redis-cli -a X``, ``curl -u user:X`` (``any_value``: also
     values the filters would drop; the gate's superset)."""
     hits = []
-    for start, end in _windows(text, lower, CLI_WORDS, 0, 1 << 30):
-        for regex in CLI_TOOLS:
+    for words, regex in CLI_TOOLS:
+        for start, end in _windows(text, lower, words, 0, 1 << 30):
             for m in regex.finditer(text, start, end):
                 if any_value or _value_ok(m.group(1)):
                     hits.append(_Hit(*_unquoted_span(m, 1), "password"))
@@ -1334,7 +1339,7 @@ def _decode_one(m: re.Match) -> str:
 
 
 def _unescape_one(m: re.Match) -> str:
-    return _char(m.group(1), m.group())
+    return m.group() if m.group(1) else _char(m.group(2), m.group())
 
 
 def _char(hex_code: str | None, escape: str) -> str:
