@@ -241,3 +241,13 @@ def test_smollm2_converted_from_its_gguf_is_named_as_the_converter_names_it(tmp_
     (folder / "lacd_source.json").unlink()  # no source GGUF: the hash alone decides
     by_hash = export_gguf(folder, None, tmp_path / "by_hash.gguf").path
     assert_same_fields(by_hash, reference)
+
+
+def test_a_tokenizer_transformers_cannot_load_is_named_by_its_structure(tmp_path: Path, monkeypatch) -> None:
+    def refuse(base_dir):
+        raise OSError("tokenizer class not found")
+
+    monkeypatch.setattr(pretokenizer, "identify", refuse)
+    base = make_tiny_llama(tmp_path / "tiny", tokenizer="bpe", seed=2)
+    out = export_gguf(base, None, tmp_path / "tiny.gguf").path
+    assert read_fields(out)["tokenizer.ggml.pre"] == "smollm"  # Digits + ByteLevel, read from tokenizer.json

@@ -155,10 +155,12 @@ def pre_tokenizer_name(base_dir: Path, tokenizer: dict) -> str:
     own = source_gguf_pre(base_dir)
     if own:
         return own
-    name, digest = pretokenizer.identify(base_dir)
-    if name:
-        return name
-    return bpe_pre_tokenizer_name(tokenizer, digest)
+    try:
+        name, digest = pretokenizer.identify(base_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers cannot load this tokenizer
+        log.warning("export.pre_tokenizer_hash_failed", error=str(exc))
+        name, digest = None, None
+    return name or bpe_pre_tokenizer_name(tokenizer, digest)
 
 
 def source_gguf_pre(base_dir: Path) -> str | None:
