@@ -367,6 +367,14 @@ def test_each_shape_is_found_alone_also_when_the_writer_escaped_it(scrubber, kin
                                                   "0a1b2c3d4e5f6071", "ZGFuYTpQdzEyMzQ1eA", "Pw12345x", "Zb1Dc3Fe5Gh7"))
 
 
+@pytest.mark.parametrize("prose", ["the secret access key is {}", "AWS: {} (rotated yesterday)"])
+def test_an_aws_secret_key_in_prose_needs_only_a_word_near_it(scrubber, prose):
+    key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYq3x8Zt2LkQ"
+    out, kinds = scrubber.scrub_text(prose.format(key))
+    assert kinds == ["aws-access-key"] and key not in out
+    assert scrubber.scrub_text(f"the build id is {key}") == (f"the build id is {key}", [])  # no word: not taken
+
+
 def test_json_escapes_alone_do_not_open_the_gate(scrubber):
     line = json.dumps({"user_prompt": "caf\u00e9 \u2014 na\u00efve", "ai_responses": ["https://example.com/docs"]})
     assert "\\u00e9" in line and scrubber.gate(line) == set()

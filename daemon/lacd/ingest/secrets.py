@@ -529,7 +529,7 @@ class Scrubber:
         if any(n in present for n in HEADER_NEEDLES):
             tags.add(HEADERS)
         if ("twilio" in present or "azure" in present
-                or ("aws" in present and AWS_SECRET_LOOSE.search(text))):
+                or (("aws" in present or "secret" in present) and AWS_SECRET_LOOSE.search(text))):
             tags.add(CONTEXT)
         if "token" in present and "_authtoken=" in lower:
             tags.add(NPM_TAG)
@@ -949,10 +949,11 @@ def _azure_hits(text: str, lower: str) -> list[_Hit]:
 
 def _context_hits(text: str, lower: str) -> list[_Hit]:
     """Shapes with no literal, taken for secrets only within CONTEXT_REACH characters of their
-    service's name: an AWS secret access key (40 base64 characters, mixed case and digits), Twilio
+    service's name: an AWS secret access key (40 base64 characters, mixed case and digits; near "aws"
+    or "secret"), Twilio
     SIDs (detect-secrets' plugin) and auth tokens (32 hex), an Azure storage key (86 + ``==``)."""
     hits = []
-    for word, find in (("aws", _aws_secrets), ("twilio", _twilio_keys), ("azure", _azure_keys)):
+    for word, find in (("aws", _aws_secrets), ("secret", _aws_secrets), ("twilio", _twilio_keys), ("azure", _azure_keys)):
         if word in lower:
             for start, end in _reach(lower, word):
                 hits += find(text, start, end)
