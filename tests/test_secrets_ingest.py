@@ -150,8 +150,8 @@ def _cut_around(line: str, secret: str) -> str | None:
 
 def test_issue_11_secrets_are_in_no_byte_of_the_database_its_wal_or_the_cli(tmp_path):
     """Every planted secret, in a lesson and in a rejected line around it: absent from the database
-    file and from its write-ahead log while the writer still holds it, from ``lacd lessons --json``
-    and from ``lacd rejects --json`` (the real CLI on the same state dir)."""
+    file and from its write-ahead log while the writer still holds it, from ``lacd lessons`` and
+    ``lacd rejects`` (``--json`` and text; the real CLI on the same state dir)."""
     lines, planted = corpus(seed=31)
     cuts = [(p, _cut_around(lines[p.line], p.secret)) for p in planted if p.kind != "secret-file"]
     assert all(cut for _, cut in cuts) and all(json.loads(lines[p.line]) for p, _ in cuts)
@@ -174,10 +174,12 @@ def test_issue_11_secrets_are_in_no_byte_of_the_database_its_wal_or_the_cli(tmp_
     listed = run_cli("lessons", "--json", "--limit", "1000", env=env)
     listed_secrets = run_cli("lessons", "--secrets", "--json", "--limit", "1000", env=env)
     rejects = run_cli("rejects", "--json", "--limit", "1000", env=env)
+    texts = [run_cli(*args, "--limit", "1000", env=env) for args in (("lessons",), ("lessons", "--secrets"), ("rejects",))]
     assert listed.returncode == listed_secrets.returncode == rejects.returncode == 0, rejects.stderr
-    shown = listed.stdout + listed_secrets.stdout
+    assert all(t.returncode == 0 for t in texts)
+    shown = listed.stdout + listed_secrets.stdout + "".join(t.stdout for t in texts)
     assert len(json.loads(listed.stdout)) == len(lines) and len(json.loads(rejects.stdout)) == len(cuts)
     for p in planted:
-        for where, text in (("database", stored), ("WAL", wal), ("lacd lessons", shown), ("lacd rejects", rejects.stdout)):
+        for where, text in (("database", stored), ("WAL", wal), ("CLI text", shown), ("lacd rejects", rejects.stdout)):
             assert not leaked(p.secret, text), f"a {p.kind} from line {p.line} is in the {where}"
     assert "<redacted:" in rejects.stdout
