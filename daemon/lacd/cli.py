@@ -274,17 +274,32 @@ def export_cmd(base, adapter, out, outtype):
 @click.pass_context
 def models(ctx, as_json):
     """Every version: run, lessons, metrics, promoted/rejected/removed, when, which one is latest."""
+    from lacd import served
+
     rows = _read(ctx, queue.model_versions)
-    click.echo(json.dumps(rows, indent=2) if as_json else status.render_models(rows))
+    names = _read(ctx, served.all_rows)
+    if as_json:
+        click.echo(json.dumps({"versions": rows, "served": names} if names else rows, indent=2))
+    else:
+        click.echo(status.render_models(rows, names))
 
 
 @cli.command()
 @click.argument("version", required=False)
+@click.option("--original", is_flag=True, help="point [model] serve_as (the agent's name) back at your own model (also: VERSION v0)")
 @click.pass_context
-def rollback(ctx, version):
-    """Point <name>:latest back at VERSION (e.g. v3; default: the promoted version before the current one)."""
+def rollback(ctx, version, original):
+    """Point <name>:latest back at VERSION (e.g. v3; default: the promoted version before the current one).
+
+    With [model] serve_as set, the agent's own model name follows; --original (or v0) points it
+    back at the model you had before lacd (kept as <name>:original) until the next promotion."""
     from lacd import cycle
 
+    if original or (version or "").rsplit(":", 1)[-1] in ("v0", "0", "original"):
+        done = cycle.rollback_original(settings_of(ctx))
+        click.echo(f"{done.name} now serves your original model again ({done.backup_tag}); "
+                   f"the next promotion points it at the new version (`lacd hand-back` stops that for good)")
+        return
     number = None
     if version is not None:
         digits = version.rsplit(":", 1)[-1].removeprefix("v")
@@ -295,6 +310,18 @@ def rollback(ctx, version):
     click.echo(f"{done.name}:latest now points at {done.to_tag} (was {done.from_tag})")
     if done.note:
         click.echo(f"note: {done.to_tag} had been {done.note}")
+
+
+@cli.command("hand-back")
+@click.pass_context
+def hand_back(ctx):
+    """Give [model] serve_as (the agent's name) back for good: it serves your original model again, and
+    lacd never changes it again (its own <name>:v<N> and <name>:latest go on). Do this before uninstalling."""
+    from lacd import cycle
+
+    done = cycle.rollback_original(settings_of(ctx), for_good=True)
+    click.echo(f"{done.name} is yours again: it serves your original model ({done.backup_tag} keeps a copy); "
+               f"lacd will not change it again")
 
 
 @cli.command()

@@ -168,12 +168,13 @@ class Model:
     system_prompt: str = _key("", "file with the agent's system prompt (empty: local-ai-coder's own, shipped with lacd)")
     chat_family: str = _key("", "chat format: chatml or llama2 (empty: detected from the base model's chat template)", _one_of("", "chatml", "llama2"))
     allow_download: bool = _key(False, "let a hub id be downloaded at run time (off: the local cache only)")
+    serve_as: str = _key("", "the model name the agent asks Ollama for (local-ai-coder: codellama): on each promotion or rollback it is pointed at the promoted version, the user's own model kept as <name>:original (empty: only <name>:latest)", lambda v: "must be a model name like codellama or codellama:7b" if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?", v) else None)
 
 
 @dataclass(frozen=True)
 class Ollama:
     host: str = _key("http://127.0.0.1:11434", "the Ollama server lacd registers models with")
-    quantize: str = _key("", "quantize when registering: q4_K_M or q8_0 (empty: as exported)", _one_of("", "q4_K_M", "q8_0"))
+    quantize: str = _key("", "quantize when registering: q4_K_M, q4_K_S, q8_0, or f16 to keep the exported precision (empty: q4_K_M or q8_0 like a quantized base, as exported otherwise)", _one_of("", "f16", "q4_K_M", "q4_K_S", "q8_0"))
     num_ctx: int = _key(4096, "context window registered as PARAMETER num_ctx", _at_least(256))
     unload_before_training: bool = _key(False, "ask Ollama to unload its models from the GPU before training")
     keep_versions: int = _key(5, "v<N> versions kept in Ollama; older ones are removed", _at_least(1))

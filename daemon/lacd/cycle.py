@@ -96,6 +96,10 @@ def rollback(settings: Settings, version: int | None = None) -> Rollback:
     active = store.active_version(name)
     if active is None:
         raise RollbackError(f"no version of {name} has been promoted yet: there is nothing to roll back")
+    if version == active.version and _serves_original(settings, store):  # back from `rollback --original`
+        client = register.make_client(settings.ollama.host, timeout_s=60)
+        _follow(settings, store, client, active.tag)
+        return Rollback(name, f"{settings.model.serve_as} (original)", active.tag, None)
     target = _rollback_target(store.versions(name), active, version, name)
     forgotten = store.forgotten_in_run(target.run_id) if target.run_id is not None else 0
     if forgotten:
@@ -112,6 +116,7 @@ def rollback(settings: Settings, version: int | None = None) -> Rollback:
     except register.OllamaError as exc:
         raise RollbackError(f"{exc}; nothing changed") from exc
     store.activate(name, target.version, f"rolled back to {target.tag} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    _follow(settings, store, client, target.tag)
     return Rollback(name, active.tag, target.tag, target.note if target.status == "rejected" else None)
 
 
@@ -133,3 +138,38 @@ def _rollback_target(versions: list, active, version: int | None, name: str):
     if target.status not in ("promoted", "rejected", "registered"):
         raise RollbackError(f"{target.tag} was never fully registered (status {target.status})")
     return target
+
+
+def _follow(settings: Settings, store: RunStore, client, tag: str) -> None:
+    """Point the agent's own name ([model] serve_as) where latest now points."""
+    from lacd import served
+    from lacd.pipeline import register
+
+    try:
+        served.follow(settings, store.engine, client, tag)
+    except (register.OllamaError, served.ServeError) as exc:
+        raise RollbackError(f"{settings.model.name}:latest now points at {tag}, but {settings.model.serve_as} "
+                            f"could not follow: {exc}; `lacd rollback {tag.rsplit(':', 1)[-1]}` tries again") from exc
+
+
+def rollback_original(settings: Settings, for_good: bool = False):
+    """`lacd rollback --original` / `lacd hand-back`: the agent's name serves the user's own model again."""
+    from lacd import served
+    from lacd.pipeline import register
+
+    db.require_schema(db.read_engine(settings.db_path), "served_names")
+    engine = db.write_engine(settings.db_path)
+    client = register.make_client(settings.ollama.host, timeout_s=60)
+    try:
+        return served.to_original(settings, engine, client, for_good)
+    except register.OllamaError as exc:
+        raise RollbackError(f"{exc}; `lacd status` shows what the agent's name serves now") from exc
+    except served.ServeError as exc:
+        raise RollbackError(str(exc)) from exc
+
+
+def _serves_original(settings: Settings, store: RunStore) -> bool:
+    from lacd import served
+
+    row = served.get(store.engine, settings.model.serve_as) if settings.model.serve_as else None
+    return row is not None and row.state == "serving" and row.serving == served.ORIGINAL

@@ -159,3 +159,26 @@ class Forget(Base):
 
 Index("ix_lessons_status_id", Lesson.status, Lesson.id)
 Index("ix_secret_findings_place", SecretFinding.source_id, SecretFinding.offset)
+
+
+class ServedName(Base):
+    """The agent's own model name ([model] serve_as) and what lacd last put under it.
+
+    state: backing_up (intent: preserve the user's model as backup_tag) -> serving -> released (the
+    name changed behind lacd's back: lacd stopped touching it) | handed_back (`lacd hand-back`).
+    pending_*: a copy to the name that was decided but not yet confirmed (written before acting).
+    """
+
+    __tablename__ = "served_names"
+    name: Mapped[str] = mapped_column(Text, primary_key=True)  # as Ollama stores it: codellama:latest
+    backup_tag: Mapped[str] = mapped_column(Text)  # the user's original, e.g. lacd-coder:original
+    original_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)  # None: the name did not exist
+    digest: Mapped[str | None] = mapped_column(String(80), nullable=True)  # what lacd last put under the name
+    serving: Mapped[str] = mapped_column(String(32))  # "original" or "v<N>"
+    state: Mapped[str] = mapped_column(String(16))
+    pending_tag: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pending_label: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    pending_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    pending_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)

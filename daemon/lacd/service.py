@@ -189,6 +189,9 @@ class Service:
         from lacd.scheduler import Scheduler
         from lacd.worker import RunExecutor, RunWorker
 
+        from lacd.served import reconcile_configured
+
+        reconcile_configured(self.settings, engine)  # a copy to the agent's model name cut short by a kill
         store = RunStore(engine)
         self.worker = RunWorker(RunExecutor(self.settings, store, threading.Event()))
         self.worker.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from lacd import db, forget, health, lock, queue
+from lacd import db, forget, health, lock, queue, served
 from lacd.config import Settings
 
 
@@ -38,6 +38,7 @@ def snapshot(settings: Settings) -> dict:
         _add_gate(conn, out["runs"])
         out["sources"] = queue.sources(conn)
         out["active_model"] = queue.active_model(conn)
+        out["served"] = served.all_rows(conn)
     out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting")), None)
     out["scheduler"] = _scheduler_decision(settings)
     engine.dispose()
@@ -85,6 +86,8 @@ def render(s: dict) -> str:
         lines.append(f"  run {_run_line(r)}")
     model = s["active_model"]
     lines.append(f"model       {model['tag'] + ' (latest), from run #' + str(model['run']) if model else 'none registered yet'}")
+    for row in s.get("served") or []:
+        lines.append(f"agent name  {served.describe(row)}")
     for src in s["sources"][:3]:
         note = f"  ({src['note']})" if src["note"] else ""
         lines.append(f"  file #{src['id']} {src['state']:<8} offset {src['offset']}  {src['path']}{note}")
@@ -143,18 +146,30 @@ def _run_line(r: dict) -> str:
     return text
 
 
-def render_models(rows: list[dict]) -> str:
-    """`lacd models`: one line per version (newest first), its gate metrics, then its note."""
+def render_models(rows: list[dict], names: list[dict] | None = None) -> str:
+    """`lacd models`: one line per version (newest first), its gate metrics, then its note; then the
+    user's original when an agent name ([model] serve_as) is served, marked where that name points."""
     if not rows:
         return "no model version yet"
     lines = []
+    serving = {}
+    for n in names or []:
+        if n["state"] in ("serving", "handed_back"):
+            serving.setdefault(n["serving"], []).append(n["name"])
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
         mark = "  <- latest" if r["active"] else ""
+        mark += "".join(f"  <- {name}" for name in serving.get(f"v{r['version']}", []))
         lines.append(f"{r['tag']:<24} run #{r['run']!s:<4} {r['lessons']:>6} lessons  {r['status']:<9} {when}"
                      f"  {_metrics_line(r.get('metrics'))}{mark}")
         if r.get("note"):
             lines.append(f"    {r['note']}")
+    for n in names or []:
+        if n["original_digest"]:
+            mark = "".join(f"  <- {name}" for name in serving.get(served.ORIGINAL, []) if name == n["name"])
+            lines.append(f"{n['backup_tag']:<24} your model from before lacd ({n['name']}){mark}")
+        if n["state"] == "released":
+            lines.append(f"    {n['name']}: {n['note']}")
     return "\n".join(lines)
 
 

@@ -226,10 +226,35 @@ def list_versions(client: ollama.Client, name: str) -> dict[int, str]:
 
 def latest_digest(client: ollama.Client, name: str) -> str | None:
     """The digest of ``name:latest``, or None when there is none."""
+    return tag_digest(client, latest_tag(name))
+
+
+def full_tag(name: str) -> str:
+    """A model name as Ollama stores it: ``codellama`` -> ``codellama:latest``."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def tag_digest(client: ollama.Client, tag: str) -> str | None:
+    """The digest /api/tags lists for a model tag (a copy has its source's digest), or None when absent."""
+    wanted = full_tag(tag)
     with ollama_calls(client, "list models"):
         models = client.list().models
-    wanted = latest_tag(name)
     return next((m.digest for m in models if m.model == wanted or (m.model or "").endswith("/" + wanted)), None)
+
+
+def copy(client: ollama.Client, source: str, destination: str) -> None:
+    """Ollama's copy: destination becomes another name for source's manifest (same blobs, no weight copy)."""
+    with ollama_calls(client, f"copy {source} to {destination}"):
+        client.copy(source, destination)
+    log.info("ollama.copied", source=source, destination=destination)
+
+
+def delete(client: ollama.Client, tag: str) -> None:
+    """Remove a model tag (Ollama keeps blobs another tag still uses)."""
+    with ollama_calls(client, f"delete {tag}"):
+        client.delete(tag)
+    log.info("ollama.deleted", tag=tag)
 
 
 def prune_versions(client: ollama.Client, name: str, keep: int, protect: set[str]) -> list[str]:

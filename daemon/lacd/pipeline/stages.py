@@ -59,12 +59,15 @@ def system_prompt(settings: Settings) -> str:
 def resolve_base(settings: Settings) -> Path:
     from lacd.basemodel import resolve_base as resolve
 
-    client = None
-    if settings.model.base.startswith("ollama:"):
+    spec, client = settings.model.base, None
+    if spec.startswith("ollama:"):
+        from lacd import db, served
         from lacd.pipeline.register import make_client
 
         client = make_client(settings.ollama.host)
-    return resolve(settings.model.base, settings.state.dir, settings.model.allow_download, client)
+        engine = db.read_engine(settings.db_path) if settings.db_path.exists() else None
+        spec = served.base_spec(settings, engine)  # never a model lacd itself put under the agent's name
+    return resolve(spec, settings.state.dir, settings.model.allow_download, client)
 
 
 def check_disk(base_dir: Path, run_dir: Path, min_free_gb: float) -> None:
@@ -264,6 +267,7 @@ def promote_stage(ctx: RunContext) -> dict:
     metrics["gate"] = decision.to_dict()
     if decision.promote:
         register.promote(client, s.model.name, tag)
+        serve_promoted(ctx, client, tag)
         ctx.store.mark_version(ctx.run_id, "promoted", metrics=metrics, note=decision.summary(), active=True)
     else:
         ctx.store.mark_version(ctx.run_id, "rejected", metrics=metrics, note=decision.summary())
@@ -275,6 +279,15 @@ def promote_stage(ctx: RunContext) -> dict:
     active = ctx.store.active_version(s.model.name)
     return {"promoted": decision.promote, "tag": tag, "latest": active.tag if active else None,
             "decision": decision.to_dict(), "pruned": pruned}
+
+
+def serve_promoted(ctx: RunContext, client, tag: str) -> None:
+    """Point [model] serve_as (the agent's own name) at the promoted version too (lacd.served)."""
+    from lacd import served
+
+    done = served.follow(ctx.settings, ctx.store.engine, client, tag)
+    if done is not None:
+        log.info("served_name", name=done.name, serving=done.serving, state=done.state, note=done.note)
 
 
 def prune_versions(store: RunStore, client, name: str, keep: int) -> list[str]:
