@@ -18,11 +18,22 @@ State lives under the store folder: ``blobs/sha256-<hex>`` (like Ollama's own bl
 ``manifests/<name>.json`` (one per model tag) and ``requests.jsonl`` (the request log, in both modes).
 
 What is real and what is not:
-- blobs are verified against their digest; create checks that every file's blob exists and reads
-  the GGUF metadata (architecture, file type, parameter count) with the ``gguf`` package;
-- ``quantize`` is checked as Ollama checks it (only F32/F16/BF16 models can be quantized) and then
-  only recorded: the stand-in cannot quantize, so the GGUF is served as it was pushed and only the
-  manifest and ``details.quantization_level`` carry the requested level;
+- blobs are verified against their digest; create checks that every file's blob exists, reads the
+  GGUF metadata and tensor table with the ``gguf`` package and checks that every tensor's data lies
+  inside the file (llama.cpp's own check when it loads a model);
+- ``quantize`` accepts what Ollama's ``ParseFileType`` accepts (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M,
+  and Q4_K for Q4_K_M), only from F32/F16/BF16 files, with Ollama's messages, and is APPLIED: the
+  quantized file becomes a new blob and the model. Q8_0 blocks are written by gguf-py exactly as
+  llama.cpp writes them. gguf-py has no Q4_K quantizer, so Q4_K_M/Q4_K_S are written with Q4_0
+  blocks (4.5 bits per weight, as Q4_K) and the file type Ollama would report: a 4-bit model of
+  the same size class, not llama.cpp's bytes. Like llama.cpp, 1-D tensors (norms) stay as they
+  are, and so do tensors whose rows are not a whole number of 32-value blocks;
+- ``parameters`` are stored as sent (Ollama's /api/create does not check them) and checked where
+  Ollama checks them, when a model is loaded for /api/generate or /api/chat (``Options.FromMap``:
+  "option "num_ctx" must be of type integer", 500); unknown options are ignored, as Ollama does;
+- ``adapters`` (a LoRA GGUF Ollama would apply at load) are refused: the stand-in cannot apply them;
+- /api/copy, /api/delete, /api/show, /api/tags answer and refuse as Ollama's handlers do (a copy
+  shares the source's manifest and digest; a delete keeps blobs another model still uses);
 - TEMPLATEs that use .Messages (every template Ollama ships, and lacd's) are rendered by
   tests/gotemplate, Go's own text/template filled as Ollama fills it, built once with the local
   ``go``; a TEMPLATE Go cannot parse is refused at create with 400, as Ollama does. Older
@@ -54,13 +65,24 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote, unquote, urlsplit
 
+import numpy as np
+
 DEFAULT_NUM_PREDICT = 32
 DEFAULT_KEEP_ALIVE_S = 300.0
 QUANTIZABLE = ("F32", "F16", "BF16")
-QUANTIZE_TYPES = (
-    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
-)  # fmt: skip
+QUANTIZE_TYPES = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_K_S": "Q4_K_S", "Q4_K_M": "Q4_K_M",
+                  "Q4_K": "Q4_K_M", "BF16": "BF16"}  # Ollama's ggml.ParseFileType  # fmt: skip
+SUPPORTED_QUANTIZE = "F32, F16, Q4_K_S, Q4_K_M, Q8_0"  # as Ollama's message lists them
+BLOCKS = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_K_S": "Q4_0", "Q4_K_M": "Q4_0"}
+"""The ggml tensor type the stand-in writes for each file type (gguf-py cannot write Q4_K)."""
+FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "BF16": 32}  # llama_ftype
+OPTION_TYPES = {
+    **dict.fromkeys(("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
+                     "num_gpu", "main_gpu", "num_thread", "draft_num_predict"), "integer"),
+    **dict.fromkeys(("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty"), "float32"),
+    "use_mmap": "boolean", "stop": "array",
+}  # api.Options and api.Runner fields by JSON name, as FromMap sees them  # fmt: skip
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -181,14 +203,25 @@ def read_request_log(store: Path) -> list[dict]:
 # --------------------------------------------------------------------------- GGUF metadata
 
 
+_INCOMPLETE = ("failed to validate GGUF with llama-quantize without compatibility patches: "
+               "model is corrupted or incomplete")  # Ollama's wrapper around llama.cpp's loader error
+
+
 def gguf_metadata(path: Path) -> dict:
     """Architecture, file type, parameter count and scalar key/values of a GGUF file."""
     import gguf
 
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ApiError(400, "supplied file was not in GGUF format")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a GGUF"
-        raise ApiError(400, f"supplied file was not in GGUF format ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - gguf-py maps every tensor: a short file fails here
+        raise ApiError(500, f"{_INCOMPLETE}: {exc}") from None
+    size = Path(path).stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + int(tensor.n_bytes) > size:
+            raise ApiError(500, f"{_INCOMPLETE}: tensor '{tensor.name}' data is not within the file bounds")
     info: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -228,6 +261,40 @@ def stub_gguf(path: Path, file_type: int = 1, name: str = "stub") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def quantize_gguf(source: Path, target: Path, file_type: str) -> None:
+    """Rewrite a F32/F16/BF16 GGUF with its tensors of 2+ dimensions in BLOCKS[file_type].
+
+    Metadata is copied as it is except ``general.file_type``; a tensor whose rows are not a whole
+    number of blocks keeps its type, as llama.cpp's quantizer falls back for such tensors.
+    """
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(source)
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(target, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), kind, sub)
+    writer.add_file_type(FILE_TYPES[file_type])
+    block = gguf.GGMLQuantizationType[BLOCKS[file_type]]
+    size = gguf.GGML_QUANT_SIZES[block][0]
+    for tensor in reader.tensors:
+        values = dequantize(tensor.data, tensor.tensor_type)
+        if len(tensor.shape) < 2 or values.shape[-1] % size:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_shape=list(reversed(tensor.shape.tolist())),
+                              raw_dtype=tensor.tensor_type)  # fmt: skip
+            continue
+        writer.add_tensor(tensor.name, quantize(values.astype(np.float32), block), raw_dtype=block)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def parameter_size(count: int) -> str:
@@ -533,6 +600,11 @@ class OllamaHandler(BaseHTTPRequestHandler):
     def api_create(self, body: dict) -> None:
         """Create a model tag from pushed GGUF blobs (files) or from another model (from)."""
         name = normalize_name(body.get("model") or body.get("name"))
+        if body.get("adapters"):
+            if any(not digest for digest in body["adapters"].values()):
+                raise ApiError(400, "invalid digest format")
+            raise ApiError(400, "the stand-in cannot apply adapters (Ollama would load this LoRA GGUF over the "
+                                "base): merge the adapter into the model instead")  # fmt: skip
         manifest, statuses = self._new_manifest(body)
         if body.get("template"):
             check_template(body["template"])
@@ -595,24 +667,43 @@ class OllamaHandler(BaseHTTPRequestHandler):
         return manifest, ["parsing GGUF", f"using existing layer {digest}"]
 
     def _quantize(self, manifest: dict, quantize: str | None) -> list[str]:
-        """Check a quantize request as Ollama does, then record it (the file itself is kept as is)."""
+        """Check a quantize request as Ollama's createModel does, then write the quantized blob."""
         if not quantize:
             return []
-        wanted = quantize.upper()
-        if wanted not in QUANTIZE_TYPES:
-            raise ApiError(400, f"unsupported quantization type {quantize}")
+        wanted = QUANTIZE_TYPES.get(quantize.upper())
+        if wanted is None:
+            raise ApiError(500, f"unsupported quantization type {quantize.upper()} - supported types are "
+                                f"{SUPPORTED_QUANTIZE}")  # fmt: skip
         current = manifest["file_type"]
         if current not in QUANTIZABLE:
-            raise ApiError(400, "quantization is only supported for F16, BF16 and F32 models")
-        manifest["quantize"] = wanted
-        manifest["details"]["quantization_level"] = wanted
-        return [f"quantizing {current} model to {wanted}", "verifying conversion"]
+            raise ApiError(500, "quantization is only supported for F16, BF16 and F32 models")
+        if current == wanted:
+            return []
+        store = self.server.store
+        fd, tmp = tempfile.mkstemp(dir=store.blobs, prefix=".quantize-", suffix=".gguf")
+        os.close(fd)
+        try:
+            quantize_gguf(store.blob_path(manifest["model"]), Path(tmp), wanted)
+            with open(tmp, "rb") as handle:
+                digest = "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+            os.replace(tmp, store.blob_path(digest))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        info = gguf_metadata(store.blob_path(digest))
+        manifest.update(model=digest, size=store.blob_path(digest).stat().st_size, file_type=wanted, quantize=wanted,
+                        model_info=info, details=_details(info, wanted), blocks=BLOCKS[wanted])  # fmt: skip
+        return [f"quantizing {current} model to {wanted}", f"using existing layer {digest}"]
 
     def api_tags(self, body: dict) -> None:
-        models = [_model_entry(m) for m in self.server.store.all()]
+        """Every model, newest first (Ollama lists by modification time)."""
+        models = [_model_entry(m) for m in sorted(self.server.store.all(), key=lambda m: m["modified_at"], reverse=True)]
         self._send_json(200, {"models": models})
 
     def api_show(self, body: dict) -> None:
+        """Ollama's ShowHandler: 400 without a model, 404 names it as Ollama displays it (tag included)."""
+        _require_body(body)
+        if not (body.get("model") or body.get("name")):
+            raise ApiError(400, "model is required")
         manifest = self.server.store.get(normalize_name(body.get("model") or body.get("name")))
         self._send_json(200, {
             "modelfile": _modelfile(manifest, self.server.store),
@@ -626,14 +717,26 @@ class OllamaHandler(BaseHTTPRequestHandler):
         })  # fmt: skip
 
     def api_copy(self, body: dict) -> None:
-        source = normalize_name(body.get("source"))
-        destination = normalize_name(body.get("destination"))
-        manifest = dict(self.server.store.get(source), name=destination, modified_at=now_iso())
-        self.server.store.put(destination, manifest)
+        """Ollama's CopyHandler: the destination becomes another name for the source's manifest."""
+        _require_body(body)
+        source = _valid_name(body.get("source"), "source")
+        destination = _valid_name(body.get("destination"), "destination")
+        try:
+            manifest = self.server.store.get(source)
+        except ApiError:
+            raise ApiError(404, f"model {json.dumps(body.get('source'))} not found") from None
+        self.server.store.put(destination, dict(manifest, name=destination, modified_at=now_iso()))
         self._send_empty(200)
 
     def api_delete(self, body: dict) -> None:
-        name = normalize_name(body.get("model") or body.get("name"))
+        """Ollama's DeleteHandler: 404 names the model as it was asked for."""
+        _require_body(body)
+        asked = body.get("model") or body.get("name") or ""
+        name = _valid_name(asked, "name")
+        try:
+            self.server.store.get(name)
+        except ApiError:
+            raise ApiError(404, f"model '{asked}' not found") from None
         self.server.engine.unload(name)
         self.server.store.delete(name)
         self._send_empty(200)
@@ -658,6 +761,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
             return
         if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
             raise ApiError(400, "raw mode does not support template, system, or context")
+        check_options(manifest["parameters"], body.get("options"))
         self.server.engine.load(name, manifest, body.get("keep_alive"))
         if not prompt:
             self._answer(body, {"model": name, "response": "", "done": True, "done_reason": "load"})
@@ -680,6 +784,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
             self._answer(body, {"model": name, "message": {"role": "assistant", "content": ""},
                                 "done": True, "done_reason": "unload"})  # fmt: skip
             return
+        check_options(manifest["parameters"], body.get("options"))
         self.server.engine.load(name, manifest, body.get("keep_alive"))
         if not messages:
             self._answer(body, {"model": name, "message": {"role": "assistant", "content": ""},
@@ -701,6 +806,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
             self.server.engine.unload(name)
         elapsed = time.monotonic_ns() - started
         self.server.prompts.append(prompt)
+        self.server.completions.append({"model": name, "digest": manifest["digest"], "blob": manifest["model"]})
         return {**result, "done": True, "total_duration": elapsed, "eval_duration": elapsed}
 
     # ---- wire helpers
@@ -849,6 +955,40 @@ def _modelfile(manifest: dict, store: Store) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _require_body(body: dict) -> None:
+    if not body:
+        raise ApiError(400, "missing request body")
+
+
+def _valid_name(name: Any, what: str) -> str:
+    """A model name as Ollama's copy and delete parse it: ``<what> "x" is invalid`` when they cannot."""
+    try:
+        return normalize_name(name)
+    except ApiError:
+        raise ApiError(400, f"{what} {json.dumps(name if isinstance(name, str) else '')} is invalid") from None
+
+
+def check_options(parameters: dict, options: dict | None) -> None:
+    """Ollama's Options.FromMap over the model's PARAMETERs, then the request's options: a value of the
+    wrong JSON type fails the load (500), an unknown option is ignored."""
+    for source in (parameters or {}, options or {}):
+        for key, value in source.items():
+            kind = OPTION_TYPES.get(key)
+            if kind is None or value is None:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind == "integer" and not number:
+                raise ApiError(500, f'option "{key}" must be of type integer')
+            if kind == "float32" and not number:
+                raise ApiError(500, f'option "{key}" must be of type float32')
+            if kind == "boolean" and not isinstance(value, bool):
+                raise ApiError(500, f'option "{key}" must be of type boolean')
+            if kind == "array" and not isinstance(value, list):
+                raise ApiError(500, f'option "{key}" must be of type array')
+            if kind == "array" and not all(isinstance(item, str) for item in value):
+                raise ApiError(500, f'option "{key}" must be of an array of strings')
+
+
 def _wire_message(message: Any) -> dict:
     if not isinstance(message, dict) or "role" not in message:
         raise ApiError(400, "each message needs a role")
@@ -868,6 +1008,7 @@ class StandInServer(ThreadingHTTPServer):
         self.verbose = verbose
         self.requests: list[dict] = []
         self.prompts: list[str] = []  # every rendered prompt sent to the model, in order
+        self.completions: list[dict] = []  # per completion: the name asked for, its manifest digest and its blob
 
     def record(self, method: str, path: str, body: dict) -> None:
         """Log a request (method, path, JSON body without images) in memory and in the store."""
@@ -898,6 +1039,10 @@ class StandIn:
     @property
     def prompts(self) -> list[str]:
         return self.server.prompts
+
+    @property
+    def completions(self) -> list[dict]:
+        return self.server.completions
 
     def start(self) -> "StandIn":
         self.thread.start()

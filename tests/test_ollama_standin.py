@@ -90,11 +90,12 @@ def test_create_streams_status_and_show_returns_what_was_sent(server, client, tm
     assert shown.parameters.splitlines() == [
         f"{'num_ctx':<30} 2048", f"{'stop':<30} \"<|im_end|>\"", f"{'stop':<30} \"<|endoftext|>\"",
     ]
-    blob_path = tmp_path / "ollama" / "blobs" / f"sha256-{sha256_of(gguf.read_bytes())[7:]}"
-    assert f"FROM {blob_path}\n" in shown.modelfile
+    pushed = tmp_path / "ollama" / "blobs" / f"sha256-{sha256_of(gguf.read_bytes())[7:]}"
+    assert pushed.read_bytes() == gguf.read_bytes()
+    served = Path(shown.modelfile.split("\nFROM ", 1)[1].split("\n", 1)[0])
+    assert served != pushed and served.parent == pushed.parent  # quantize wrote a new blob: the model
     assert 'SYSTEM """Be brief."""' in shown.modelfile
     assert httpx.post(f"{server.host}/api/show", json={"model": "coder:v1"}).json()["system"] == "Be brief."
-    assert blob_path.read_bytes() == gguf.read_bytes()  # quantize is recorded, never applied
 
 
 def test_create_refusals(server, client, tmp_path):
@@ -111,6 +112,127 @@ def test_create_refusals(server, client, tmp_path):
     with pytest.raises(ollama.ResponseError, match="only supported for F16, BF16 and F32"):
         create(client, "coder:v1", quantized, quantize="q4_K_M")
     assert client.list().models == []
+
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"PK\x03\x04" + bytes(64))
+    with pytest.raises(ollama.ResponseError) as err:
+        create(client, "coder:v1", not_gguf)
+    assert (err.value.status_code, err.value.error) == (400, "supplied file was not in GGUF format")
+
+    whole = stub_gguf(tmp_path / "whole.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-8])  # the header and tensor table are intact, the data is not
+    with pytest.raises(ollama.ResponseError) as err:
+        create(client, "coder:v1", cut)
+    assert err.value.status_code == 500 and "model is corrupted or incomplete" in err.value.error
+
+    digest = client.create_blob(whole)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.create(model="coder:v1", files={"model.gguf": digest}, adapters={"lora.gguf": digest})
+    assert err.value.status_code == 400 and "cannot apply adapters" in err.value.error
+    assert client.list().models == []
+
+
+@pytest.mark.parametrize("asked", ["q4_0", "Q5_K_M", "q6_K", "iq4_xs"])
+def test_create_refuses_quantize_types_ollama_refuses(client, tmp_path, asked):
+    gguf = stub_gguf(tmp_path / "m.gguf")
+    with pytest.raises(ollama.ResponseError) as err:
+        create(client, "coder:v1", gguf, quantize=asked)
+    assert err.value.error == (f"unsupported quantization type {asked.upper()} - supported types are "
+                               "F32, F16, Q4_K_S, Q4_K_M, Q8_0")
+    with pytest.raises(ollama.ResponseError) as err:  # not streamed: Ollama answers 500
+        client.create(model="coder:v1", files={"model.gguf": client.create_blob(gguf)}, quantize=asked, stream=False)
+    assert err.value.status_code == 500
+    assert client.list().models == []
+
+
+def _tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def _served_blob(client: ollama.Client, model: str) -> Path:
+    return Path(client.show(model).modelfile.split("\nFROM ", 1)[1].split("\n", 1)[0])
+
+
+def test_quantize_is_applied_to_the_stored_model(server, client, tiny_gguf):
+    """q8_0 writes llama.cpp's Q8_0 blocks; q4_K_M a 4-bit file (Q4_0 blocks: gguf-py has no Q4_K);
+    norms stay F32; the model answers from the quantized file."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    f16_types = _tensor_types(tiny_gguf)
+    assert set(f16_types.values()) == {"F16", "F32"}
+    create(client, "coder:q8", tiny_gguf, quantize="q8_0")
+    statuses = create(client, "coder:q4", tiny_gguf, quantize="Q4_K_M")
+    assert "quantizing F16 model to Q4_K_M" in statuses
+
+    sizes = {}
+    for model, block in (("coder:q8", "Q8_0"), ("coder:q4", "Q4_0")):
+        blob = _served_blob(client, model)
+        sizes[model] = blob.stat().st_size
+        types = _tensor_types(blob)
+        assert {n for n, t in types.items() if t == block} == {n for n, t in f16_types.items() if t == "F16"}
+        assert {n for n, t in types.items() if t == "F32"} == {n for n, t in f16_types.items() if t == "F32"}
+        original = {t.name: t for t in gguf.GGUFReader(tiny_gguf).tensors}
+        for tensor in gguf.GGUFReader(blob).tensors:
+            before = dequantize(original[tensor.name].data, original[tensor.name].tensor_type)
+            after = dequantize(tensor.data, tensor.tensor_type)
+            scale = float(np.abs(before).max()) or 1.0
+            assert float(np.abs(after - before).max()) <= scale * (0.01 if block == "Q8_0" else 0.15)
+    assert sizes["coder:q4"] < sizes["coder:q8"] < tiny_gguf.stat().st_size
+    assert client.show("coder:q4").details.quantization_level == "Q4_K_M"
+    assert {m.model: m.size for m in client.list().models} == sizes
+
+    client.chat(model="coder:q4", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2})
+    assert server.completions[-1]["blob"] == f"sha256:{_served_blob(client, 'coder:q4').name[7:]}"
+
+    create(client, "coder:same", tiny_gguf, quantize="f16")  # already F16: nothing to rewrite, as Ollama
+    assert _served_blob(client, "coder:same").read_bytes() == tiny_gguf.read_bytes()
+
+
+def test_parameters_are_checked_when_the_model_loads_as_ollama_does(client, tiny_gguf):
+    """Ollama's /api/create stores parameters as sent; Options.FromMap refuses a wrong type at load."""
+    create(client, "coder:bad", tiny_gguf, parameters={"num_ctx": "4096"})
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="coder:bad", messages=[{"role": "user", "content": "hi"}])
+    assert (err.value.status_code, err.value.error) == (500, 'option "num_ctx" must be of type integer')
+
+    create(client, "coder:ok", tiny_gguf, parameters={"num_ctx": 256, "stop": ["x"], "not_an_option": 1})
+    for options, message in (({"temperature": "hot"}, 'option "temperature" must be of type float32'),
+                             ({"stop": "x"}, 'option "stop" must be of type array'),
+                             ({"stop": [1]}, 'option "stop" must be of an array of strings'),
+                             ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),
+                             ({"num_predict": True}, 'option "num_predict" must be of type integer')):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.generate(model="coder:ok", prompt="hi", options=options)
+        assert err.value.error == message
+    assert client.generate(model="coder:ok", prompt="hi", options={"num_predict": 1, "unknown": "x"}).done
+
+
+def test_copy_delete_show_refuse_as_ollama_does(server, client, tmp_path):
+    create(client, "coder:v1", stub_gguf(tmp_path / "a.gguf", name="a"))
+    create(client, "other:v1", stub_gguf(tmp_path / "b.gguf", name="b"))
+    client.copy("coder:v1", "agent")  # a bare name is name:latest
+    client.copy("other:v1", "agent")  # a copy replaces what the destination held
+    listed = {m.model: m.digest for m in client.list().models}
+    assert listed["agent:latest"] == listed["other:v1"] != listed["coder:v1"]
+
+    def refusal(call):
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        return err.value.status_code, err.value.error
+
+    assert refusal(lambda: client.copy("coder:v9", "agent")) == (404, 'model "coder:v9" not found')
+    assert refusal(lambda: client.copy("coder:v1", "bad name!")) == (400, 'destination "bad name!" is invalid')
+    assert refusal(lambda: client.copy("", "agent")) == (400, 'source "" is invalid')
+    assert refusal(lambda: client.delete("coder:v9")) == (404, "model 'coder:v9' not found")
+    assert refusal(lambda: client.show("nothing")) == (404, "model 'nothing:latest' not found")
+    assert httpx.post(f"{server.host}/api/show", json={"model": ""}).json() == {"error": "model is required"}
+    assert httpx.request("DELETE", f"{server.host}/api/delete").json() == {"error": "missing request body"}
+    assert sorted(listed) == sorted(m.model for m in client.list().models)  # nothing changed
 
 
 @needs_go

@@ -282,3 +282,55 @@ def prune_versions(client: ollama.Client, name: str, keep: int, protect: set[str
 def _host(client: ollama.Client) -> str:
     """The base URL the client talks to, for error messages."""
     return str(getattr(getattr(client, "_client", None), "base_url", "?")).rstrip("/")
+
+
+# --------------------------------------------------------------------------- quantize at registration
+
+_EIGHT_BIT = ("Q8_0", "Q6_K", "Q8_1", "Q8_K")  # 6+ bits: q8_0 keeps them at least as precise
+
+
+def base_quantization(base_dir: Path) -> str | None:
+    """The quantization of the GGUF a base was converted from (``Q4_0``...), None for an unquantized one.
+
+    lacd.basemodel writes ``lacd_source.json`` beside a base converted from a GGUF (``ollama:*``,
+    a ``.gguf`` path, the embedded SmolLM2); a plain HF folder has none.
+    """
+    import json
+
+    import gguf
+
+    source = Path(base_dir) / "lacd_source.json"
+    if not source.is_file():
+        return None
+    path = Path(json.loads(source.read_text(encoding="utf-8")).get("source_gguf", ""))
+    if not path.is_file():
+        return None
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        name = gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        return None if name in ("F32", "F16", "BF16") else name
+    kinds = [t.tensor_type.name for t in reader.tensors if len(t.shape) > 1]
+    quantized = [k for k in kinds if k not in ("F32", "F16", "BF16")]
+    return max(set(quantized), key=quantized.count) if quantized else None
+
+
+def choose_quantize(setting: str, base_dir: Path, outtype: str) -> tuple[str | None, str]:
+    """(Ollama quantize type or None, why) for ``[ollama] quantize``.
+
+    "" (the default): a base that came quantized is registered quantized, so the agent's model stays
+    as small as the one it replaces: q8_0 for a 6-8 bit base, q4_K_M below; a full-precision base
+    (or an export that is already q8_0, which Ollama cannot quantize further) is registered as exported.
+    "f16": always as exported. Anything else: that type.
+    """
+    if setting == "f16":
+        return None, "[ollama] quantize = f16: registered as exported"
+    if setting:
+        return setting, f"[ollama] quantize = {setting}"
+    base = base_quantization(base_dir)
+    if base is None:
+        return None, "the base has full precision: registered as exported"
+    if outtype not in ("f16", "bf16", "f32"):
+        return None, f"the base was {base} but the export is {outtype}, which Ollama cannot quantize further"
+    chosen = "q8_0" if base.upper() in _EIGHT_BIT else "q4_K_M"
+    return chosen, f"the base came quantized ({base}): registered as {chosen} ([ollama] quantize = f16 keeps full precision)"

@@ -156,16 +156,18 @@ def register_stage(ctx: RunContext) -> dict:
     gguf = ctx.run_dir / "model.gguf"
     params = {"stop": template.stop_tokens(family), "num_ctx": s.ollama.num_ctx}
     tag = register.version_tag(s.model.name, version)
+    quantize, why = register.choose_quantize(s.ollama.quantize, ctx.base_dir(), s.export.outtype)
     if not gguf.exists() and version in register.list_versions(client, s.model.name):
         log.info("register_resumed", run=ctx.run_id, tag=tag)  # registered before a crash; the GGUF is gone
     else:
         ctx.report({"waiting_for": f"Ollama at {s.ollama.host}"})
+        log.info("register_quantize", run=ctx.run_id, quantize=quantize, reason=why)
         register.create_version(client, s.model.name, version, gguf, template.ollama_template(family),
-                                system_prompt(s), params, s.ollama.quantize or None,
+                                system_prompt(s), params, quantize,
                                 on_status=lambda status: ctx.report({"ollama": status}))
     digest = register.file_digest(gguf) if gguf.exists() else None
     ctx.store.mark_version(ctx.run_id, "registered", digest=digest)
-    return {"tag": tag, "digest": digest}
+    return {"tag": tag, "digest": digest, "quantize": quantize, "quantize_reason": why}
 
 
 def eval_tools(value: str) -> dict[str, tuple[int, int]]:
