@@ -725,6 +725,11 @@ class OllamaHandler(BaseHTTPRequestHandler):
             manifest = self.server.store.get(source)
         except ApiError:
             raise ApiError(404, f"model {json.dumps(body.get('source'))} not found") from None
+        held = self.server.hold_copies.get(destination)
+        if held is not None:  # a test kills the client now: this copy never reaches the store
+            held["arrived"].set()
+            held["release"].wait(60)
+            raise ApiError(500, f"the stand-in dropped this copy to {destination} (held by the test)")
         self.server.store.put(destination, dict(manifest, name=destination, modified_at=now_iso()))
         self._send_empty(200)
 
@@ -1009,6 +1014,7 @@ class StandInServer(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self.prompts: list[str] = []  # every rendered prompt sent to the model, in order
         self.completions: list[dict] = []  # per completion: the name asked for, its manifest digest and its blob
+        self.hold_copies: dict[str, dict] = {}  # destination -> {"arrived", "release"} Events: see api_copy
 
     def record(self, method: str, path: str, body: dict) -> None:
         """Log a request (method, path, JSON body without images) in memory and in the store."""

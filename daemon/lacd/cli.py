@@ -307,7 +307,10 @@ def rollback(ctx, version, original):
             raise click.BadParameter(f"{version!r} is not a version like v3", param_hint="VERSION")
         number = int(digits)
     done = cycle.rollback(settings_of(ctx), number)
-    click.echo(f"{done.name}:latest now points at {done.to_tag} (was {done.from_tag})")
+    if done.from_tag != done.to_tag:
+        click.echo(f"{done.name}:latest now points at {done.to_tag} (was {done.from_tag})")
+    if done.served:
+        click.echo(done.served)
     if done.note:
         click.echo(f"note: {done.to_tag} had been {done.note}")
 

@@ -80,6 +80,7 @@ class Rollback:
     from_tag: str
     to_tag: str
     note: str | None  # the target's gate note, e.g. that it was rejected by the gate
+    served: str | None = None  # `lacd status`'s line about the agent's name ([model] serve_as), if set
 
 
 def rollback(settings: Settings, version: int | None = None) -> Rollback:
@@ -96,10 +97,10 @@ def rollback(settings: Settings, version: int | None = None) -> Rollback:
     active = store.active_version(name)
     if active is None:
         raise RollbackError(f"no version of {name} has been promoted yet: there is nothing to roll back")
-    if version == active.version and _serves_original(settings, store):  # back from `rollback --original`
+    lagging = _served_elsewhere(settings, store, active.tag) if version == active.version else None
+    if lagging:  # after `rollback --original`, or a follow that failed: the agent's name catches up
         client = register.make_client(settings.ollama.host, timeout_s=60)
-        _follow(settings, store, client, active.tag)
-        return Rollback(name, f"{settings.model.serve_as} (original)", active.tag, None)
+        return Rollback(name, active.tag, active.tag, None, _follow(settings, store, client, active.tag))
     target = _rollback_target(store.versions(name), active, version, name)
     forgotten = store.forgotten_in_run(target.run_id) if target.run_id is not None else 0
     if forgotten:
@@ -116,8 +117,8 @@ def rollback(settings: Settings, version: int | None = None) -> Rollback:
     except register.OllamaError as exc:
         raise RollbackError(f"{exc}; nothing changed") from exc
     store.activate(name, target.version, f"rolled back to {target.tag} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    _follow(settings, store, client, target.tag)
-    return Rollback(name, active.tag, target.tag, target.note if target.status == "rejected" else None)
+    served = _follow(settings, store, client, target.tag)
+    return Rollback(name, active.tag, target.tag, target.note if target.status == "rejected" else None, served)
 
 
 def _rollback_target(versions: list, active, version: int | None, name: str):
@@ -140,13 +141,14 @@ def _rollback_target(versions: list, active, version: int | None, name: str):
     return target
 
 
-def _follow(settings: Settings, store: RunStore, client, tag: str) -> None:
+def _follow(settings: Settings, store: RunStore, client, tag: str) -> str | None:
     """Point the agent's own name ([model] serve_as) where latest now points."""
     from lacd import served
     from lacd.pipeline import register
 
     try:
-        served.follow(settings, store.engine, client, tag)
+        row = served.follow(settings, store.engine, client, tag)
+        return served.describe(row.to_dict()) if row else None
     except (register.OllamaError, served.ServeError) as exc:
         raise RollbackError(f"{settings.model.name}:latest now points at {tag}, but {settings.model.serve_as} "
                             f"could not follow: {exc}; `lacd rollback {tag.rsplit(':', 1)[-1]}` tries again") from exc
@@ -168,8 +170,11 @@ def rollback_original(settings: Settings, for_good: bool = False):
         raise RollbackError(str(exc)) from exc
 
 
-def _serves_original(settings: Settings, store: RunStore) -> bool:
+def _served_elsewhere(settings: Settings, store: RunStore, tag: str) -> str | None:
+    """What the agent's name serves when it is not tag (and lacd still serves under it), else None."""
     from lacd import served
 
     row = served.get(store.engine, settings.model.serve_as) if settings.model.serve_as else None
-    return row is not None and row.state == "serving" and row.serving == served.ORIGINAL
+    if row is None or row.state != "serving" or row.serving == served.label(tag):
+        return None
+    return row.serving

@@ -12,7 +12,8 @@ weight copy), and each one follows the same steps, so the user's model is never 
     3. record the copy about to happen (``pending_*``), copy, check the digest, record it.
 
 A process killed anywhere in between leaves a row that :func:`reconcile` finishes from what Ollama
-holds (the daemon calls it at start, and every change calls it first). ``lacd rollback --original``
+holds, rolling the recorded intent forward (the daemon calls it at start, and every change calls
+it first). ``lacd rollback --original``
 points the name back at the backup; ``lacd hand-back`` does so for good (``handed_back``: later
 promotions leave the name alone). The backup tag is never deleted by lacd.
 """
@@ -185,13 +186,20 @@ def _finish_backup(engine: Engine, client, row) -> None:
 
 def _finish_copy(engine: Engine, client, row) -> None:
     current = register.tag_digest(client, row.name)
+    if current == row.digest and current != row.pending_digest:  # killed before the copy: do it now
+        log.info("served_name_copy_resumed", name=row.name, wanted=row.pending_label)
+        if row.pending_tag is None:
+            register.delete(client, row.name)
+        elif register.tag_digest(client, row.pending_tag) == row.pending_digest:
+            register.copy(client, row.pending_tag, row.name)
+        current = register.tag_digest(client, row.name)
     if current == row.pending_digest:  # the copy (or the delete, for no original) took place
         _set(engine, row.name, digest=current, serving=row.pending_label, state=row.pending_state or "serving",
              pending_tag=None, pending_label=None, pending_digest=None, pending_state=None, note=None)
         log.info("served_name_points", name=row.name, serving=row.pending_label, digest=current)
-    elif current == row.digest:  # killed before the copy: nothing changed, the next change redoes it
+    elif current == row.digest:  # the target left Ollama meanwhile: nothing changed, drop the intent
         _set(engine, row.name, pending_tag=None, pending_label=None, pending_digest=None, pending_state=None)
-        log.info("served_name_copy_not_done", name=row.name, wanted=row.pending_label)
+        log.warning("served_name_copy_dropped", name=row.name, wanted=row.pending_tag)
     else:
         _release(engine, row.name, f"{row.name} holds {_short(current)}, neither what lacd put there "
                                    f"({_short(row.digest)}) nor {row.pending_tag}: lacd no longer serves under it")
