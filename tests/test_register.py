@@ -220,3 +220,84 @@ def test_tags_and_versions():
     assert reg.parse_version("coder2:v1", "coder") is None
     with pytest.raises(ValueError):
         reg.version_tag("coder", 0)
+
+
+# --------------------------------------------------------------------------- quantized registration
+
+
+def _base_from(tmp_path: Path, file_type: int | None) -> Path:
+    """A base folder as lacd.basemodel leaves it: converted from a GGUF of this file type (None: an HF folder)."""
+    import json
+
+    base = tmp_path / f"base-{file_type}"
+    base.mkdir()
+    if file_type is not None:
+        source = stub_gguf(tmp_path / f"source-{file_type}.gguf", file_type=file_type)
+        (base / "lacd_source.json").write_text(json.dumps({"source_gguf": str(source)}))
+    return base
+
+
+@pytest.mark.parametrize("file_type, setting, outtype, expected", [
+    (2, "", "f16", "q4_K_M"),  # Q4_0, ollama:codellama's blob: stays 4-bit
+    (3, "", "f16", "q4_K_M"),  # Q4_1, the embedded SmolLM2
+    (15, "", "f16", "q4_K_M"),  # Q4_K_M
+    (7, "", "f16", "q8_0"),  # Q8_0
+    (18, "", "f16", "q8_0"),  # Q6_K
+    (1, "", "f16", None),  # an F16 GGUF
+    (None, "", "f16", None),  # an HF folder
+    (2, "f16", "f16", None),  # the user keeps full precision
+    (None, "q4_K_S", "f16", "q4_K_S"),  # the user asks for it
+    (2, "", "q8_0", None),  # an export Ollama cannot quantize further
+])
+def test_choose_quantize_keeps_the_served_model_as_small_as_the_base(tmp_path, file_type, setting, outtype, expected):
+    chosen, why = reg.choose_quantize(setting, _base_from(tmp_path, file_type), outtype)
+    assert chosen == expected
+    assert why  # the reason is logged and kept in the register stage's result
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="the ChatML TEMPLATE needs go to render")
+@pytest.mark.parametrize("setting", ["", "f16"])
+def test_register_stage_quantizes_for_a_quantized_base_and_evaluation_sees_the_served_file(
+        tmp_path, server, client, tiny_gguf, setting):
+    """The real register stage against the stand-in (which quantizes as Ollama does), then the
+    evaluation's Ollama generator: it is answered by the quantized blob, not the exported f16 file."""
+    import threading
+
+    import gguf
+    from sqlalchemy import insert
+
+    from conftest import lacd_env
+    from lacd import config, db
+    from lacd.models import Run
+    from lacd.pipeline.evaluate import Case, generate_ollama
+    from lacd.pipeline.stages import RunContext, register_stage
+    from lacd.runs import RunStore
+
+    settings = config.load(env=lacd_env(tmp_path, tmp_path / "agent.jsonl", LACD_OLLAMA_HOST=server.host,
+                                        LACD_OLLAMA_QUANTIZE=setting))  # fmt: skip
+    store = RunStore(db.write_engine(settings.db_path))
+    db.migrate(store.engine)
+    with store.engine.begin() as conn:
+        run_id = conn.execute(insert(Run).values(status="running", created_at=1.0, lesson_count=1,
+                                                 reason="threshold")).inserted_primary_key[0]  # fmt: skip
+    store.begin_stage(run_id, "format")
+    store.finish_stage(run_id, "format", {"base_dir": str(_base_from(tmp_path, 2)), "family": "chatml"})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(tiny_gguf, run_dir / "model.gguf")
+    ctx = RunContext(run_id, run_dir, settings, store, lambda _p: None, threading.Event())
+
+    result = register_stage(ctx)
+    [sent] = [r["body"] for r in server.requests if r["path"] == "/api/create"]
+    served = Path(client.show(result["tag"]).modelfile.split("\nFROM ", 1)[1].split("\n", 1)[0])
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(served).tensors}
+    if setting == "":
+        assert result["quantize"] == sent["quantize"] == "q4_K_M"
+        assert client.show(result["tag"]).details.quantization_level == "Q4_K_M"
+        assert kinds == {"Q4_0", "F32"} and served.stat().st_size < tiny_gguf.stat().st_size / 2.5
+    else:
+        assert result["quantize"] is None and "quantize" not in sent
+        assert served.read_bytes() == tiny_gguf.read_bytes()
+
+    generate_ollama(client, result["tag"], [Case(1, "", [{"role": "user", "content": "hi"}], "")], 2)
+    assert server.completions[-1]["blob"] == f"sha256:{served.name.removeprefix('sha256-')}"
