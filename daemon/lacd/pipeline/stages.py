@@ -202,6 +202,9 @@ def evaluate_stage(ctx: RunContext) -> dict:
     if not incumbent.is_base and incumbent.adapter_dir is None and not register.is_reachable(client):
         raise register.OllamaUnavailable(f"Ollama is not reachable at {s.ollama.host}, and the model in use "
                                          f"({incumbent.label}) can only be measured there: its run folder is gone")
+    if candidate.adapter_dir is None and not register.is_reachable(client):
+        raise register.OllamaUnavailable(f"Ollama is not reachable at {s.ollama.host}, and the candidate was "
+                                         f"registered quantized: it is measured as Ollama serves it")
     log.info("evaluate_started", run=ctx.run_id, cases=len(cases), candidate=candidate.label, incumbent=incumbent.label)
     if not cases:
         from lacd.artifacts import write_json_atomic
@@ -225,6 +228,8 @@ def _compared_models(ctx: RunContext):
     tag = ctx.store.version_of(ctx.run_id).tag
     gguf = ctx.run_dir / "model.gguf"
     candidate = ModelRef(tag, adapter_dir=ctx.run_dir / "adapter", gguf=gguf if gguf.exists() else None, ollama_tag=tag)
+    if ctx.store.stage_result(ctx.run_id, "register").get("quantize"):
+        candidate = ModelRef(tag, ollama_tag=tag)  # what the agent gets: Ollama's quantized file, not the f16 export
     active = ctx.store.active_version(ctx.settings.model.name)
     if active is None:
         return candidate, incumbent_ref(None, None)
