@@ -23,11 +23,13 @@ What is real and what is not:
   inside the file (llama.cpp's own check when it loads a model);
 - ``quantize`` accepts what Ollama's ``ParseFileType`` accepts (F32, F16, BF16, Q8_0, Q4_K_S, Q4_K_M,
   and Q4_K for Q4_K_M), only from F32/F16/BF16 files, with Ollama's messages, and is APPLIED: the
-  quantized file becomes a new blob and the model. Q8_0 blocks are written by gguf-py exactly as
-  llama.cpp writes them. gguf-py has no Q4_K quantizer, so Q4_K_M/Q4_K_S are written with Q4_0
-  blocks (4.5 bits per weight, as Q4_K) and the file type Ollama would report: a 4-bit model of
-  the same size class, not llama.cpp's bytes. Like llama.cpp, 1-D tensors (norms) stay as they
-  are, and so do tensors whose rows are not a whole number of 32-value blocks;
+  quantized file becomes a new blob and the model. With node-llama-cpp installed in
+  tests/llamacpp (as CI does) it is llama.cpp's own ``llama_model_quantize``, called through
+  ctypes: the bytes Ollama's quantizer writes, per-tensor types and fallbacks included. Without
+  it, gguf-py: Q8_0 blocks exactly as llama.cpp writes them, and for Q4_K_M/Q4_K_S Q4_0 blocks
+  (gguf-py has no Q4_K quantizer: the same 4.5 bits per weight, not llama.cpp's bytes) under the
+  file type Ollama would report; 1-D tensors (norms) and rows that are not a whole number of
+  32-value blocks stay as they are;
 - ``parameters`` are stored as sent (Ollama's /api/create does not check them) and checked where
   Ollama checks them, when a model is loaded for /api/generate or /api/chat (``Options.FromMap``:
   "option "num_ctx" must be of type integer", 500); unknown options are ignored, as Ollama does;
@@ -46,6 +48,7 @@ What is real and what is not:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -263,8 +266,46 @@ def stub_gguf(path: Path, file_type: int = 1, name: str = "stub") -> Path:
     return Path(path)
 
 
+LLAMACPP_MODULES = Path(__file__).resolve().with_name("llamacpp") / "node_modules" / "@node-llama-cpp"
+
+
+class _QuantizeParams(ctypes.Structure):
+    """llama.h's llama_model_quantize_params: its first two fields (stable across llama.cpp releases),
+    then room for the rest, which llama_model_quantize_default_params() fills."""
+
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int32), ("rest", ctypes.c_uint8 * 504)]
+
+
+@lru_cache(maxsize=1)
+def llama_quantizer() -> Any:
+    """llama.cpp's own ``llama_model_quantize`` (what Ollama runs to quantize), from node-llama-cpp's
+    prebuilt CPU library: ``$STANDIN_LIBLLAMA``, else tests/llamacpp/node_modules; None when absent."""
+    found = sorted(p for p in LLAMACPP_MODULES.glob("*/bins/*/libllama*.so") if "common" not in p.name)
+    for path in [os.environ.get("STANDIN_LIBLLAMA"), *map(str, found)]:
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(path)  # its RUNPATH ($ORIGIN) finds the ggml libraries beside it
+            lib.llama_model_quantize_default_params.restype = _QuantizeParams
+            lib.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_QuantizeParams)]
+            lib.llama_model_quantize.restype = ctypes.c_uint32
+        except (OSError, AttributeError):
+            continue
+        return lib
+    return None
+
+
+def quantize_with_llama_cpp(source: Path, target: Path, file_type: str) -> None:
+    """Quantize as Ollama does: llama.cpp's quantizer, its own per-tensor types and fallbacks."""
+    lib = llama_quantizer()
+    params = lib.llama_model_quantize_default_params()
+    params.nthread, params.ftype = 1, FILE_TYPES[file_type]
+    if lib.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise ApiError(500, f"llama.cpp could not quantize the model to {file_type}")
+
+
 def quantize_gguf(source: Path, target: Path, file_type: str) -> None:
-    """Rewrite a F32/F16/BF16 GGUF with its tensors of 2+ dimensions in BLOCKS[file_type].
+    """Rewrite a F32/F16/BF16 GGUF with its tensors of 2+ dimensions in BLOCKS[file_type] (gguf-py).
 
     Metadata is copied as it is except ``general.file_type``; a tensor whose rows are not a whole
     number of blocks keeps its type, as llama.cpp's quantizer falls back for such tensors.
@@ -683,7 +724,8 @@ class OllamaHandler(BaseHTTPRequestHandler):
         fd, tmp = tempfile.mkstemp(dir=store.blobs, prefix=".quantize-", suffix=".gguf")
         os.close(fd)
         try:
-            quantize_gguf(store.blob_path(manifest["model"]), Path(tmp), wanted)
+            quantizer = quantize_with_llama_cpp if llama_quantizer() is not None else quantize_gguf
+            quantizer(store.blob_path(manifest["model"]), Path(tmp), wanted)
             with open(tmp, "rb") as handle:
                 digest = "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
             os.replace(tmp, store.blob_path(digest))
@@ -691,7 +733,8 @@ class OllamaHandler(BaseHTTPRequestHandler):
             Path(tmp).unlink(missing_ok=True)
         info = gguf_metadata(store.blob_path(digest))
         manifest.update(model=digest, size=store.blob_path(digest).stat().st_size, file_type=wanted, quantize=wanted,
-                        model_info=info, details=_details(info, wanted), blocks=BLOCKS[wanted])  # fmt: skip
+                        model_info=info, details=_details(info, wanted),
+                        quantizer="llama.cpp" if quantizer is quantize_with_llama_cpp else "gguf-py")  # fmt: skip
         return [f"quantizing {current} model to {wanted}", f"using existing layer {digest}"]
 
     def api_tags(self, body: dict) -> None:

@@ -64,8 +64,8 @@ def test_push_blob_skips_the_upload_when_ollama_has_the_digest(server, client, s
     assert blob_requests(server, "POST")[0]["body"] == {"bytes": gguf.stat().st_size}
 
 
-def test_create_version_registers_template_system_parameters_and_quantize(server, client, stubs):
-    [gguf] = stubs(1)
+def test_create_version_registers_template_system_parameters_and_quantize(server, client, tiny_gguf):
+    gguf = tiny_gguf  # a real model: llama.cpp's quantizer (the stand-in's, when installed) loads it
     statuses: list[str] = []
     tag = reg.create_version(client, "coder", 1, gguf, CHATML, SYSTEM, PARAMETERS, "q8_0", statuses.append)
 
@@ -296,7 +296,7 @@ def test_register_stage_quantizes_for_a_quantized_base_and_evaluation_sees_the_s
     if setting == "":
         assert result["quantize"] == sent["quantize"] == "q4_K_M"
         assert client.show(result["tag"]).details.quantization_level == "Q4_K_M"
-        assert kinds == {"Q4_0", "F32"} and served.stat().st_size < tiny_gguf.stat().st_size / 2.5
+        assert "F16" not in kinds and served.stat().st_size < tiny_gguf.stat().st_size / 2.2  # 4-6 bit blocks
     else:
         assert result["quantize"] is None and "quantize" not in sent
         assert served.read_bytes() == tiny_gguf.read_bytes()
