@@ -25,7 +25,7 @@ from lacd import config, db, served, status
 from lacd.cycle import RollbackError, rollback, rollback_original
 from lacd.models import Run
 from lacd.pipeline import register
-from lacd.pipeline.stages import RunContext, promote_stage
+from lacd.pipeline.stages import RunContext, promote_stage, resolve_base
 from lacd.runs import RunStore
 from ollama_standin import StandIn
 
@@ -257,12 +257,15 @@ def test_sigkill_between_the_backup_and_the_copy(server, client, env, settings, 
 
 
 def test_a_base_named_like_the_agent_name_is_read_from_the_original(client, settings, store, ggufs, tmp_path):
-    shared = dataclasses.replace(settings, model=dataclasses.replace(settings.model, base="ollama:codellama"))
-    assert served.base_spec(shared, store.engine) == "ollama:codellama"  # lacd never touched it yet
-    user_creates(client, ggufs[0])
-    run_promote(store, client, settings, ggufs[1], 0.9, tmp_path)
-    assert served.base_spec(shared, store.engine) == f"ollama:{BACKUP}"
     from lacd.basemodel import ollama_blob
 
-    blob = ollama_blob(BACKUP, client)  # what the format stage then converts: the user's own file
+    shared = dataclasses.replace(settings, model=dataclasses.replace(settings.model, base="ollama:codellama"))
+    assert served.base_source(shared, store.engine) is None  # lacd never touched the name yet
+    user_creates(client, ggufs[0])
+    run_promote(store, client, settings, ggufs[1], 0.9, tmp_path)
+    assert served.base_source(shared, store.engine) == BACKUP
+    assert served.base_source(settings, store.engine) is None  # another base: untouched
+    folder = resolve_base(shared)  # the format stage's own resolution (converts the GGUF once)
+    blob = Path(json.loads((folder / "lacd_source.json").read_text())["source_gguf"])
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == hashlib.sha256(ggufs[0].read_bytes()).hexdigest()
+    assert ollama_blob("codellama", client) != blob  # the name itself serves v1 now

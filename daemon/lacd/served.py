@@ -237,24 +237,33 @@ def to_original(settings, engine: Engine, client, for_good: bool = False) -> Ser
     return done
 
 
-def base_spec(settings, engine: Engine | None) -> str:
-    """``[model] base`` to resolve: the preserved original when the base is ``ollama:<serve_as>``.
-
-    lacd must never train on a model it put under that name itself.
-    """
+def base_source(settings, engine: Engine | None) -> str | None:
+    """The tag to read ``[model] base = ollama:<serve_as>`` from: the preserved original once lacd has
+    changed that name (lacd must never train on a model it put there itself); None otherwise."""
     spec = settings.model.base.strip()
     if not (spec.startswith("ollama:") and settings.model.serve_as):
-        return spec
+        return None
     name = register.full_tag(settings.model.serve_as)
     if register.full_tag(spec.removeprefix("ollama:")) != name:
-        return spec
+        return None
     row = get(engine, name) if engine is not None else None
     if row is None:
-        return spec  # lacd never changed the name: it is the user's model
+        return None  # lacd never changed the name: it is the user's model
     if row.original_digest is None:
         raise ServeError(f"[model] base is ollama:{name}, the name lacd serves under, and there was no model "
                          f"under it before lacd: set [model] base to the model you want to train")
-    return f"ollama:{row.backup_tag}"
+    return row.backup_tag
+
+
+class OriginalOf:
+    """An Ollama client for lacd.basemodel whose ``show(<served name>)`` answers with the original's,
+    so the base converted once under the served name's folder is the same file before and after."""
+
+    def __init__(self, client, name: str, backup: str):
+        self.client, self.name, self.backup = client, register.full_tag(name), backup
+
+    def show(self, model: str):
+        return self.client.show(self.backup if register.full_tag(model) == self.name else model)
 
 
 def describe(row: dict) -> str:

@@ -59,15 +59,17 @@ def system_prompt(settings: Settings) -> str:
 def resolve_base(settings: Settings) -> Path:
     from lacd.basemodel import resolve_base as resolve
 
-    spec, client = settings.model.base, None
-    if spec.startswith("ollama:"):
+    client = None
+    if settings.model.base.startswith("ollama:"):
         from lacd import db, served
         from lacd.pipeline.register import make_client
 
         client = make_client(settings.ollama.host)
         engine = db.read_engine(settings.db_path) if settings.db_path.exists() else None
-        spec = served.base_spec(settings, engine)  # never a model lacd itself put under the agent's name
-    return resolve(spec, settings.state.dir, settings.model.allow_download, client)
+        original = served.base_source(settings, engine)  # never a model lacd itself put under the agent's name
+        if original is not None:
+            client = served.OriginalOf(client, settings.model.serve_as, original)
+    return resolve(settings.model.base, settings.state.dir, settings.model.allow_download, client)
 
 
 def check_disk(base_dir: Path, run_dir: Path, min_free_gb: float) -> None:
