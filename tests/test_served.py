@@ -147,6 +147,8 @@ def test_the_agent_name_follows_promotions_and_rollbacks_and_the_original_is_kep
     models = run_cli("models", env=env).stdout.splitlines()
     assert models[0].startswith(f"{NAME}:v3") and models[0].endswith("<- latest  <- codellama:latest")
     assert models[-1] == f"{BACKUP:<24} your model from before lacd (codellama:latest)"
+    listed = json.loads(run_cli("models", "--json", env=env).stdout)
+    assert [(m["tag"], m["served_as"]) for m in listed] == [(v3, [AGENT]), (f"{NAME}:v2", []), (v1, [])]
 
     done = rollback(settings)  # to v1, the promoted one before v3
     assert (done.to_tag, done.served) == (v1, "codellama:latest serves v1; your model is kept as " + BACKUP)

@@ -278,8 +278,11 @@ def models(ctx, as_json):
 
     rows = _read(ctx, queue.model_versions)
     names = _read(ctx, served.all_rows)
-    if as_json:
-        click.echo(json.dumps({"versions": rows, "served": names} if names else rows, indent=2))
+    if as_json:  # each version lists the agent names serving it; `lacd status --json` has the rest
+        for row in rows:
+            row["served_as"] = [n["name"] for n in names if n["state"] in ("serving", "handed_back")
+                                and n["serving"] == f"v{row['version']}"]  # fmt: skip
+        click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(status.render_models(rows, names))
 
