@@ -244,6 +244,8 @@ def test_sigkill_between_the_backup_and_the_copy(server, client, env, settings, 
     with store.engine.connect() as conn:  # the intent was in the database before the copy was sent
         pending = conn.execute(text("SELECT pending_tag, pending_digest FROM served_names")).one()
     assert tuple(pending) == (f"{NAME}:v1", digest(client, f"{NAME}:v1"))
+    assert "codellama:latest serves original; your model is kept as lacd-coder:original (moving to v1 was cut " \
+           "short: the daemon finishes it when it starts)" in run_cli("status", env=env).stdout
 
     daemon = subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip

@@ -50,6 +50,7 @@ class Served:
     original_digest: str | None
     digest: str | None
     note: str | None
+    pending: str | None = None  # the label of a copy recorded but not confirmed (a killed process)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -84,7 +85,8 @@ def all_rows(conn) -> list[dict]:
 
 
 def _served(row) -> Served:
-    return Served(row.name, row.backup_tag, row.serving, row.state, row.original_digest, row.digest, row.note)
+    return Served(row.name, row.backup_tag, row.serving, row.state, row.original_digest, row.digest, row.note,
+                  row.pending_label)
 
 
 def _row(engine: Engine, name: str):
@@ -273,7 +275,9 @@ def describe(row: dict) -> str:
             "released": "left alone"}[row["state"]]
     kept = f"; your model is kept as {row['backup_tag']}" if row["original_digest"] else "; it did not exist before lacd"
     note = f": {row['note']}" if row.get("note") else ""
-    return f"{row['name']} {what}{kept}{note}"
+    pending = f" (moving to {row['pending']} was cut short: the daemon finishes it when it starts)" \
+        if row.get("pending") else ""
+    return f"{row['name']} {what}{kept}{note}{pending}"
 
 
 def reconcile_configured(settings, engine: Engine) -> None:
@@ -281,7 +285,7 @@ def reconcile_configured(settings, engine: Engine) -> None:
     if not settings.model.serve_as:
         return
     try:
-        row = reconcile(engine, register.make_client(settings.ollama.host, timeout_s=30), settings.model.serve_as)
+        row = reconcile(engine, register.make_client(settings.ollama.host, timeout_s=10), settings.model.serve_as)
     except register.OllamaError as exc:
         log.warning("served_name_reconcile_postponed", error=str(exc))
         return
