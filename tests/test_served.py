@@ -224,19 +224,7 @@ def test_sigkill_between_the_backup_and_the_copy(server, client, env, settings, 
     plain = {**env, "LACD_MODEL_SERVE_AS": ""}  # two promotions before serve_as was set
     for gguf in ggufs[1:3]:
         run_promote(store, client, config.load(env=plain), gguf, 0.9, tmp_path)
-    held = {"arrived": threading.Event(), "release": threading.Event()}
-    server.server.hold_copies[AGENT] = held
-    child = subprocess.Popen([sys.executable, "-m", "lacd", "rollback", "v1"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        assert held["arrived"].wait(60), child.stderr.read1().decode() if child.poll() is not None else "no copy"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
-    finally:
-        held["release"].set()
-        server.server.hold_copies.clear()
-    assert child.returncode == -signal.SIGKILL
-
+    hold_and_kill(server, AGENT, ["rollback", "v1"], env)
     assert digest(client, BACKUP) == original  # kept before anything else
     assert digest(client, AGENT) == original  # the copy never happened
     row = served.get(store.engine, "codellama")
@@ -258,6 +246,48 @@ def test_sigkill_between_the_backup_and_the_copy(server, client, env, settings, 
     assert (row.state, row.serving) == ("serving", "v1")
     assert digest(client, BACKUP) == original
     assert agent_chat(server, client) == digest(client, f"{NAME}:v1")
+
+
+def hold_and_kill(server, destination: str, args: list[str], env: dict) -> None:
+    """Run `lacd ARGS`, SIGKILL it while its copy to destination is in flight; that copy never lands."""
+    held = {"arrived": threading.Event(), "release": threading.Event()}
+    server.server.hold_copies[destination] = held
+    child = subprocess.Popen([sys.executable, "-m", "lacd", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert held["arrived"].wait(60), child.stderr.read1().decode() if child.poll() is not None else "no copy"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    finally:
+        held["release"].set()
+        server.server.hold_copies.clear()
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_sigkill_while_keeping_the_original(server, client, env, settings, store, ggufs, tmp_path):
+    """Killed after recording the intent to keep the original, before the backup copy landed: the name
+    was never touched, the daemon's start makes the backup, and the next change serves the version."""
+    original = user_creates(client, ggufs[0])
+    plain = {**env, "LACD_MODEL_SERVE_AS": ""}
+    for gguf in ggufs[1:3]:
+        run_promote(store, client, config.load(env=plain), gguf, 0.9, tmp_path)
+    hold_and_kill(server, BACKUP, ["rollback", "v1"], env)
+    assert digest(client, BACKUP) is None and digest(client, AGENT) == original
+    row = served.get(store.engine, "codellama")
+    assert (row.state, row.original_digest, row.digest) == ("backing_up", original, original)
+
+    daemon = subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert wait_until(lambda: digest(client, BACKUP) == original, timeout=60)
+        assert wait_until(lambda: served.get(store.engine, "codellama").state == "serving", timeout=10)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    assert digest(client, AGENT) == original  # latest is v1; the agent's name catches up on the next change
+    result = run_cli("rollback", "v1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert agent_chat(server, client) == digest(client, f"{NAME}:v1") and digest(client, BACKUP) == original
 
 
 def test_a_base_named_like_the_agent_name_is_read_from_the_original(client, settings, store, ggufs, tmp_path):
