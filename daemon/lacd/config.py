@@ -63,6 +63,12 @@ def parse_window(value: str) -> tuple[int, int] | None:
     return minutes[0], minutes[1]
 
 
+def _model_name_check(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?", value):
+        return "must be a model name like codellama or codellama:7b"
+    return None
+
+
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "lacd")
@@ -168,7 +174,7 @@ class Model:
     system_prompt: str = _key("", "file with the agent's system prompt (empty: local-ai-coder's own, shipped with lacd)")
     chat_family: str = _key("", "chat format: chatml or llama2 (empty: detected from the base model's chat template)", _one_of("", "chatml", "llama2"))
     allow_download: bool = _key(False, "let a hub id be downloaded at run time (off: the local cache only)")
-    serve_as: str = _key("", "the model name the agent asks Ollama for (local-ai-coder: codellama): on each promotion or rollback it is pointed at the promoted version, the user's own model kept as <name>:original (empty: only <name>:latest)", lambda v: "must be a model name like codellama or codellama:7b" if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?", v) else None)
+    serve_as: str = _key("", "the model name the agent asks Ollama for (local-ai-coder: codellama): on each promotion or rollback it is pointed at the promoted version, the user's own model kept as <name>:original (empty: only <name>:latest)", _model_name_check)
 
 
 @dataclass(frozen=True)
