@@ -303,3 +303,14 @@ def test_a_base_named_like_the_agent_name_is_read_from_the_original(client, sett
     blob = Path(json.loads((folder / "lacd_source.json").read_text())["source_gguf"])
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == hashlib.sha256(ggufs[0].read_bytes()).hexdigest()
     assert ollama_blob("codellama", client) != blob  # the name itself serves v1 now
+
+
+@pytest.mark.parametrize("value, ok", [("codellama", True), ("codellama:7b-instruct", True),
+                                       ("library/codellama:latest", True), ("bad name!", False), (":7b", False)])
+def test_serve_as_must_be_a_model_name(tmp_path, value, ok):
+    env = lacd_env(tmp_path, tmp_path / "agent.jsonl", LACD_MODEL_SERVE_AS=value)
+    if ok:
+        assert config.load(env=env).model.serve_as == value
+    else:
+        with pytest.raises(config.ConfigError, match=r"\[model\] serve_as: must be a model name"):
+            config.load(env=env)
