@@ -39,7 +39,7 @@ def node() -> str:
     if node is None:
         skip_outside_ci("node is not installed: cannot run llama.cpp through node-llama-cpp")
     if not (LLAMACPP / "node_modules" / "node-llama-cpp").is_dir():
-        skip_outside_ci(f"node-llama-cpp is not installed: run `npm ci --ignore-scripts` in {LLAMACPP}")
+        skip_outside_ci(f"node-llama-cpp is not installed: run `npm ci --omit=optional --ignore-scripts` in {LLAMACPP}")
     return node
 
 
