@@ -45,6 +45,9 @@ def agent_line(i: int, prompt: str | None = None) -> str:
 def lacd_env(tmp_path: Path, log: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LACD_")}
     env.update(LACD_STATE_DIR=str(tmp_path / "state"), LACD_WATCH_LOG=str(log), LACD_LOG_FORMAT="json")
+    # runs start as soon as lessons are due: this shared test machine is never idle by [schedule]'s defaults
+    # (tests/integration/test_idle_cycle.py tests those); Ollama, where a test has none, does not hold runs back
+    env.update(LACD_SCHEDULE_IDLE_MINUTES="0", LACD_SCHEDULE_CPU_OTHER_PCT="0", LACD_SCHEDULE_ON_OLLAMA_ERROR="idle")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

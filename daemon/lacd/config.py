@@ -100,6 +100,12 @@ class Schedule:
     interval: float = _key(60.0, "seconds between checks whether a run should start", _at_least(1))
     window: str = _key("", "only start runs inside this daily window, e.g. 01:00-06:00 (empty: any time)", _window_check)
     cooldown: float = _key(0.0, "minutes to wait after a run ends before the next one starts", _at_least(0))
+    idle_minutes: float = _key(10.0, "a run starts (or a paused one resumes) only after the agent's log has been quiet this long", _at_least(0))
+    yield_s: float = _key(10.0, "seconds within which a run steps aside (checkpoint, child exits) once the agent is active", _between(1, 600))
+    gpu_other_mb: float = _key(512.0, "GPU memory (MB, NVML) other processes may hold before the GPU counts as in use", _at_least(0))
+    cpu_other_pct: float = _key(25.0, "without NVIDIA: percent of all cores other processes may use before the machine counts as in use (0: not watched)", _between(0, 100))
+    on_ollama_error: str = _key("busy", "Ollama unreachable or /api/ps unreadable: treat the agent as busy or as idle", _one_of("busy", "idle"))
+    on_gpu_error: str = _key("busy", "NVML failing on a machine that has it: treat the GPU as busy or as idle", _one_of("busy", "idle"))
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class Ollama:
     host: str = _key("http://127.0.0.1:11434", "the Ollama server lacd registers models with")
     quantize: str = _key("", "quantize when registering: q4_K_M, q4_K_S, q8_0, or f16 to keep the exported precision (empty: q4_K_M or q8_0 like a quantized base, as exported otherwise)", _one_of("", "f16", "q4_K_M", "q4_K_S", "q8_0"))
     num_ctx: int = _key(4096, "context window registered as PARAMETER num_ctx", _at_least(256))
-    unload_before_training: bool = _key(False, "ask Ollama to unload its models from the GPU before training")
+    unload_before_training: bool = _key(True, "ask Ollama to unload its models (keep_alive 0) before training on a GPU")
     keep_versions: int = _key(5, "v<N> versions kept in Ollama; older ones are removed", _at_least(1))
 
 

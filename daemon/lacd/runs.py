@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from lacd.models import Lesson, ModelVersion, Run, RunLesson, RunStage
 
-ACTIVE = ("queued", "running", "waiting")
+ACTIVE = ("queued", "running", "waiting", "paused")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,23 @@ class RunStore:
             conn.execute(update(Run).where(Run.id == run_id).values(
                 status="waiting", next_try_at=self.clock() + retry_in, waiting_for=waiting_for or f"retry of {stage}",
                 error=error))
+
+    def pause(self, run_id: int, stage: str, since: float, reason: str) -> bool:
+        """The run steps aside for the agent (status `paused`, progress["paused"] says since when and why);
+        the stage's attempt does not count. False when it was paused already (since is kept)."""
+        with self.engine.begin() as conn:
+            run = conn.execute(select(Run).where(Run.id == run_id)).one()
+            progress = json.loads(run.progress) if run.progress else {}
+            if run.status == "paused" and progress.get("paused"):
+                return False
+            progress["paused"] = {"since": since, "reason": reason, "stage": stage}
+            conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage,
+                                                RunStage.status == "running")
+                         .values(status="paused", attempts=RunStage.attempts - 1))
+            conn.execute(update(Run).where(Run.id == run_id).values(
+                status="paused", stage=stage, next_try_at=None, waiting_for="the agent to be idle",
+                progress=json.dumps(progress)))
+        return True
 
     def set_progress(self, run_id: int, progress: dict) -> None:
         with self.engine.begin() as conn:

@@ -1,8 +1,9 @@
 """Decides when a run starts: an APScheduler 3 interval job that only decides, never trains.
 
 A run starts when `pending >= [queue] threshold`, no run is active, the clock is inside the
-optional training window, and the cool-down since the last run has passed. Each decision is
-logged and kept in `last_decision` (shown by `lacd status` through the daemon's state file).
+optional training window, the cool-down since the last run has passed, and (with a `monitor`,
+lacd.idle) the agent is idle. Each decision is logged and kept in the daemon's state file with the
+idle signals it read (shown by `lacd status`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def in_window(window: str, now: datetime) -> bool:
 
 class Scheduler:
     def __init__(self, settings: Settings, store: RunStore, on_new_run: Callable[[int], None],
-                 now: Callable[[], datetime] = datetime.now):
+                 now: Callable[[], datetime] = datetime.now, monitor=None):
         self.settings = settings
+        self.monitor = monitor
+        self.idle: dict | None = None  # the last idle verdict, recorded with the decision
         self.store = store
         self.on_new_run = on_new_run
         self.now = now
@@ -55,6 +58,7 @@ class Scheduler:
 
     def check(self) -> str:
         """Decide once; returns (and records) the reason for what was decided."""
+        self.idle = None
         decision, run_id = self._decide()
         self._record(decision)
         if run_id is not None:
@@ -64,7 +68,10 @@ class Scheduler:
 
     def _decide(self) -> tuple[str, int | None]:
         s = self.settings
-        if self.store.active() is not None:
+        active = self.store.active()
+        if active is not None and active.status == "paused" and self.monitor is not None:
+            return f"run #{active.id} paused; {self._idle_verdict().reason}", None
+        if active is not None:
             return "a run is already active", None
         with self.store.engine.connect() as conn:
             pending = queue.pending_count(conn)
@@ -79,10 +86,17 @@ class Scheduler:
         last = self.store.last_finished_at()
         if last and s.schedule.cooldown and time.time() - last < s.schedule.cooldown * 60:
             return f"{pending} pending, cooling down after the last run", None
+        if self.monitor is not None and not (verdict := self._idle_verdict()).idle:
+            return f"{pending} pending, {verdict.reason}", None
         run_id = self.store.create("threshold", s.queue.max_lessons)
         if run_id is None:
             return "no run created (a run became active)", None
         return f"run #{run_id} started: {pending} pending >= threshold {s.queue.threshold}", run_id
+
+    def _idle_verdict(self):
+        verdict = self.monitor.verdict()
+        self.idle = {**verdict.to_dict(), "hardware": self.monitor.describe_hardware()}
+        return verdict
 
     def _retrain_without_forgotten(self) -> tuple[str, int | None]:
         window = self.settings.schedule.window
@@ -95,5 +109,5 @@ class Scheduler:
 
     def _record(self, decision: str) -> None:
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"decision": decision, "at": time.time()}))
+        tmp.write_text(json.dumps({"decision": decision, "at": time.time(), "idle": self.idle}))
         os.replace(tmp, self.state_file)

@@ -185,6 +185,7 @@ class Service:
 
     def _start_learning(self, engine) -> None:
         """The run worker (resumes an unfinished run first) and the scheduler that starts new ones."""
+        from lacd.idle import IdleMonitor
         from lacd.runs import RunStore
         from lacd.scheduler import Scheduler
         from lacd.worker import RunExecutor, RunWorker
@@ -193,9 +194,11 @@ class Service:
 
         reconcile_configured(self.settings, engine)  # a copy to the agent's model name cut short by a kill
         store = RunStore(engine)
-        self.worker = RunWorker(RunExecutor(self.settings, store, threading.Event()))
+        monitor = IdleMonitor(self.settings)  # runs start only while the agent is idle, and step aside
+        log.info("idle_signals", hardware=monitor.describe_hardware(), idle_minutes=self.settings.schedule.idle_minutes)
+        self.worker = RunWorker(RunExecutor(self.settings, store, threading.Event(), monitor=monitor))
         self.worker.start()
-        self.scheduler = Scheduler(self.settings, store, on_new_run=lambda _run: self.worker.wake())
+        self.scheduler = Scheduler(self.settings, store, on_new_run=lambda _run: self.worker.wake(), monitor=monitor)
         self.scheduler.start()
 
     def loop_once(self) -> SyncStats:

@@ -39,7 +39,9 @@ def snapshot(settings: Settings) -> dict:
         out["sources"] = queue.sources(conn)
         out["active_model"] = queue.active_model(conn)
         out["served"] = served.all_rows(conn)
-    out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting")), None)
+    out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting", "paused")), None)
+    for r in out["runs"]:
+        r["paused"] = (r.get("progress") or {}).get("paused") if r["status"] == "paused" else None
     out["scheduler"] = _scheduler_decision(settings)
     engine.dispose()
     return out
@@ -82,6 +84,7 @@ def render(s: dict) -> str:
     lines.append(f"current run {_run_line(run) if run else 'none'}")
     if s.get("scheduler"):
         lines.append(f"scheduler   {s['scheduler']['decision']}")
+        lines += _idle_lines(s["scheduler"].get("idle"))
     for r in s["runs"][:5]:
         lines.append(f"  run {_run_line(r)}")
     model = s["active_model"]
@@ -102,6 +105,16 @@ def _health_text(h: dict | None) -> str:
         return f", waiting: {h['message']}; it is read once it can be"
     retry = f"; retrying every {h['retry_in']:.0f} s" if h.get("retry_in") else ""
     return f", but failing since {time.strftime('%H:%M:%S', time.localtime(h['since']))}: {h['message']}{retry}"
+
+
+def _idle_lines(idle: dict | None) -> list[str]:
+    """The idle signals that could not be read, and what lacd does without them."""
+    if not idle:
+        return []
+    lines = [f"  signal    {sig['detail']}" for sig in idle.get("signals", []) if sig.get("error")]
+    if idle.get("hardware") and "NVML" in idle["hardware"] and "through NVML" not in idle["hardware"]:
+        lines.append(f"  signal    {idle['hardware']}")
+    return lines
 
 
 def _privacy_lines(s: dict) -> list[str]:
@@ -135,7 +148,10 @@ def _run_line(r: dict) -> str:
             text += f" {p['tokens_per_s']:.0f} tok/s"
         if p.get("eta_s") is not None:
             text += f" ETA {p['eta_s'] / 60:.0f} min"
-    if r.get("waiting_for"):
+    if r.get("paused"):
+        p = r["paused"]
+        text += f"  paused: agent active since {time.strftime('%H:%M', time.localtime(p['since']))} ({p['reason']})"
+    elif r.get("waiting_for"):
         text += f"  waiting for {r['waiting_for']}"
     if r.get("error"):
         text += f"  error: {r['error'][:200]}"

@@ -9,6 +9,13 @@ lessons stay pending. Ollama being unreachable is not a failure: the run waits (
 `waiting`, `waiting_for` says for what) and retries without limit, at most 10 minutes apart.
 A stop request (SIGTERM) interrupts training or evaluation; the run resumes there at the next start.
 
+Sharing the workstation (lacd.idle, given as `monitor`): train and evaluate start only while the
+agent is idle, and while they run a watch thread samples the signals every second; when the agent
+becomes active the stage steps aside (training checkpoints its last step, the child exits), the
+run is `paused` (not an attempt, not a failure) and the worker resumes it once the agent has been
+idle for `[schedule] idle_minutes` again. Each pause is a line of the run folder's pauses.jsonl
+(the report draws them on its time axis).
+
 A run ends `done` when the gate promoted its model, `rejected` when the gate kept the model in
 use (both count its lessons as trained), or `failed`. Each end that got past training writes the
 run's report.html and report.png into its folder (lacd.report).
@@ -16,6 +23,7 @@ run's report.html and report.png into its folder (lacd.report).
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -30,14 +38,17 @@ from lacd.runs import RunStore
 log = structlog.get_logger(__name__)
 
 OLLAMA_WAIT_CAP = 600.0
+YIELDING_STAGES = ("train", "evaluate")  # the stages that hold a model (and the GPU) for minutes
+PAUSES_FILE = "pauses.jsonl"
 
 
 class RunExecutor:
-    def __init__(self, settings: Settings, store: RunStore, stop: threading.Event, on_progress=None):
+    def __init__(self, settings: Settings, store: RunStore, stop: threading.Event, on_progress=None, monitor=None):
         self.settings = settings
         self.store = store
         self.stop = stop
         self.on_progress = on_progress  # the foreground `lacd train` draws its progress bar with it
+        self.monitor = monitor  # lacd.idle.IdleMonitor in the daemon; None: never step aside
 
     def run_dir(self, run_id: int) -> Path:
         path = self.settings.runs_dir / str(run_id)
@@ -51,6 +62,8 @@ class RunExecutor:
             if stage not in done:
                 if self.stop.is_set():
                     return "interrupted"
+                if not self._may_start(run_id, stage):
+                    return "paused"
                 outcome = self._attempt(run_id, stage)
                 if outcome != "done":
                     return outcome
@@ -70,12 +83,18 @@ class RunExecutor:
         from lacd.pipeline.train import TrainInterrupted
 
         attempt = self.store.begin_stage(run_id, stage)
-        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self._reporter(run_id, stage), self.stop)
+        pause = threading.Event()
+        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self._reporter(run_id, stage), self.stop,
+                         pause)
         log.info("stage_started", run=run_id, stage=stage, attempt=attempt)
         started = time.monotonic()
+        watch = self._watch(pause, stage)
         try:
             result = STAGE_FUNCTIONS[stage](ctx)
-        except (TrainInterrupted, EvaluateInterrupted):
+        except (TrainInterrupted, EvaluateInterrupted) as exc:
+            if pause.is_set():
+                self._pause(run_id, stage, watch.get("at", time.time()), watch.get("why", "agent active"), str(exc))
+                return "paused"
             log.info("stage_interrupted", run=run_id, stage=stage)
             return "interrupted"
         except OllamaUnavailable as exc:
@@ -85,10 +104,63 @@ class RunExecutor:
             return "waiting"
         except Exception as exc:  # every stage failure is recorded; the policy below decides
             return self._failed(run_id, stage, attempt, f"{type(exc).__name__}: {exc}")
+        finally:
+            watch["done"].set()
         result["seconds"] = round(time.monotonic() - started, 2)
         self.store.finish_stage(run_id, stage, result)
         log.info("stage_done", run=run_id, stage=stage, seconds=result["seconds"])
         return "done"
+
+    # -- sharing the workstation -------------------------------------------------------------
+
+    def _may_start(self, run_id: int, stage: str) -> bool:
+        """Train and evaluate start (or resume) only while the agent is idle; else the run is paused."""
+        if self.monitor is None or stage not in YIELDING_STAGES:
+            return True
+        verdict = self.monitor.verdict()
+        run = self.store.get(run_id)
+        progress = json.loads(run.progress) if run.progress else {}
+        if not verdict.idle:
+            self._pause(run_id, stage, time.time(), verdict.reason, None)
+            return False
+        if progress.pop("paused", None) is not None:  # resuming: the pause ends now
+            self.store.set_progress(run_id, progress)
+            self._pause_log(run_id, {"until": time.time(), "stage": stage})
+            log.info("run_resumed", run=run_id, stage=stage)
+        return True
+
+    def _watch(self, pause: threading.Event, stage: str) -> dict:
+        """A thread that sets `pause` when the agent becomes active during a yielding stage."""
+        state = {"done": threading.Event()}
+        if self.monitor is None or stage not in YIELDING_STAGES:
+            return state
+        every = min(1.0, self.settings.schedule.yield_s / 4)
+        since = self.monitor.clock()
+
+        def watch() -> None:
+            while not state["done"].wait(every):
+                try:
+                    why = self.monitor.activity(since)
+                except Exception as exc:  # noqa: BLE001 - a broken signal must not kill the watch
+                    why = f"idle signals unreadable ({type(exc).__name__})"
+                if why:
+                    state.update(at=time.time(), why=why)
+                    log.info("agent_active", stage=stage, reason=why)
+                    pause.set()
+                    return
+
+        threading.Thread(target=watch, name="lacd-idle-watch", daemon=True).start()
+        return state
+
+    def _pause(self, run_id: int, stage: str, since: float, reason: str, how: str | None) -> None:
+        if self.store.pause(run_id, stage, since, reason):
+            step = (json.loads(self.store.get(run_id).progress or "{}")).get("step")
+            self._pause_log(run_id, {"since": since, "stage": stage, "step": step, "reason": reason})
+            log.info("run_paused", run=run_id, stage=stage, reason=reason, how=how)
+
+    def _pause_log(self, run_id: int, entry: dict) -> None:
+        with open(self.run_dir(run_id) / PAUSES_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
 
     def _failed(self, run_id: int, stage: str, attempt: int, error: str) -> str:
         if attempt >= self.settings.run.retries:
@@ -155,8 +227,7 @@ class RunWorker:
         while not self.executor.stop.is_set():
             try:
                 run_id = self.executor.store.runnable()
-                if run_id is not None:
-                    self.executor.execute(run_id)
+                if run_id is not None and self.executor.execute(run_id) != "paused":
                     continue
             except Exception as exc:  # the database went away for a moment: try again later
                 log.error("run_worker_error", error=f"{type(exc).__name__}: {exc}")

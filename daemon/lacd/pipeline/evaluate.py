@@ -555,11 +555,13 @@ def evaluate_in_child(
     timeout_s: float | None = None,
     stop: threading.Event | None = None,
     poll_s: float = 0.5,
+    pause: threading.Event | None = None,
 ) -> dict[str, Any]:
     """evaluate_candidate in a child process, so loading two models cannot take the daemon down
     (or keep its memory); same result. The request is written next to out_path, the child's
     output to out_path's folder as evaluate.log. Setting `stop` ends the child and raises
-    EvaluateInterrupted; the child dies with its parent (Linux), so no orphan keeps generating."""
+    EvaluateInterrupted; so does `pause` (the agent became active: the stage is redone when it is idle
+    again). The child dies with its parent (Linux), so no orphan keeps generating."""
     out_path = Path(out_path)
     request = out_path.with_name(out_path.stem + ".request.json")
     payload = {
@@ -577,7 +579,7 @@ def evaluate_in_child(
         with open(log_path, "w", encoding="utf-8") as log_file:
             child = subprocess.Popen([python, "-m", "lacd.pipeline.evaluate", str(request)], stdout=log_file,
                                      stderr=subprocess.STDOUT, env=env)  # fmt: skip
-            code = _wait_child(child, timeout_s, stop or threading.Event(), poll_s, log_path)
+            code = _wait_child(child, timeout_s, stop or threading.Event(), poll_s, log_path, pause)
     finally:
         request.unlink(missing_ok=True)  # it holds the held-out prompts in clear text
     if code != 0 or not out_path.is_file():
@@ -591,13 +593,13 @@ def evaluate_in_child(
 
 
 def _wait_child(child: subprocess.Popen, timeout_s: float | None, stop: threading.Event, poll_s: float,
-                log_path: Path) -> int:
+                log_path: Path, pause: threading.Event | None = None) -> int:
     """The child's exit code; ends it (TERM, then KILL) on a stop request or past the timeout."""
     from lacd.pipeline.train import stop_child  # the trainer's child is ended the same way
 
     deadline = None if not timeout_s else time.monotonic() + timeout_s
     while child.poll() is None:
-        if stop.wait(poll_s):
+        if stop.wait(poll_s) or (pause is not None and pause.is_set()):
             stop_child(child)
             raise EvaluateInterrupted("evaluation stopped on request; it is redone at the next start")
         if deadline is not None and time.monotonic() > deadline:

@@ -44,6 +44,7 @@ class RunContext:
     store: RunStore
     report: Callable[[dict], None]
     stop: threading.Event
+    pause: threading.Event | None = None  # set when the agent becomes active: train and evaluate step aside
 
     def base_dir(self) -> Path:
         return Path(self.store.stage_result(self.run_id, "format")["base_dir"])
@@ -106,7 +107,7 @@ def train_stage(ctx: RunContext) -> dict:
     from lacd.pipeline.train import TrainSpec, train_in_child
 
     s, t = ctx.settings, ctx.settings.train
-    if s.ollama.unload_before_training:
+    if s.ollama.unload_before_training and _trains_on_gpu(t.device):
         _unload_ollama(s.ollama.host)
     spec = TrainSpec(base_dir=ctx.base_dir(), dataset_dir=ctx.run_dir / "dataset", out_dir=ctx.run_dir / "adapter",
                      checkpoint_dir=ctx.run_dir / "checkpoints", progress_path=ctx.run_dir / "progress.json",
@@ -115,7 +116,7 @@ def train_stage(ctx: RunContext) -> dict:
                      grad_accum=t.grad_accum, max_seq_len=t.max_seq_len, seed=t.seed,
                      checkpoint_every=t.checkpoint_every, device=t.device,
                      num_threads=t.threads or max(1, (os.cpu_count() or 2) // 2))
-    result = train_in_child(spec, on_progress=ctx.report, stop=ctx.stop)
+    result = train_in_child(spec, on_progress=ctx.report, stop=ctx.stop, pause=ctx.pause, yield_s=s.schedule.yield_s)
     return _plain(result)
 
 
@@ -220,7 +221,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
                        device=s.train.device, threads=_eval_threads(s))
     ctx.report({"phase": "evaluate", "cases": len(cases)})
     return ev.evaluate_in_child(spec, cases, candidate, incumbent, out, ollama_host=s.ollama.host,
-                                known_losses=known, timeout_s=s.evaluate.timeout or None, stop=ctx.stop)
+                                known_losses=known, timeout_s=s.evaluate.timeout or None, stop=ctx.stop, pause=ctx.pause)
 
 
 def _compared_models(ctx: RunContext):
@@ -319,6 +320,13 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
     "format": format_stage, "train": train_stage, "export": export_stage, "register": register_stage,
     "evaluate": evaluate_stage, "promote": promote_stage,
 }
+
+
+def _trains_on_gpu(device: str) -> bool:
+    """Whether the train stage will hold a GPU (Ollama's models are unloaded only then)."""
+    from lacd.pipeline.train import choose_device
+
+    return choose_device(device)[0].type == "cuda"
 
 
 def _unload_ollama(host: str) -> None:

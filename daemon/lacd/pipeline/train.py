@@ -80,6 +80,8 @@ log = structlog.get_logger(__name__)
 
 EXIT_ERROR = 2  # a TrainError: bad input or configuration; message on stderr
 EXIT_OOM = 75  # CUDA out of memory: retry with a smaller micro-batch
+EXIT_PAUSED = 76  # asked to step aside: a checkpoint of the last finished step is written, then exit
+PAUSE_REQUEST = threading.Event()  # set in the child by the parent's "pause" line on stdin (watch_pause_requests)
 _ERROR_PREFIX = "lacd train: error: "
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
@@ -88,6 +90,10 @@ ProgressCallback = Callable[[dict], None]
 
 class TrainError(Exception):
     """Training cannot run or did not finish; the message says why."""
+
+
+class TrainPaused(Exception):
+    """Child side: a pause was requested; the checkpoint of the last finished step is written."""
 
 
 class TrainInterrupted(TrainError):
@@ -901,7 +907,9 @@ class LoRARecipe:
         started = time.monotonic()
         tokens_here = 0
         total = len(self.steps)
-        for index in range(self.counters.step, total):
+        first = self.counters.step
+        for index in range(first, total):
+            self._step_aside_if_asked(index > first)
             step_started = time.monotonic()
             loss, tokens, labelled = self._optimizer_step(self.steps[index])
             self.counters.step = index + 1
@@ -920,6 +928,16 @@ class LoRARecipe:
             every = spec.checkpoint_every
             if (every > 0 and self.counters.step % every == 0) or self.counters.step == total:
                 self._save_checkpoint()
+
+    def _step_aside_if_asked(self, progressed: bool) -> None:
+        """At a step boundary: when the parent asked to pause, checkpoint this step (if any was done
+        here) and leave; resuming from it is bit-exact like resuming from any checkpoint."""
+        if not PAUSE_REQUEST.is_set():
+            return
+        if progressed and not (Path(self.spec.checkpoint_dir) / f"{CHECKPOINT_PREFIX}{self.counters.step}").is_dir():
+            self._save_checkpoint()
+        log.info("train_paused", step=self.counters.step)
+        raise TrainPaused(f"paused at step {self.counters.step}")
 
     def _optimizer_step(self, planned: PlannedStep) -> tuple[float | None, int, int]:
         """Forward/backward every micro-batch of one step, then clip and step.
@@ -1051,6 +1069,8 @@ def run_training(spec: TrainSpec, on_progress: ProgressCallback | None = None) -
         try:
             recipe.setup()
             recipe.train()
+            if PAUSE_REQUEST.is_set():  # the last checkpoint holds every step; resuming only saves
+                raise TrainPaused("paused after the last step")
             return recipe.save()
         finally:
             recipe.cleanup()
@@ -1122,9 +1142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _inject_oom_for_tests(os.environ.get(TEST_OOM_ENV))
     parent = os.environ.get("LACD_TRAIN_PARENT_PID")
     _die_with_parent(int(parent) if parent else None)
+    if os.environ.get("LACD_TRAIN_PAUSE_PIPE"):
+        watch_pause_requests(sys.stdin.fileno())
     try:
         spec = TrainSpec.from_json(args.spec.read_text(encoding="utf-8"))
         result = run_training(spec)
+    except TrainPaused:
+        return EXIT_PAUSED
     except TrainError as exc:
         print(f"{_ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -1137,6 +1161,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json_atomic(args.result, json.loads(result.to_json()))
     print(result.to_json())
     return 0
+
+
+def watch_pause_requests(fd: int) -> threading.Thread:
+    """Child side: a thread that sets PAUSE_REQUEST when the parent writes to fd (or closes it).
+
+    A pipe rather than a signal: a Python signal handler runs only between bytecodes, so it would
+    wait for a long forward pass anyway, and a stray SIGUSR1 to an OpenMP thread kills the process.
+    os.read, not sys.stdin: a daemon thread blocked in a buffered reader aborts interpreter exit."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            os.read(fd, 64)
+        PAUSE_REQUEST.set()
+
+    thread = threading.Thread(target=wait, name="lacd-pause", daemon=True)
+    thread.start()
+    return thread
 
 
 def _source_root() -> Path:
@@ -1160,6 +1201,8 @@ def _run_child(
     on_progress: ProgressCallback | None,
     poll_s: float,
     stop: threading.Event | None,
+    pause: threading.Event | None = None,
+    yield_s: float = 10.0,
 ) -> tuple[int, Path, Path]:
     """Start one training child, relay its progress, wait for it. Returns (exit code, result, log)."""
     workdir = Path(spec.checkpoint_dir)
@@ -1170,20 +1213,60 @@ def _run_child(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_source_root()), env.get("PYTHONPATH")]))
     env["LACD_TRAIN_PARENT_PID"] = str(os.getpid())
+    env["LACD_TRAIN_PAUSE_PIPE"] = "1"
     command = [python, "-m", "lacd.pipeline.train", str(spec_path), "--result", str(result_path)]
     with open(log_path, "w", encoding="utf-8") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, stdin=subprocess.PIPE)
         log.info("train_child_started", pid=child.pid, tokens_per_batch=spec.tokens_per_batch,
                  grad_accum=spec.grad_accum)
         last_seen = None
-        waiter = stop if stop is not None else threading.Event()
+        asked = [e for e in (stop, pause) if e is not None]
         while child.poll() is None:
-            if waiter.wait(poll_s):
-                stop_child(child)
-                raise TrainInterrupted("training stopped on request; it resumes from its last checkpoint")
+            if _wait_any(asked, poll_s):
+                if stop is not None and stop.is_set():  # the daemon stops: no time to wait for a step
+                    stop_child(child)
+                    raise TrainInterrupted("training stopped on request; it resumes from its last checkpoint")
+                code = yield_child(child, yield_s)
+                _relay_progress(Path(spec.progress_path), last_seen, on_progress)
+                raise _yielded(code, yield_s)
             last_seen = _relay_progress(Path(spec.progress_path), last_seen, on_progress)
         _relay_progress(Path(spec.progress_path), last_seen, on_progress)
     return child.returncode, result_path, log_path
+
+
+class TrainYielded(TrainInterrupted):
+    """Parent side: training stepped aside because the agent became active; it resumes later."""
+
+
+def _wait_any(events: list[threading.Event], timeout: float) -> bool:
+    """True as soon as one of events is set (checked every 50 ms), False after timeout."""
+    deadline = time.monotonic() + timeout
+    while not any(e.is_set() for e in events):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.05, left))
+    return True
+
+
+def _yielded(code: int | None, yield_s: float) -> TrainYielded:
+    if code == EXIT_PAUSED:
+        return TrainYielded("training stepped aside for the agent: it checkpointed its last step and exited")
+    return TrainYielded(f"training stepped aside for the agent: no step boundary within {yield_s:.0f} s, so it "
+                        f"was stopped; it resumes from its last checkpoint")
+
+
+def yield_child(child: subprocess.Popen, yield_s: float) -> int | None:
+    """Ask the training child to checkpoint at its next step boundary and exit; past yield_s, end it.
+    Returns its exit code."""
+    with contextlib.suppress(OSError, ValueError):
+        child.stdin.write(b"pause\n")
+        child.stdin.flush()
+    try:
+        return child.wait(timeout=yield_s)
+    except subprocess.TimeoutExpired:
+        stop_child(child)
+        return child.returncode
 
 
 def stop_child(child: subprocess.Popen) -> None:
@@ -1216,17 +1299,21 @@ def train_in_child(
     max_oom_retries: int = 3,
     poll_s: float = 0.5,
     stop: threading.Event | None = None,
+    pause: threading.Event | None = None,
+    yield_s: float = 10.0,
 ) -> TrainResult:
     """Run training in a child process so a crash or CUDA OOM cannot take the caller down.
 
     On out-of-memory, retry with half the micro-batch and twice the accumulation
     (at most max_oom_retries times). Any other failure raises TrainError with
     the tail of the child's output. Setting `stop` terminates the child and
-    raises TrainInterrupted. The child's output is kept in checkpoint_dir/child.log.
+    raises TrainInterrupted. Setting `pause` asks the child to checkpoint at its next step boundary
+    and exit, ends it after `yield_s` seconds if it has not, and raises TrainYielded. The child's
+    output is kept in checkpoint_dir/child.log.
     """
     attempt = spec
     for retry in range(max_oom_retries + 1):
-        code, result_path, log_path = _run_child(attempt, python, on_progress, poll_s, stop)
+        code, result_path, log_path = _run_child(attempt, python, on_progress, poll_s, stop, pause, yield_s)
         if code == 0 and result_path.is_file():
             return TrainResult.from_json(result_path.read_text(encoding="utf-8"))
         tail = _read_tail(log_path)

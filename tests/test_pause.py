@@ -1,0 +1,54 @@
+"""The training child steps aside on request: checkpoint at the next step boundary, exit, and a
+resumed run ends with the adapter bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lacd.pipeline.train import (
+    TrainYielded, complete_checkpoints, run_training, train_in_child,
+)
+from test_train import _one_thread, adapter_weights, dataset_dir, make_spec, tiny_dir  # noqa: F401 - fixtures
+
+
+def test_a_paused_child_checkpoints_its_step_exits_and_resumes_bit_identical(tiny_dir, dataset_dir, tmp_path):
+    straight = run_training(make_spec(tiny_dir, dataset_dir, tmp_path / "straight", checkpoint_every=1000))
+    spec = make_spec(tiny_dir, dataset_dir, tmp_path / "paused", checkpoint_every=1000)  # only pauses checkpoint
+    pause = threading.Event()
+    seen = []
+
+    def on_progress(progress):
+        seen.append(progress.get("step"))
+        if progress.get("phase") == "train" and progress["step"] >= 3:
+            pause.set()
+
+    asked = time.monotonic()
+    with pytest.raises(TrainYielded, match="checkpointed its last step"):
+        train_in_child(spec, on_progress, poll_s=0.05, pause=pause, yield_s=60)
+    took = time.monotonic() - asked
+    steps = [s for s, _ in complete_checkpoints(spec.checkpoint_dir)]
+    assert len(steps) == 1 and 3 <= steps[0] < straight.steps, (steps, straight.steps, took)
+    assert not spec.out_dir.exists()
+
+    resumed = train_in_child(spec, poll_s=0.05)
+    assert resumed.resumed_from_step == steps[0]
+    a, b = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(spec.out_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_child_that_does_not_reach_a_step_boundary_is_ended_after_yield_s(tiny_dir, dataset_dir, tmp_path):
+    sleeper = tmp_path / "sleepy-python"
+    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")  # never reads its pause line
+    sleeper.chmod(0o755)
+    pause = threading.Event()
+    threading.Timer(0.3, pause.set).start()
+    started = time.monotonic()
+    with pytest.raises(TrainYielded, match="no step boundary within 1 s"):
+        train_in_child(make_spec(tiny_dir, dataset_dir, tmp_path), python=str(sleeper), poll_s=0.05,
+                       pause=pause, yield_s=1)
+    assert time.monotonic() - started < 30
