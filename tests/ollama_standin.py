@@ -1163,3 +1163,16 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def hold_loaded(standin: StandIn, name: str, seconds: float) -> None:
+    """Make /api/ps list `name` as loaded for `seconds` more (negative: kept loaded for good), the way
+    the agent's model looks while it is in use, without loading weights (its manifest need not exist)."""
+    expires = (datetime.max.replace(tzinfo=timezone.utc) if seconds < 0
+               else datetime.now(timezone.utc) + timedelta(seconds=seconds))  # fmt: skip
+    manifest = {"name": name, "model": f"sha256:{hashlib.sha256(name.encode()).hexdigest()}", "size": 3825819519,
+                "modified_at": now_iso(), "parameters": {"num_ctx": 4096},
+                "details": {"format": "gguf", "family": "llama", "parameter_size": "7B", "quantization_level": "Q4_0"}}
+    manifest["digest"] = manifest["model"].removeprefix("sha256:")
+    with standin.server.engine.lock:
+        standin.server.engine.loaded[normalize_name(name)] = {"manifest": manifest, "expires_at": expires}
