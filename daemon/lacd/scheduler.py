@@ -95,7 +95,7 @@ class Scheduler:
 
     def _idle_verdict(self):
         verdict = self.monitor.verdict()
-        self.idle = {**verdict.to_dict(), "hardware": self.monitor.describe_hardware()}
+        self.idle = {**verdict.to_dict(), "hardware": self.monitor.describe_hardware(), "gpu": self.monitor.gpu.available}
         return verdict
 
     def _retrain_without_forgotten(self) -> tuple[str, int | None]:

@@ -112,7 +112,7 @@ def _idle_lines(idle: dict | None) -> list[str]:
     if not idle:
         return []
     lines = [f"  signal    {sig['detail']}" for sig in idle.get("signals", []) if sig.get("error")]
-    if idle.get("hardware") and "NVML" in idle["hardware"] and "through NVML" not in idle["hardware"]:
+    if idle.get("hardware") and not idle.get("gpu"):  # no NVML: say what is watched instead
         lines.append(f"  signal    {idle['hardware']}")
     return lines
 
