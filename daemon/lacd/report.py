@@ -63,6 +63,52 @@ def load_progress_history(run_dir: Path) -> list[dict]:
     return history
 
 
+def load_pauses(run_dir: Path) -> list[dict]:
+    """The run's pauses for the agent (pauses.jsonl, written by lacd.worker) as spans:
+    {"since", "until" (None while paused), "stage", "step", "reason"}."""
+    path = Path(run_dir) / "pauses.jsonl"
+    spans: list[dict] = []
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
+        if "since" in entry:
+            spans.append({"until": None, **entry})
+        elif "until" in entry and spans and spans[-1]["until"] is None:
+            spans[-1]["until"] = entry["until"]
+    return spans
+
+
+def render_timeline_png(history: Sequence[Mapping[str, Any]], pauses: Sequence[Mapping[str, Any]],
+                        start: float, end: float | None = None) -> bytes:
+    """Training steps over wall-clock minutes since the run started, pauses for the agent shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 2.8), dpi=100, layout="constrained")
+    ax = figure.subplots()
+    points = [((h["updated_at"] - start) / 60, h["step"]) for h in history
+              if h.get("phase") == "train" and h.get("updated_at") and h.get("step") is not None]
+    if points:
+        ax.plot([x for x, _ in points], [y for _, y in points], ".", markersize=3, color="#1f77b4", label="optimizer step")
+    last = max([x for x, _ in points] + [((p.get("until") or end or p["since"]) - start) / 60 for p in pauses] + [0])
+    for i, p in enumerate(pauses):
+        until = p.get("until") or end or (start + last * 60)
+        ax.axvspan((p["since"] - start) / 60, (until - start) / 60, color="#ff7f0e", alpha=0.3,
+                   label="paused: agent active" if i == 0 else None)
+    ax.set_xlabel("minutes since the run started")
+    ax.set_ylabel("step")
+    ax.set_title("Time line: training and pauses for the agent")
+    ax.legend(loc="upper left", fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": "lacd"})
+    return buffer.getvalue()
+
+
 def example_lengths(dataset_dir: Path) -> dict[str, list[int]]:
     """Token counts of the formatted examples by split ({} when the dataset is gone)."""
     from datasets import load_from_disk
@@ -85,6 +131,7 @@ def write_report(
     *,
     curation: Mapping[str, int] | None = None,
     lengths: Mapping[str, Sequence[int]] | None = None,
+    pauses: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write report.png and report.html into run_dir (each under a temporary name, then renamed).
 
@@ -93,7 +140,8 @@ def write_report(
     stage's result; progress_history: the trainer's progress dicts (step, loss, phase...), e.g.
     from load_progress_history; evaluation: evaluate_candidate's result; decision: a gate
     Decision or its to_dict(); curation: lessons excluded at ingestion by reason ({"duplicate": 3});
-    lengths: example token counts by split (default: read from run_dir/dataset).
+    lengths: example token counts by split (default: read from run_dir/dataset); pauses: the
+    run's pauses for the agent (load_pauses), drawn on a time line when there are any.
     Returns the path of report.html.
     """
     run_dir = Path(run_dir)
@@ -105,6 +153,10 @@ def write_report(
     png = render_png(format_result, train_result, progress_history, evaluation, curation or {}, lengths)
     _write_atomic(run_dir / PNG_FILE, png)
     page = render_html(run, format_result, train_result, evaluation, decision_dict, curation or {}, lengths, png)
+    if pauses:
+        start = run.get("started_at") or run.get("created_at") or min(p["since"] for p in pauses)
+        page = page.replace("<h2>Training</h2>", _pauses_html(progress_history, pauses, start, run.get("finished_at"))
+                            + "<h2>Training</h2>", 1)
     path = run_dir / HTML_FILE
     _write_atomic(path, page.encode("utf-8"))
     log.info("report.written", run=run.get("id"), path=str(path), bytes=len(page))
@@ -129,7 +181,7 @@ def write_run_report(run_dir: Path, store: Any, run_id: int) -> Path:
     decision = store.stage_result(run_id, "promote").get("decision") or {}
     return write_report(run_dir, run, format_result, store.stage_result(run_id, "train"),
                         load_progress_history(run_dir), store.stage_result(run_id, "evaluate"), decision,
-                        curation=store.excluded_counts())  # fmt: skip
+                        curation=store.excluded_counts(), pauses=load_pauses(run_dir))  # fmt: skip
 
 
 def report_path(settings: Any, run_id: int | None = None) -> Path:
@@ -348,6 +400,21 @@ def render_html(
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _pauses_html(history: Sequence[Mapping[str, Any]], pauses: Sequence[Mapping[str, Any]], start: float,
+                 end: float | None) -> str:
+    """The time line figure and one line per pause: when, how long, at which stage and step, why."""
+    png = render_timeline_png(history, pauses, start, end)
+    items = []
+    for p in pauses:
+        when = time.strftime("%H:%M:%S", time.localtime(p["since"]))
+        took = f"{(p['until'] - p['since']) / 60:.1f} min" if p.get("until") else "until the end"
+        step = f" step {p['step']}" if p.get("step") is not None else ""
+        items.append(f"{when} for {took}, at {p.get('stage', '?')}{step}: {p.get('reason', '')}")
+    return ("<h2>Pauses for the agent</h2>"
+            f"<img alt='time line with pauses' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+            + _list(items))
 
 
 def _run_line(run: Mapping[str, Any]) -> str:
