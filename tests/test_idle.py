@@ -189,3 +189,47 @@ def test_the_report_draws_the_pauses_on_a_time_line(tmp_path):
     assert "at evaluate: Ollama has codellama:7b loaded" in page
     plain = write_report(tmp_path, {"id": 1}, {}, {}, history, {}, None, lengths={}).read_text()
     assert "Pauses for the agent" not in plain
+
+
+class FakeNvml:
+    """pynvml's calls as NVML answers them (this machine has no NVIDIA driver): one GPU, its processes."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, procs):
+        self.procs = procs
+
+    def nvmlInit(self):  # noqa: N802 - pynvml's names
+        pass
+
+    def nvmlDeviceGetCount(self):  # noqa: N802
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802
+        return index
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):  # noqa: N802
+        if self.procs is None:
+            raise self.NVMLError("GPU is lost")
+        return [type("P", (), {"pid": pid, "usedGpuMemory": mb * 2**20})() for pid, mb in self.procs]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle):  # noqa: N802
+        return []
+
+
+def test_gpu_memory_of_other_processes_counts_lacds_own_and_ollamas_share_for_lacd_do_not(tmp_path, monkeypatch):
+    nvml = FakeNvml([(os.getpid(), 20000), (1, 300)])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu = GpuActivity(512)
+    assert gpu.available
+    assert not gpu.read().busy  # lacd's own 20 GB are not the agent's
+    nvml.procs.append((2, 6000))  # the agent's Ollama loads codellama
+    assert gpu.read().detail == "other processes hold 6300 MB of GPU memory (> 512)"
+    assert not gpu.read(own_bytes=6000 * 2**20).busy  # ...unless Ollama serves lacd's own model to its evaluation
+    nvml.procs = None
+    s = settings(tmp_path, LACD_OLLAMA_HOST="http://127.0.0.1:9", LACD_SCHEDULE_ON_OLLAMA_ERROR="idle",
+                 LACD_SCHEDULE_ON_GPU_ERROR="idle")
+    reading = IdleMonitor(s).readings()[-1]
+    assert (reading.signal, reading.busy, reading.error) == ("gpu", False, True)
+    assert "NVML failed" in reading.detail and "treated as idle ([schedule] on_gpu_error = idle)" in reading.detail

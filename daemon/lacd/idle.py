@@ -90,6 +90,7 @@ class OllamaActivity:
         self.own = own_name
         self.timeout_s = timeout_s
         self.wall = wall
+        self.own_vram = 0  # bytes of GPU memory Ollama holds for lacd's own models (its evaluation)
 
     def read(self) -> Reading:
         import httpx
@@ -99,6 +100,7 @@ class OllamaActivity:
             reply.raise_for_status()
             models = reply.json()["models"]
             in_use = [m["name"] for m in models if self._in_use(m)]
+            self.own_vram = sum(int(m.get("size_vram") or 0) for m in models if str(m["name"]).startswith(f"{self.own}:"))
         except (httpx.HTTPError, OSError) as exc:
             return Reading("ollama", True, f"Ollama unreachable at {self.host} ({type(exc).__name__})", error=True)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -157,7 +159,8 @@ class GpuActivity:
     def available(self) -> bool:
         return self.nvml is not None
 
-    def read(self) -> Reading:
+    def read(self, own_bytes: int = 0) -> Reading:
+        """own_bytes: memory other processes hold for lacd (Ollama serving lacd's model to its evaluation)."""
         nv = self.nvml
         ours = lacd_pids()
         try:
@@ -168,7 +171,7 @@ class GpuActivity:
                 used += sum((p.usedGpuMemory or 0) for p in procs if p.pid not in ours)
         except Exception as exc:  # noqa: BLE001 - any NVMLError
             return Reading("gpu", True, f"NVML failed ({type(exc).__name__}: {exc})", error=True)
-        mb = used / 2**20
+        mb = max(0, used - own_bytes) / 2**20
         if mb > self.threshold_mb:
             return Reading("gpu", True, f"other processes hold {mb:.0f} MB of GPU memory (> {self.threshold_mb:.0f})")
         return Reading("gpu", False, f"other processes hold {mb:.0f} MB of GPU memory")
@@ -243,7 +246,8 @@ class IdleMonitor:
         if self.ollama is not None:
             out.append(self._policy(self.ollama.read(), self.on_ollama_error, "[schedule] on_ollama_error"))
         if self.gpu.available:
-            out.append(self._policy(self.gpu.read(), self.on_gpu_error, "[schedule] on_gpu_error"))
+            own = self.ollama.own_vram if self.ollama is not None else 0
+            out.append(self._policy(self.gpu.read(own), self.on_gpu_error, "[schedule] on_gpu_error"))
         elif self.cpu is not None:
             out.append(self.cpu.read())
         return out
