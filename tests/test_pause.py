@@ -69,3 +69,16 @@ def test_evaluation_steps_aside_the_same_way(tiny, tmp_path):
                           incumbent_ref(None, None), tmp_path / "evaluation.json", pause=pause, poll_s=0.1)
     assert time.monotonic() - started < 15
     assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_slow_steps_are_checkpointed_by_time_so_an_ended_child_loses_little(tiny_dir, dataset_dir, tmp_path,
+                                                                            monkeypatch):
+    from lacd.pipeline import train as train_mod
+
+    spec = make_spec(tiny_dir, dataset_dir, tmp_path / "timed", checkpoint_every=1000, epochs=1)
+    monkeypatch.setattr(train_mod, "CHECKPOINT_MAX_S", -1.0)  # every step is "overdue"
+    result = run_training(spec)
+    assert [s for s, _ in complete_checkpoints(spec.checkpoint_dir)] == [result.steps - 1, result.steps]
+    monkeypatch.setattr(train_mod, "CHECKPOINT_MAX_S", 3600.0)
+    again = make_spec(tiny_dir, dataset_dir, tmp_path / "steps", checkpoint_every=1000, epochs=1)
+    assert [s for s, _ in complete_checkpoints(run_training(again) and again.checkpoint_dir)] == [result.steps]

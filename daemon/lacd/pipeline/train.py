@@ -81,6 +81,8 @@ log = structlog.get_logger(__name__)
 EXIT_ERROR = 2  # a TrainError: bad input or configuration; message on stderr
 EXIT_OOM = 75  # CUDA out of memory: retry with a smaller micro-batch
 EXIT_PAUSED = 76  # asked to step aside: a checkpoint of the last finished step is written, then exit
+CHECKPOINT_MAX_S = 300.0  # also checkpoint at the first step boundary this long after the last one: a
+# paused child whose step outlasts yield_s is ended, and loses at most this much (slow CPU steps)
 PAUSE_REQUEST = threading.Event()  # set in the child by the parent's "pause" line on stdin (watch_pause_requests)
 _ERROR_PREFIX = "lacd train: error: "
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -908,6 +910,7 @@ class LoRARecipe:
         tokens_here = 0
         total = len(self.steps)
         first = self.counters.step
+        last_checkpoint = time.monotonic()
         for index in range(first, total):
             self._step_aside_if_asked(index > first)
             step_started = time.monotonic()
@@ -926,8 +929,10 @@ class LoRARecipe:
             )
             log.debug("train_step", step=index + 1, total_steps=total, loss=loss)
             every = spec.checkpoint_every
-            if (every > 0 and self.counters.step % every == 0) or self.counters.step == total:
+            overdue = time.monotonic() - last_checkpoint > CHECKPOINT_MAX_S
+            if (every > 0 and self.counters.step % every == 0) or self.counters.step == total or overdue:
                 self._save_checkpoint()
+                last_checkpoint = time.monotonic()
 
     def _step_aside_if_asked(self, progressed: bool) -> None:
         """At a step boundary: when the parent asked to pause, checkpoint this step (if any was done
