@@ -233,3 +233,12 @@ def test_gpu_memory_of_other_processes_counts_lacds_own_and_ollamas_share_for_la
     reading = IdleMonitor(s).readings()[-1]
     assert (reading.signal, reading.busy, reading.error) == ("gpu", False, True)
     assert "NVML failed" in reading.detail and "treated as idle ([schedule] on_gpu_error = idle)" in reading.detail
+
+
+def test_ollamas_times_parse_with_any_number_of_fraction_digits():
+    from lacd.idle import parse_go_time
+
+    assert parse_go_time("2024-06-04T14:38:31.83753-07:00") == pytest.approx(1717537111.83753)
+    assert parse_go_time("2024-06-04T21:38:31Z") == 1717537111
+    with pytest.raises(ValueError, match="not an RFC 3339 time"):
+        parse_go_time("soon")

@@ -16,10 +16,11 @@ the verdict, and `[schedule] on_ollama_error` / `on_gpu_error` decide whether it
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -116,11 +117,19 @@ class OllamaActivity:
             raise TypeError(f"a model without a name: {model!r}"[:120])
         if name.startswith(f"{self.own}:"):
             return False
-        expires = datetime.fromisoformat(str(model["expires_at"]).replace("Z", "+00:00"))
-        if expires.tzinfo is None:
-            expires = expires.replace(tzinfo=timezone.utc)
-        ahead = expires.timestamp() - self.wall()
+        ahead = parse_go_time(str(model["expires_at"])) - self.wall()
         return 0 < ahead < PINNED_AFTER_S
+
+
+def parse_go_time(text: str) -> float:
+    """Go's RFC 3339 with nanoseconds ("2024-06-04T14:38:31.83753-07:00", "...Z") as a Unix time;
+    Python 3.10's fromisoformat takes only 0, 3 or 6 fraction digits. ValueError if it is not one."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text.strip())
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {text[:40]!r}")
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    when = datetime.fromisoformat(match.group(1) + zone)
+    return when.timestamp() + float(f"0.{match.group(2) or 0}")
 
 
 def lacd_pids() -> set[int]:
