@@ -188,9 +188,8 @@ class Service:
         from lacd.idle import IdleMonitor
         from lacd.runs import RunStore
         from lacd.scheduler import Scheduler
-        from lacd.worker import RunExecutor, RunWorker
-
         from lacd.served import reconcile_configured
+        from lacd.worker import RunExecutor, RunWorker
 
         reconcile_configured(self.settings, engine)  # a copy to the agent's model name cut short by a kill
         store = RunStore(engine)
