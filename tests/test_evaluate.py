@@ -30,7 +30,8 @@ from lacd.pipeline.evaluate import (
     protocol_metrics,
 )
 from lacd.pipeline.format import FormatSpec, LessonIn, format_lessons
-from lacd.samples import TOOLS, TOOLS_V2, generate_lessons
+from lacd.protocol import TOOLS, TOOLS_V2
+from lacd.samples import generate_lessons
 
 needs_go = pytest.mark.skipif(shutil.which("go") is None, reason="`go` is not installed: .Messages templates need it")
 SYSTEM = "You are a coding agent. Call tools in <tool_code> blocks."

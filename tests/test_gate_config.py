@@ -8,7 +8,7 @@ from lacd import config
 from lacd.config import ConfigError
 from lacd.pipeline.gate import DEFAULT_GUARDS, DEFAULT_PRIMARY, DEFAULT_TOLERANCE
 from lacd.pipeline.stages import eval_tools
-from lacd.samples import TOOLS, TOOLS_V2
+from lacd.protocol import TOOLS, TOOLS_V2
 
 
 def test_defaults_match_the_gate_and_the_agents_tools():

@@ -24,6 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lacd.protocol import parse_tools
+
 
 class ConfigError(Exception):
     """A configuration problem, with a message that names the key and where it came from."""
@@ -197,25 +199,6 @@ class Export:
     converter: str = _key("builtin", "builtin (one streaming pass) or llama.cpp (merge, then run llama_cpp_convert)", _one_of("builtin", "llama.cpp"))
     llama_cpp_convert: str = _key("", "path of llama.cpp's convert_hf_to_gguf.py, for converter = llama.cpp")
     outtype: str = _key("f16", "GGUF tensor type: f16, bf16, f32 or q8_0", _one_of("f16", "bf16", "f32", "q8_0"))
-
-
-def parse_tools(value: str) -> dict[str, tuple[int, int]]:
-    """'read_file(1), list_directory(1-2)' -> {name: (min_args, max_args)}; ValueError when malformed."""
-    tools = {}
-    for part in split_tools(value):
-        match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\(\s*(\d+)\s*(?:-\s*(\d+)\s*)?\)", part)
-        if not match:
-            raise ValueError(f"{part!r} is not name(N) or name(MIN-MAX)")
-        low, high = int(match.group(2)), int(match.group(3) or match.group(2))
-        if high < low:
-            raise ValueError(f"{part!r}: MIN is above MAX")
-        tools[match.group(1)] = (low, high)
-    return tools
-
-
-def split_tools(value: str) -> list[str]:
-    """The entries of a tool list: commas between parentheses do not split."""
-    return [part.strip() for part in re.findall(r"[^,(]+(?:\([^)]*\))?", value) if part.strip()]
 
 
 def _tools_check(value: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Generated local-ai-coder log lines that teach the agent's tool protocol, and the call parser.
+"""Generated local-ai-coder log lines that teach the agent's tool protocol (lacd.protocol).
 
 The generator writes lines in the exact shape the local-ai-coder agent appends to
 agent_interactions.jsonl (see shared/fixtures/local-ai-coder/README.md):
@@ -22,9 +22,6 @@ named by ``Sample.kind`` (see ``NOISE_KINDS`` and ``CURATION_REASON``).
 Use ``generate_lessons`` (lines with their kind, prompt and calls), ``generate_lines`` (JSON text
 only), ``write_log`` (stream to a file: tens of MB/s, constant memory) or
 ``python -m lacd.samples OUT.jsonl --size 1GB``.
-
-``parse_tool_calls`` / ``parse_call`` read calls the way the agent's protocol defines them
-(``name('a', "b", `c`)`` with JavaScript string-literal rules) without evaluating anything.
 """
 
 from __future__ import annotations
@@ -44,42 +41,10 @@ from typing import Callable, Iterator
 
 import structlog
 
+from lacd import protocol
+from lacd.protocol import TOOLS_V2, VERSIONS, ToolCall, format_call, parse_call, tool_code_blocks
+
 log = structlog.get_logger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# The agent's tools
-# ---------------------------------------------------------------------------------------------
-
-TOOLS_V1: dict[str, tuple[int, int]] = {
-    "read_file": (1, 1),
-    "write_file": (2, 2),
-    "list_directory": (1, 2),
-    "run_shell_command": (1, 1),
-    "search_file_content": (2, 2),
-    "create_directory": (1, 1),
-    "replace_in_file": (3, 3),
-    "get_project_context": (0, 0),
-}
-"""The earlier agent's tools (the fixture's system prompt): name -> (min_args, max_args)."""
-
-TOOLS_V2: dict[str, tuple[int, int]] = {
-    **TOOLS_V1,
-    "replace_in_file": (3, 4),
-    "search_and_replace_in_file": (3, 3),
-    "get_file_metadata": (1, 1),
-    "git_diff": (0, 1),
-    "git_blame": (1, 1),
-    "get_available_tools": (0, 0),
-    "get_context": (0, 0),
-    "update_context": (2, 2),
-    "summarize_file": (1, 1),
-}
-"""The later agent's larger tool set."""
-
-TOOLS = TOOLS_V1
-"""Default tool set: the one listed in the fixture README's system prompt."""
-
-VERSIONS = ("v1", "v2")
 
 NOISE_KINDS: dict[str, float] = {
     "empty_prompt": 1.0,       # the agent was re-prompted with an empty message
@@ -110,182 +75,6 @@ CURATION_REASON: dict[str, str | None] = {
 
 class SamplesError(ValueError):
     """A bad request to the generator (unknown version, no size limit...), with a readable message."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing tool calls
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """One parsed ``<tool_code>`` call; ``name`` is None and ``error`` says why when it does not parse."""
-
-    name: str | None
-    args: tuple[str, ...] = ()
-    error: str | None = None
-    raw: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when the text parsed as a single call."""
-        return self.name is not None
-
-
-TOOL_CODE_RE = re.compile(r"<tool_code>(.*?)</tool_code>", re.S)
-_IDENT_RE = re.compile(r"[A-Za-z_$][\w$]*")
-_WS_RE = re.compile(r"(?:\s+|//[^\n]*|/\*[\s\S]*?\*/)*")  # JavaScript whitespace and comments
-_SQ_RE = re.compile(r"'((?:[^'\\\n\r\u2028\u2029]|\\[\s\S])*)'")
-_DQ_RE = re.compile(r'"((?:[^"\\\n\r\u2028\u2029]|\\[\s\S])*)"')
-_BT_RE = re.compile(r"`((?:[^`\\]|\\[\s\S])*)`")
-_BARE_RE = re.compile(r"(?:-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|true|false|null|undefined)(?![\w$])")
-_INTERP_RE = re.compile(r"(?:^|[^\\])(?:\\\\)*\$\{")
-_ESCAPE_RE = re.compile(
-    r"\\(?:u\{([0-9a-fA-F]+)\}|u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2})|([0-3][0-7]{0,2}|[4-7][0-7]?)|(\r\n|[\s\S]))"
-)
-_SIMPLE_ESCAPES = {
-    "n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "v": "\v",
-    "\n": "", "\r\n": "", "\r": "", "\u2028": "", "\u2029": "",
-}
-
-
-class _CallSyntaxError(Exception):
-    pass
-
-
-def tool_code_blocks(reply: str) -> list[str]:
-    """The raw contents of every ``<tool_code>...</tool_code>`` block in a reply, in order."""
-    return TOOL_CODE_RE.findall(reply)
-
-
-def parse_tool_calls(reply: str) -> list[ToolCall]:
-    """Parse every ``<tool_code>`` block of a reply into a ToolCall (failed ones carry an error)."""
-    return [parse_call(block) for block in tool_code_blocks(reply)]
-
-
-def parse_call(text: str) -> ToolCall:
-    """Parse ``name(arg, ...)`` (an optional ``;`` after it) with JavaScript string-literal rules.
-
-    ``//`` and ``/* */`` comments may stand wherever JavaScript allows whitespace. Arguments are
-    single-, double- or backtick-quoted strings (escapes decoded, template interpolation refused) or
-    bare literals (numbers, true, false, null, undefined: kept as written). Anything else (an
-    assignment, a second statement, an unquoted path) is a parse failure. ``raw`` is the call's own
-    source text (comments around it left out), or the trimmed input when it does not parse.
-    """
-    try:
-        name, args, start, end = _scan_call(text)
-    except _CallSyntaxError as exc:
-        return ToolCall(None, (), str(exc), text.strip())
-    return ToolCall(name, args, None, text[start:end])
-
-
-def _scan_call(code: str) -> tuple[str, tuple[str, ...], int, int]:
-    start = _skip_ws(code, 0)
-    if start >= len(code):
-        raise _CallSyntaxError("empty tool call")
-    m = _IDENT_RE.match(code, start)
-    if not m:
-        raise _CallSyntaxError(f"expected a tool name at {code[start:start + 20]!r}")
-    name, pos = m.group(), _skip_ws(code, m.end())
-    if pos >= len(code):
-        raise _CallSyntaxError(f"expected '(' after {name!r}")
-    if code[pos] != "(":
-        raise _CallSyntaxError(f"not a single call like name('arg'): {code[start:start + 40]!r}")
-    args: list[str] = []
-    pos = _skip_ws(code, pos + 1)
-    while True:
-        if pos >= len(code):
-            raise _CallSyntaxError("missing ')'")
-        if code[pos] == ")":
-            break
-        value, pos = _scan_arg(code, pos)
-        args.append(value)
-        pos = _skip_ws(code, pos)
-        if pos >= len(code):
-            raise _CallSyntaxError("missing ')'")
-        if code[pos] == ",":
-            pos = _skip_ws(code, pos + 1)
-        elif code[pos] != ")":
-            raise _CallSyntaxError(f"expected ',' or ')' after argument {len(args)}")
-    end = pos + 1
-    rest = _skip_ws(code, end)
-    if rest < len(code) and code[rest] == ";":
-        rest = _skip_ws(code, rest + 1)
-    if rest < len(code):
-        raise _CallSyntaxError(f"unexpected text after the call: {code[rest:rest + 20]!r}")
-    return name, tuple(args), start, end
-
-
-def _skip_ws(code: str, pos: int) -> int:
-    return _WS_RE.match(code, pos).end()
-
-
-def _scan_arg(code: str, pos: int) -> tuple[str, int]:
-    quote = code[pos]
-    if quote in "'\"`":
-        m = {"'": _SQ_RE, '"': _DQ_RE, "`": _BT_RE}[quote].match(code, pos)
-        if not m:
-            raise _CallSyntaxError(f"unterminated string literal at offset {pos}")
-        body = m.group(1)
-        if quote == "`":
-            if _INTERP_RE.search(body):
-                raise _CallSyntaxError("template literal interpolation ${...} is not supported")
-            body = body.replace("\r\n", "\n").replace("\r", "\n")  # as JavaScript reads template literals
-        return _unescape(body), m.end()
-    m = _BARE_RE.match(code, pos)
-    if not m:
-        raise _CallSyntaxError(f"argument {code[pos:pos + 20]!r} is not a string literal")
-    return m.group(), m.end()
-
-
-def _unescape(body: str) -> str:
-    if "\\" not in body:
-        return body
-    out = _ESCAPE_RE.sub(_escape_value, body)
-    if any("\ud800" <= c <= "\udfff" for c in out):
-        out = out.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return out
-
-
-def _escape_value(m: re.Match) -> str:
-    brace, u4, x2, octal, other = m.groups()
-    if brace is not None:
-        code = int(brace, 16)
-        if code > 0x10FFFF:
-            raise _CallSyntaxError(f"invalid escape \\u{{{brace}}}")
-        return chr(code)
-    if u4 is not None or x2 is not None:
-        return chr(int(u4 or x2, 16))
-    if octal is not None:
-        return chr(int(octal, 8))
-    if other in ("u", "x"):
-        raise _CallSyntaxError(f"invalid \\{other} escape")
-    return _SIMPLE_ESCAPES.get(other, other)
-
-
-def check_call(call: ToolCall, tools: dict[str, tuple[int, int]] = TOOLS) -> str | None:
-    """Why a parsed call is not a valid call of ``tools`` (unknown tool, wrong arity), or None."""
-    if not call.ok:
-        return f"unparsable call: {call.error}"
-    if call.name not in tools:
-        return f"unknown tool {call.name!r}"
-    low, high = tools[call.name]
-    if not low <= len(call.args) <= high:
-        want = str(low) if low == high else f"{low} to {high}"
-        return f"{call.name} takes {want} arguments, got {len(call.args)}"
-    return None
-
-
-def quote_js(value: str) -> str:
-    """A JavaScript literal for ``value``: single quotes, or backticks when it spans lines."""
-    if "\n" in value:
-        return "`" + value.replace("\\", "\\\\").replace("`", "\\`").replace("${", "\\${").replace("\r", "\\r") + "`"
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\r", "\\r") + "'"
-
-
-def format_call(name: str, *args: str) -> str:
-    """The canonical text of a call, e.g. ``read_file('src/app.py')``."""
-    return name + "(" + ", ".join(quote_js(a) for a in args) + ")"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,14 +653,13 @@ class _Agent:
     def __init__(self, version: str):
         self.version = version
         self.prompt_key = "user_prompt" if version == "v1" else "user_message"
-        self.err_tag = "tool_output_error" if version == "v1" else "tool_error"
         self.json_head = '{"' + self.prompt_key + '":'
 
     def ok(self, text: str) -> str:
-        return "<tool_output>" + text + "</tool_output>"
+        return protocol.output(text)
 
     def err(self, text: str) -> str:
-        return f"<{self.err_tag}>" + text + f"</{self.err_tag}>"
+        return protocol.error(text, self.version)
 
     def listing(self, p: _Project, d: str, pattern: str | None = None) -> list[str]:
         entries = p.listing(d)
@@ -1152,7 +940,7 @@ class _Generator:
         comment = f"// {name.replace('_', ' ')}\n" if self.v1 and r.random() < 0.03 else ""
         if lead is None:
             lead = r.choice(PREAMBLES.get(name, ("",))) if r.random() < 0.5 else ""
-        block = f"<tool_code>\n{comment}{call}\n</tool_code>"
+        block = protocol.code_block(comment + call)
         return (f"{lead}\n\n{block}" if lead else block), call
 
     def _step(self, turn: _Turn, output: str, name: str, *args: str, lead: str | None = None) -> None:
@@ -1845,11 +1633,11 @@ class _Generator:
 
     def _noise_fabricated_output(self, p: _Project) -> _Turn:
         turn = self._scenario()
-        while not turn.executions or not turn.executions[0][1].startswith("<tool_output>"):
+        while not turn.executions or not turn.executions[0][1].startswith(protocol.OUTPUT_OPEN):
             turn = self._scenario()
         fake = self.rng.choice(FAKE_OUTPUTS)
         glue = self.rng.choice(("\n\nOutput:\n\n", "\n\n", "\n\nAfter running this tool call, the output should be:\n\n"))
-        turn.replies[0] = turn.replies[0] + glue + f"<tool_output>\n{fake}\n</tool_output>"
+        turn.replies[0] = turn.replies[0] + glue + protocol.output(f"\n{fake}\n")
         if self.v1:  # the model stops after its invented output: keep reply 1's calls only
             n1 = len(tool_code_blocks(turn.replies[0]))
             turn.replies[1:] = [""]
@@ -1862,7 +1650,7 @@ class _Generator:
         name, call = r.choice(UNKNOWN_CALLS)
         call = call.format(p=f.path)
         turn = _Turn(r.choice(READ_PHRASES + LIST_PHRASES).format(p=f.path, d=self._pick_dir(p)))
-        turn.replies.append(f"<tool_code>\n{call}\n</tool_code>")
+        turn.replies.append(protocol.code_block(call))
         turn.executions.append((call, self.agent.err(f"Unknown tool: {name}")))
         turn.calls.append(parse_call(call))
         return self._finish(turn, r.choice(("", "It seems that tool is not available.", "")))

@@ -13,14 +13,13 @@ lines); the agent's system prompt is not part of it (it is configuration, added 
 from __future__ import annotations
 
 import hashlib
-import re
-
-import orjson
 from typing import Any, NamedTuple
 
-TOOL_CODE = re.compile(r"<tool_code>.*?</tool_code>", re.S)
-PLAN = re.compile(r"<plan>.*?</plan>", re.S)
-FAILED_OUTPUT = re.compile(r"^\s*<(tool_output_error|tool_error)>")
+import orjson
+
+from lacd.protocol import FABRICATED_MARKERS, FAILED_RESULT, PLAN, PLAN_OPEN, TOOL_CODE, TOOL_CODE_CLOSE, TOOL_CODE_OPEN
+
+OUTPUT_MARK, ERROR_MARK = FABRICATED_MARKERS
 ROLES = ("system", "user", "assistant", "tool")
 
 # curation reasons, in the order they are checked; the first that applies is recorded
@@ -57,10 +56,10 @@ def flaw(messages: list[dict[str, Any]], rules: dict[str, bool]) -> str | None:
         role, content = m["role"], m["content"]
         if role == "assistant":
             replied = replied or bool(content.strip() or m.get("tool_calls"))
-            fabricated = fabricated or "<tool_output" in content or "<tool_error" in content  # it wrote its own
+            fabricated = fabricated or OUTPUT_MARK in content or ERROR_MARK in content  # it wrote its own
         elif role == "tool":
             tools += 1
-            failed += FAILED_OUTPUT.match(content) is not None
+            failed += FAILED_RESULT.match(content) is not None
         elif role == "user" and prompt is None:
             prompt = content
     on = rules.get
@@ -132,14 +131,14 @@ def _agent_messages(obj: dict, first_call_only: bool) -> tuple[list[dict], int]:
 
 def _calls_in(reply: str, first_call_only: bool) -> int:
     """How many tool executions a reply causes; -1 for a plan (the agent runs its steps itself)."""
-    opens = reply.count("<tool_code>")
+    opens = reply.count(TOOL_CODE_OPEN)
     if opens == 1:  # the usual reply: one block, closed or not
-        n = 1 if reply.find("</tool_code>", reply.find("<tool_code>")) >= 0 else 0
+        n = 1 if reply.find(TOOL_CODE_CLOSE, reply.find(TOOL_CODE_OPEN)) >= 0 else 0
     else:
         n = len(TOOL_CODE.findall(reply)) if opens else 0
     if first_call_only:
         n = min(n, 1)
-    if n == 0 and "<plan>" in reply and PLAN.search(reply):
+    if n == 0 and PLAN_OPEN in reply and PLAN.search(reply):
         return -1
     return n
 

@@ -75,7 +75,8 @@ from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
 from detect_secrets.util.filetype import FileType, determine_file_type
 
-from lacd.samples import parse_call
+from lacd.protocol import IDENT, NO_CONTENT_TOOLS, PLAN, TOOL_CODE, parse_call
+from lacd.protocol import RESULT as WRAPPER
 
 try:  # optional: one C pass finds every literal; without it, one substring search per literal
     import ahocorasick
@@ -102,11 +103,7 @@ MIN_KEYWORD_VALUE = 6  # nor is a string literal shorter than this assigned in c
 TOKEN_RUN = 16  # every token kind holds a run of this many [A-Za-z0-9_-] characters
 
 # -- the agent's calls -------------------------------------------------------------------------------
-NO_CONTENT_TOOLS = frozenset({"list_directory", "create_directory", "get_file_metadata"})
-WRAPPER = re.compile(r"^\s*<(tool_output|tool_output_error|tool_error)>")
-TOOL_CODE = re.compile(r"<tool_code>(.*?)</tool_code>", re.S)
-PLAN = re.compile(r"<plan>(.*?)</plan>", re.S)
-CALL_NAME = re.compile(r"\s*([A-Za-z_$][\w$]*)")
+CALL_NAME = re.compile(r"\s*(" + IDENT.pattern + ")")
 PATH_SPLIT = re.compile(r"[\s'\"`=<>|;&(),\[\]{}]+")
 ENV_DUMP = re.compile(r"(?:^|[;&|]\s*)(?:printenv|env)\s*(?:$|[;&|])")
 

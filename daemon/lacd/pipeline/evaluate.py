@@ -38,12 +38,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import structlog
 
 from lacd.pipeline import template as tpl
-from lacd.samples import TOOLS, ToolCall, check_call, parse_tool_calls
+from lacd.protocol import FABRICATED_MARKERS, TOOLS, ToolCall, check_call, format_call, parse_tool_calls
 
 log = structlog.get_logger(__name__)
-
-FABRICATED_MARKERS = ("<tool_output", "<tool_error")
-"""What a model must never write itself: the agent wraps real tool results in these tags."""
 
 METRICS = (
     "tool_call_validity", "tool_name_accuracy", "exact_call_accuracy",
@@ -152,8 +149,6 @@ def summarize(scores: Sequence[CaseScore]) -> dict[str, Any]:
 
 def _call_text(call: ToolCall) -> str:
     """A parsed call in canonical form: name('arg', ...)."""
-    from lacd.samples import format_call
-
     return format_call(call.name or "?", *call.args)
 
 

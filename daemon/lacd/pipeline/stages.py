@@ -175,8 +175,7 @@ def register_stage(ctx: RunContext) -> dict:
 
 def eval_tools(value: str) -> dict[str, tuple[int, int]]:
     """[evaluate] tools as {name: (min_args, max_args)}: v1, v2 or an explicit list."""
-    from lacd.config import parse_tools
-    from lacd.samples import TOOLS_V1, TOOLS_V2
+    from lacd.protocol import TOOLS_V1, TOOLS_V2, parse_tools
 
     return dict({"": TOOLS_V1, "v1": TOOLS_V1, "v2": TOOLS_V2}.get(value) or parse_tools(value))
 
