@@ -150,9 +150,9 @@ def test_pruning_keeps_the_newest_and_the_active_one_and_marks_the_rest_removed(
 
 def test_models_lists_every_version_with_its_metrics_and_gate_note(store, three):
     with store.engine.connect() as conn:
-        from lacd import queue
+        from lacd import listings
 
-        text = status.render_models(queue.model_versions(conn))
+        text = status.render_models(listings.model_versions(conn))
     lines = text.splitlines()
     assert lines[0].startswith("lacd-coder:v3") and "run #3" in lines[0] and "promoted" in lines[0]
     assert "exact-call 0.90 (in use 0.50), loss 0.800 (1.200), 4 prompts via ollama  <- latest" in lines[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from lacd import config as config_mod
-from lacd import db, lock, logs, queue, status
+from lacd import db, listings, lock, logs, status
 from lacd.config import ConfigError
 from lacd.db import DatabaseError
 from lacd.ingest.lessons import REASONS
@@ -106,7 +106,7 @@ def status_cmd(ctx, as_json):
 
 
 @cli.command()
-@click.option("--status", "status_", type=click.Choice(queue.STATUSES), help="only lessons with this status")
+@click.option("--status", "status_", type=click.Choice(listings.STATUSES), help="only lessons with this status")
 @click.option("--reason", callback=lambda ctx, param, v: _exclusion_reason(v),
               help=f"only lessons excluded for this reason: {', '.join(REASONS)}, secret:<kind> or forgotten")
 @click.option("--secrets", "secrets_only", is_flag=True, help="only lessons in which secrets were redacted")
@@ -115,13 +115,13 @@ def status_cmd(ctx, as_json):
 @click.pass_context
 def lessons(ctx, status_, reason, secrets_only, limit, as_json):
     """List lessons, newest first: status, reason for an exclusion, secrets redacted (by kind)."""
-    rows = _read(ctx, lambda conn: queue.list_lessons(conn, status_, reason, limit, secrets_only))
+    rows = _read(ctx, lambda conn: listings.list_lessons(conn, status_, reason, limit, secrets_only))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     from lacd.terminal import printable
 
-    totals = _read(ctx, queue.secret_counts)
+    totals = _read(ctx, listings.secret_counts)
     if totals["secrets"]:
         kinds = ", ".join(f"{k} {n}" for k, n in totals["secrets"].items())
         click.echo(f"secrets redacted: {sum(totals['secrets'].values())} in {totals['secret_lines']} lines ({kinds})")
@@ -195,7 +195,7 @@ def _show_matches(found) -> None:
 @click.pass_context
 def rejects(ctx, limit, as_json):
     """List log lines that could not become lessons, with the reason and a prefix."""
-    rows = _read(ctx, lambda conn: queue.list_rejects(conn, limit))
+    rows = _read(ctx, lambda conn: listings.list_rejects(conn, limit))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -276,7 +276,7 @@ def models(ctx, as_json):
     """Every version: run, lessons, metrics, promoted/rejected/removed, when, which one is latest."""
     from lacd import served
 
-    rows = _read(ctx, queue.model_versions)
+    rows = _read(ctx, listings.model_versions)
     names = _read(ctx, served.all_rows)
     if as_json:  # each version lists the agent names serving it; `lacd status --json` has the rest
         for row in rows:

@@ -18,7 +18,7 @@ from typing import Callable
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from lacd import forget, queue
+from lacd import forget, listings
 from lacd.config import Settings, parse_window
 from lacd.runs import RunStore
 
@@ -74,7 +74,7 @@ class Scheduler:
         if active is not None:
             return "a run is already active", None
         with self.store.engine.connect() as conn:
-            pending = queue.pending_count(conn)
+            pending = listings.pending_count(conn)
             retrain = forget.retrain_due(conn)
         if retrain:  # the model in use was trained on forgotten lessons: no threshold, no cool-down
             return self._retrain_without_forgotten()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from lacd import db, forget, health, lock, queue, served
+from lacd import db, forget, health, listings, lock, served
 from lacd.config import Settings
 
 
@@ -32,12 +32,12 @@ def snapshot(settings: Settings) -> dict:
         out["note"] = str(exc)
         return out
     with engine.connect() as conn:
-        out.update(queue.counts(conn))
+        out.update(listings.counts(conn))
         out["forget"] = forget.summary(conn)
-        out["runs"] = queue.runs(conn)
+        out["runs"] = listings.runs(conn)
         _add_gate(conn, out["runs"])
-        out["sources"] = queue.sources(conn)
-        out["active_model"] = queue.active_model(conn)
+        out["sources"] = listings.sources(conn)
+        out["active_model"] = listings.active_model(conn)
         out["served"] = served.all_rows(conn)
     out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting", "paused")), None)
     for r in out["runs"]:

@@ -1,4 +1,4 @@
-"""The lesson queue seen from outside the tailer: counts, listings, what a run trains on.
+"""Read-only listings for the CLI and the scheduler: lesson counts, lessons, rejects, sources, runs, versions.
 
 Every function takes an open SQLAlchemy connection, so callers decide read-only or write.
 """
