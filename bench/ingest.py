@@ -1,10 +1,10 @@
 """Ingestion numbers: backfill speed and memory, append-to-queued latency, idle CPU.
 
-    python bench/ingest.py                 # the README's numbers: a 1 GB log
-    python bench/ingest.py --size 50MB     # a quick look
+    python bench/ingest.py                 # the README's numbers: a 1 GiB log (2^30 bytes)
+    python bench/ingest.py --size 50MB     # a quick look (sizes as lacd.samples reads them: 1GB = 10^9)
 
 1. Backfill: a generated log of realistic local-ai-coder lines (lacd.samples, 10% noise) is read
-   by `lacd ingest` in a child process: lines/s, MB/s, the CPU time of it and its classifier worker
+   by `lacd ingest` in a child process: lines/s, MiB/s, the CPU time of it and its classifier worker
    processes (user + system, so a number that other work on the machine disturbs less than the
    wall clock), and memory two ways: the peak RSS of the largest process (ru_maxrss) and the peak
    of the sum over the process tree (RSS, and PSS, which counts shared pages once), sampled.
@@ -28,15 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lacd.samples import generate_lines, write_log
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
-    for suffix, mult in units.items():
-        if text.upper().endswith(suffix):
-            return int(float(text[: -len(suffix)]) * mult)
-    return int(text)
+from lacd.samples import SamplesError, generate_lines, parse_size, write_log
 
 
 def env_for(work: Path, log: Path) -> dict[str, str]:
@@ -147,18 +139,22 @@ def latency_and_idle(work: Path, log: Path, n: int, idle_s: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="1GB", help="size of the generated log (default 1GB)")
+    ap.add_argument("--size", default="1GiB", help="size of the generated log: 1GiB (default), 500MB, ...")
     ap.add_argument("--probes", type=int, default=300, help="lines appended for the latency test")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idleness measured")
     ap.add_argument("--dir", help="work folder (default: a temporary one, removed after)")
     args = ap.parse_args()
+    try:
+        size = parse_size(args.size)
+    except SamplesError as exc:
+        ap.error(str(exc))
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
         log = work / "agent_interactions.jsonl"
-        b = backfill(work, log, parse_size(args.size))
+        b = backfill(work, log, size)
         lat = latency_and_idle(work, log, args.probes, args.idle)
-    print(f"| backfill | {b['mb']:.0f} MB, {b['lines']} lines | {b['wall_s']:.1f} s | {b['lines_per_s']:,.0f} lines/s | "
-          f"{b['mb_per_s']:.1f} MB/s | peak RSS {b['peak_rss_mb']:.0f} MB (largest process) |")
+    print(f"| backfill | {b['mb']:.0f} MiB, {b['lines']} lines | {b['wall_s']:.1f} s | {b['lines_per_s']:,.0f} lines/s | "
+          f"{b['mb_per_s']:.1f} MiB/s | peak RSS {b['peak_rss_mb']:.0f} MB (largest process) |")
     print(f"| backfill CPU | {b['cpu_s']:.1f} s user+sys, {b['cpu_us_per_line']:.0f} us/line | {b['cores']:.2f} cores busy | "
           f"load average before: {b['load_before']:.2f} | {b['processes']} processes | "
           f"sum of RSS {b['sum_rss_mb']:.0f} MB, of PSS {b['sum_pss_mb']:.0f} MB |")
