@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_reference import labelled_texts
+from lacd.ingest.lessons import canonical
 from lacd.pipeline import format as fmt
 from lacd.pipeline import template as tpl
 
@@ -31,8 +31,9 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     return {kind: tiny.make_tiny_llama(folder / kind, tokenizer=kind) for kind in ("bpe", "spm")}
 
 
-def conv_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+def lesson_in(lesson_id: int, messages: list[dict]) -> fmt.LessonIn:
+    """A lesson as the queue holds it: hashed by the ingest's own lessons.canonical."""
+    return fmt.LessonIn(lesson_id, canonical(messages)[1], messages)
 
 
 def conversation(i: int, reply_words: int = 3) -> list[dict]:
@@ -48,7 +49,7 @@ def conversation(i: int, reply_words: int = 3) -> list[dict]:
 def lessons(n: int, start: int = 0) -> list[fmt.LessonIn]:
     """n lessons, newest (highest id) first."""
     ids = reversed(range(start, start + n))
-    return [fmt.LessonIn(i, conv_hash(f"lesson {i}"), conversation(i)) for i in ids]
+    return [lesson_in(i, conversation(i)) for i in ids]
 
 
 def spec(base: Path, out: Path, system: str = SYSTEM, **kwargs) -> fmt.FormatSpec:
@@ -84,7 +85,7 @@ def test_labels_cover_exactly_the_assistant_parts(bases, tmp_path, kind, family)
     from transformers import AutoTokenizer
 
     batch = lessons(6)
-    batch[0] = fmt.LessonIn(99, conv_hash("merged"), [
+    batch[0] = lesson_in(99, [
         {"role": "user", "content": "Fix:\n```python\ndef f(x):\n    return x\n```"},
         {"role": "assistant", "content": "    return x + 1\n"},
         {"role": "user", "content": "y"},
@@ -167,7 +168,7 @@ def test_truncate_keeps_the_head_and_counts(bases, tmp_path):
 
 def test_drop_removes_long_examples_and_names_them(bases, tmp_path):
     batch = lessons(3)
-    batch[1] = fmt.LessonIn(batch[1].id, batch[1].conv_hash, conversation(batch[1].id, reply_words=200))
+    batch[1] = lesson_in(batch[1].id, conversation(batch[1].id, reply_words=200))
     result = run(bases["bpe"], tmp_path / "out", batch, heldout_pct=0, max_seq_len=300,
                  too_long="drop")
     assert result.counts["dropped_too_long"] == 1 and result.counts["truncated"] == 0
@@ -192,8 +193,7 @@ def test_unrenderable_lessons_are_dropped_with_their_reason(bases, tmp_path):
         {"role": "tool", "content": "a.py"},
         {"role": "assistant", "content": "There is a.py."},
     ]})).messages
-    bad = [fmt.LessonIn(8, conv_hash("bad"), starts_with_reply),
-           fmt.LessonIn(7, conv_hash("call"), native_call)]
+    bad = [lesson_in(8, starts_with_reply), lesson_in(7, native_call)]
     result = run(bases["bpe"], tmp_path / "out", bad + lessons(2), heldout_pct=0)
     assert result.dropped_ids == {"dropped_unrenderable": [8, 7]}
     assert result.counts["train"] == 2
