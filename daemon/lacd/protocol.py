@@ -87,7 +87,6 @@ def split_tools(value: str) -> list[str]:
 
 TOOL_CODE_OPEN, TOOL_CODE_CLOSE = "<tool_code>", "</tool_code>"
 PLAN_OPEN = "<plan>"
-RECOVERY_OPEN = "<recovery>"
 OUTPUT_OPEN, OUTPUT_CLOSE = "<tool_output>", "</tool_output>"
 ERROR_TAGS = {"v1": "tool_output_error", "v2": "tool_error"}
 """The tag around a failed tool's error, by agent version."""
