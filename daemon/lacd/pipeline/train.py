@@ -118,6 +118,9 @@ class TrainSpec:
     lora_dropout defaults to 0.05 (the daemon's [train] default and the issue's LoRA config):
     fuse_lora_dropout keeps a 1-byte mask per adapter input instead of a dropped copy, so it costs
     about 4 GiB at 4096 tokens on CodeLlama-7B eager (nothing measurable when compiled) instead of 8.
+    base_precision: 'auto' (on CUDA the memory plan's choice, memplan.py; on the CPU full precision),
+    'bf16' (the GPU's dtype) or 'nf4' (frozen linear weights in 4-bit NF4, nf4.py);
+    gpu_memory_gib: GPU memory the plan may use (0: what is free when training starts).
     """
 
     base_dir: Path
@@ -148,6 +151,8 @@ class TrainSpec:
     compile: str = "auto"
     fused_kernels: str = "auto"
     num_threads: int = 0
+    base_precision: str = "auto"
+    gpu_memory_gib: float = 0.0
 
     def to_json(self) -> str:
         """The spec as a JSON object (paths as strings)."""
@@ -199,6 +204,8 @@ class TrainResult:
     compiled: bool = False
     fused_kernels: str = "off"
     peak_gpu_memory_gib: float | None = None
+    base_precision: str = "bf16"
+    plan: dict | None = None
 
     def to_json(self) -> str:
         """The result as a JSON object."""
@@ -306,6 +313,69 @@ def needs_checkpointing(
     logits = tokens * vocab * 4 * 3  # bf16 logits, their fp32 copy and its gradient
     margin = 2 << 30
     return tokens * bytes_per_token + logits + margin > free
+
+
+def gpu_memory_available(device: torch.device, configured_gib: float) -> int:
+    """Bytes the memory plan may use: configured_gib when set, else what is free now (capped by
+    torch.cuda.set_per_process_memory_fraction when a fraction was set), plus what torch holds."""
+    if configured_gib > 0:
+        return int(configured_gib * 2**30)
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device) if hasattr(
+        torch.cuda, "get_per_process_memory_fraction") else 1.0
+    return int(min(free, fraction * total))
+
+
+def check_gpu(device: torch.device) -> None:
+    """TrainError naming the fix when the GPU cannot train in bf16 (compute capability < 8.0)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        raise TrainError(
+            f"GPU {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) is too old for "
+            "bf16 training (needs 8.0, Ampere or newer): train on the CPU ([train] device = cpu)"
+        )
+
+
+def choose_plan(spec: TrainSpec, device: torch.device, config: Any, longest: int,
+                logit_fraction: float = 1.0) -> "Plan | None":
+    """The GPU memory plan (memplan.plan) for this run, or None on the CPU.
+
+    logit_fraction: the share of positions whose logits the loss computes (labelled ones).
+
+    Raises TrainError before training when no plan fits, or nf4 is asked for without torchao.
+    """
+    from lacd.pipeline.memplan import PlanError, Shape, plan
+
+    if spec.base_precision not in ("auto", "bf16", "nf4"):
+        raise TrainError(f"unknown base_precision {spec.base_precision!r} (auto, bf16 or nf4)")
+    if device.type != "cuda":
+        return None
+    check_gpu(device)
+    requested = spec.gradient_checkpointing
+    checkpointing = requested if isinstance(requested, str) else ("on" if requested else "off")
+    try:
+        chosen = plan(
+            Shape.of(config), gpu_memory_available(device, spec.gpu_memory_gib), precision=spec.base_precision,
+            checkpointing=checkpointing, tokens_per_batch=spec.tokens_per_batch, grad_accum=spec.grad_accum,
+            longest=longest, lora_r=spec.lora_r, lora_dropout=spec.lora_dropout,
+            logit_fraction=logit_fraction,
+        )
+    except PlanError as exc:
+        raise TrainError(str(exc)) from None
+    if chosen.precision == "nf4":
+        _require_nf4()
+    return chosen
+
+
+def _require_nf4() -> None:
+    """TrainError naming the fix when torchao (the NF4 storage) is not installed."""
+    from lacd.pipeline.nf4 import NF4Unavailable, nf4_tensor_class
+
+    try:
+        nf4_tensor_class()
+    except NF4Unavailable as exc:
+        raise TrainError(str(exc)) from None
 
 
 def apply_fused_kernels(model: torch.nn.Module, requested: str, device: torch.device, compiling: bool) -> str:
@@ -767,6 +837,7 @@ class LoRARecipe:
         self.truncated = truncated + truncated_heldout
         if not self.train_rows:
             raise TrainError(f"dataset at {spec.dataset_dir} has no training examples")
+        spec = self._apply_memory_plan()
         self.steps = plan_steps(
             [len(row["input_ids"]) for row in self.train_rows],
             spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed,
@@ -788,12 +859,47 @@ class LoRARecipe:
             heldout_examples=len(self.heldout_rows), truncated=self.truncated,
             total_steps=len(self.steps), tokens_per_batch=spec.tokens_per_batch,
             grad_accum=spec.grad_accum, trainable_params=self._trainable_count(),
+            base_precision=self.precision, plan=self.plan.describe() if self.plan else None,
         )
         if not self._resume():
             self._report("eval_before")
             self.counters.heldout_loss_before = evaluate(
                 self.model, self.heldout_rows, spec.tokens_per_batch, self.device, self.compute_dtype
             )
+
+    def _apply_memory_plan(self) -> TrainSpec:
+        """Choose the memory plan (CUDA) and the base precision; the plan's micro-batch and
+        accumulation replace the spec's. Returns the spec to train with."""
+        spec = self.spec
+        config = self.base_model.config if self.base_model is not None else self._base_config()
+        longest = max(len(row["input_ids"]) for row in self.train_rows)
+        self.plan = choose_plan(spec, self.device, config, longest, self._logit_fraction())
+        if self.plan is not None:
+            self.precision = self.plan.precision
+            self.spec = dataclasses.replace(spec, tokens_per_batch=self.plan.tokens_per_batch,
+                                            grad_accum=self.plan.grad_accum)
+            log.info("train_plan", plan=self.plan.describe(), **self.plan.to_dict())
+        elif spec.base_precision == "nf4":
+            _require_nf4()
+            self.precision = "nf4"
+        else:
+            self.precision = str(self.dtype).removeprefix("torch.")
+        return self.spec
+
+    def _logit_fraction(self) -> float:
+        """The labelled share of the training tokens, with head-room for a micro-batch of
+        answer-heavy lessons (x1.5, at most 1): the loss computes logits only there."""
+        labelled = sum(sum(1 for x in row["labels"] if x != IGNORE_INDEX) for row in self.train_rows)
+        total = sum(len(row["labels"]) for row in self.train_rows)
+        return min(1.0, 1.5 * labelled / max(total, 1))
+
+    def _base_config(self) -> Any:
+        """The base model's transformers config (TrainError when the folder has none)."""
+        from transformers import AutoConfig
+
+        if not (Path(self.spec.base_dir) / "config.json").is_file():
+            raise TrainError(f"base model folder {self.spec.base_dir} has no config.json")
+        return AutoConfig.from_pretrained(self.spec.base_dir)
 
     def _adapter_compute_name(self) -> str:
         """The dtype the LoRA matrices compute in, as a word for logs and results."""
@@ -811,6 +917,13 @@ class LoRARecipe:
         spec = self.spec
         if not (Path(spec.base_dir) / "config.json").is_file():
             raise TrainError(f"base model folder {spec.base_dir} has no config.json")
+        if self.precision == "nf4":
+            from lacd.pipeline.nf4 import load_nf4_base
+
+            try:
+                return load_nf4_base(Path(spec.base_dir), self.device, self.dtype, self.attention)
+            except (OSError, ValueError) as exc:
+                raise TrainError(f"cannot load the base model in 4 bits: {exc}") from exc
         kwargs = {"device_map": str(self.device)} if self.device.type == "cuda" else {}
         return AutoModelForCausalLM.from_pretrained(
             spec.base_dir, dtype=self.dtype, attn_implementation=self.attention, **kwargs
@@ -823,6 +936,10 @@ class LoRARecipe:
 
         spec = self.spec
         model = self._load_base() if self.base_model is None else self.base_model
+        if self.precision == "nf4" and self.base_model is not None:
+            from lacd.pipeline.nf4 import quantize_linears
+
+            quantize_linears(model)  # a no-op on a base already quantized (bench/train_gpu.py)
         if model.config._attn_implementation != self.attention:
             model.set_attn_implementation(self.attention)
         model.config.use_cache = False
@@ -831,10 +948,13 @@ class LoRARecipe:
         compiling = should_compile(spec.compile, self.device, planned)
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
         per_token = activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None)
-        self.checkpointing = needs_checkpointing(
-            spec.gradient_checkpointing, self.device, self._largest_micro_batch(), per_token,
-            int(getattr(model.config, "vocab_size", 32000)),
-        )
+        if self.plan is not None and spec.gradient_checkpointing == "auto":
+            self.checkpointing = self.plan.gradient_checkpointing
+        else:
+            self.checkpointing = needs_checkpointing(
+                spec.gradient_checkpointing, self.device, self._largest_micro_batch(), per_token,
+                int(getattr(model.config, "vocab_size", 32000)),
+            )
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
@@ -928,6 +1048,8 @@ class LoRARecipe:
                 eta_s=(total - index - 1) * elapsed / max(done_here, 1),
             )
             log.debug("train_step", step=index + 1, total_steps=total, loss=loss)
+            if index == self.counters.step - 1 and tokens_here == tokens and self.plan is not None:
+                self._log_calibration()
             every = spec.checkpoint_every
             overdue = time.monotonic() - last_checkpoint > CHECKPOINT_MAX_S
             if (every > 0 and self.counters.step % every == 0) or self.counters.step == total or overdue:
@@ -943,6 +1065,12 @@ class LoRARecipe:
             self._save_checkpoint()
         log.info("train_paused", step=self.counters.step)
         raise TrainPaused(f"paused at step {self.counters.step}")
+
+    def _log_calibration(self) -> None:
+        """After the first step: the plan's expected peak against the measured one."""
+        measured = torch.cuda.max_memory_allocated(self.device)
+        log.info("train_plan_calibration", expected_gib=round(self.plan.expected_peak / 2**30, 2),
+                 measured_gib=round(measured / 2**30, 2), ratio=round(measured / max(self.plan.expected_peak, 1), 3))
 
     def _optimizer_step(self, planned: PlannedStep) -> tuple[float | None, int, int]:
         """Forward/backward every micro-batch of one step, then clip and step.
@@ -1023,6 +1151,8 @@ class LoRARecipe:
             compiled=self.compiled,
             fused_kernels=self.fused_kernels,
             peak_gpu_memory_gib=peak,
+            base_precision=self.precision,
+            plan=self.plan.to_dict() if self.plan else None,
         )
         out = Path(spec.out_dir)
         tmp = out.with_name(f".tmp-{out.name}")
@@ -1058,6 +1188,8 @@ class LoRARecipe:
             "heldout_loss_before": self.counters.heldout_loss_before,
             "updated_at": time.time(),
         }
+        if getattr(self, "plan", None) is not None:
+            progress["plan"] = self.plan.describe()
         progress.update(fields)
         write_json_atomic(Path(self.spec.progress_path), progress, durable=False)
         if phase == "train":  # one line per step: the loss curve of the run report (lacd.report)

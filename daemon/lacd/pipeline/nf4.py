@@ -1,0 +1,187 @@
+"""The base model's frozen linear weights in 4-bit NF4 (QLoRA), stored with torchao.
+
+torchao's ``NF4Tensor`` (what torchtune's QLoRA recipes use) holds each weight as
+4-bit NormalFloat codes in blocks of 64 with 8-bit double-quantized block scales:
+about 4.13 bits a weight, the format of the QLoRA paper. It is pure PyTorch, so the
+same code runs on the CPU (tests) and on any CUDA GPU; bench/train_gpu.py measured
+it against bitsandbytes' ``Linear4bit`` (README, "4-bit base").
+
+``NF4Linear`` is an ``nn.Linear`` (so peft wraps it like any linear layer) whose
+weight is the NF4 tensor. Its forward dequantizes the weight to the compute dtype for
+one matmul and frees it; backward dequantizes again (nothing but the 4-bit weight is
+kept for backward, as torchao's ``linear_nf4``), with int32 codes instead of
+torchao's int64 ones (half the transient memory, measured faster).
+
+``load_nf4_base`` builds the model on the meta device and streams the safetensors
+weights one tensor at a time: a linear weight goes to the device, is quantized, and
+its bf16 copy is freed, so the whole model is never held in bf16 on the GPU, and the
+host holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NF4_BLOCK = 64  # weights per scale (QLoRA's)
+NF4_SCALER_BLOCK = 256  # scales per fp32 factor of the double quantization
+# bytes a quantized weight takes: half a byte, an 8-bit scale per 64, an fp32 factor per 64 x 256
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)
+SKIP = ("lm_head",)  # kept in full precision (as QLoRA and torchtune do)
+INSTALL_HINT = "pip install 'lacd[gpu]' (torchao)"
+
+
+class NF4Unavailable(RuntimeError):
+    """torchao is missing; the message names the fix."""
+
+
+def nf4_tensor_class() -> type:
+    """torchao's NF4Tensor, or NF4Unavailable naming the package to install."""
+    try:
+        from torchao.quantization import NF4Tensor
+    except ImportError:
+        try:
+            from torchao.dtypes.nf4tensor import NF4Tensor  # torchao < 0.15
+        except ImportError:
+            raise NF4Unavailable(f"4-bit (nf4) training needs torchao: {INSTALL_HINT}") from None
+    return NF4Tensor
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """weight (2-D, numel a multiple of 64 x 256... or 64) quantized to an NF4Tensor on its device."""
+    cls = nf4_tensor_class()
+    scaler_block = NF4_SCALER_BLOCK
+    blocks = weight.numel() // NF4_BLOCK
+    while blocks % scaler_block:  # torchao needs the block count divisible by the scaler block
+        scaler_block //= 2
+    return cls.from_tensor(weight.contiguous(), NF4_BLOCK, scaler_block)
+
+
+def quantizable(weight: torch.Tensor) -> bool:
+    """Whether a weight can be held in NF4 (whole 64-element blocks)."""
+    return weight.dim() == 2 and weight.numel() % NF4_BLOCK == 0
+
+
+def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The NF4Tensor's values in dtype (int32 codes: half torchao's int64 transient)."""
+    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                       weight.scaler_block_size).to(dtype)
+    data = weight.quantized_data
+    codes = torch.stack(((data >> 4).to(torch.int32), (data & 15).to(torch.int32)), dim=-1)
+    values = weight.nf4.to(dtype)[codes.view(-1, weight.block_size)]
+    return (values * scales.view(-1, 1)).view(weight.shape)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ dequantize(W).T keeping only the 4-bit W for backward (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        dtype = weight.dtype
+        return F.linear(x.to(dtype), dequantize(weight, dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        weight = ctx.weight
+        return (grad.to(weight.dtype) @ dequantize(weight, weight.dtype)).to(ctx.x_dtype), None
+
+
+class NF4Linear(torch.nn.Linear):
+    """A frozen linear layer whose weight is an NF4Tensor (peft wraps it as an nn.Linear)."""
+
+    def __init__(self, weight: Any, bias: torch.Tensor | None) -> None:
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear map with the weight dequantized for this call only."""
+        out = _NF4Matmul.apply(x, self.weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def is_nf4(module: torch.nn.Module) -> bool:
+    """True for a layer held in 4 bits."""
+    return isinstance(module, NF4Linear)
+
+
+def quantize_linears(model: torch.nn.Module, skip: tuple[str, ...] = SKIP) -> int:
+    """Replace every nn.Linear (not named in skip) by an NF4Linear, in place. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or name.split(".")[-1] in skip or not quantizable(module.weight):
+            continue
+        parent, _, child = name.rpartition(".")
+        replacement = NF4Linear(to_nf4(module.weight.detach()), module.bias)
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        count += 1
+    return count
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, in index order when sharded."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def load_nf4_base(folder: Path, device: torch.device, dtype: torch.dtype, attention: str,
+                  skip: tuple[str, ...] = SKIP) -> torch.nn.Module:
+    """A causal LM from an HF folder with its linear weights in NF4 on device, streamed tensor by
+    tensor (see the module docstring). Other weights (embeddings, norms, lm_head) are in dtype."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    nf4_tensor_class()
+    files = _weight_files(Path(folder))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights (4-bit loading reads safetensors)")
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                _place(model, key, handle.get_tensor(key), device, dtype, skip)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{folder} has no weights for {', '.join(missing[:3])}")
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    return model.eval()
+
+
+def _place(model: torch.nn.Module, key: str, tensor: torch.Tensor, device: torch.device,
+           dtype: torch.dtype, skip: tuple[str, ...]) -> None:
+    """Put one checkpoint tensor into the meta model: quantized if it is a linear layer's weight."""
+    owner, _, attribute = key.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return  # a tensor the model does not have (rotary caches of old checkpoints, say)
+    if attribute not in module._parameters:
+        return
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    if (type(module) is torch.nn.Linear and attribute == "weight" and owner.split(".")[-1] not in skip
+            and quantizable(value)):
+        parent, _, child = owner.rpartition(".")
+        bias = module.bias if module.bias is not None and module.bias.device.type != "meta" else None
+        replacement = NF4Linear(to_nf4(value), bias)
+        if module.bias is not None and bias is None:
+            replacement.bias = module.bias  # still on meta: filled when its tensor comes
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        return
+    module._parameters[attribute] = torch.nn.Parameter(value, requires_grad=False)

@@ -1,0 +1,177 @@
+"""4-bit (NF4) base training on the CPU, and the GPU memory planner against given memory figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lacd.pipeline import nf4
+from lacd.pipeline.memplan import GIB, PlanError, Shape, expected_peak, plan
+from lacd.pipeline.train import TrainError, evaluate, load_examples, run_training
+from test_train import dataset_dir, lesson_rows, make_spec, tiny_dir  # noqa: F401  (fixtures)
+from tiny import LINEAR_MODULES, make_tiny_llama
+
+pytest.importorskip("torchao")
+
+CODELLAMA_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, vocab_size=32016)
+CODELLAMA_34B = LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+                            num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def test_dequantize_matches_torchao_and_stays_near_the_weights():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256)
+    quantized = nf4.to_nf4(weight)
+    ours = nf4.dequantize(quantized, torch.float32)
+    assert torch.equal(ours, quantized.get_original_weight())
+    relative = (ours - weight).abs().mean() / weight.abs().mean()
+    assert 0.02 < relative < 0.15  # 4 bits: an error, and a small one
+    assert quantized.quantized_data.numel() == weight.numel() // 2  # two codes a byte
+
+
+def test_nf4_linear_gradients_match_the_dequantized_linear():
+    torch.manual_seed(0)
+    quantized = nf4.to_nf4(torch.randn(64, 128))
+    layer = nf4.NF4Linear(quantized, None)
+    x = torch.randn(5, 128, requires_grad=True)
+    layer(x).square().sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(reference, nf4.dequantize(quantized, torch.float32)).square().sum().backward()
+    assert torch.allclose(x.grad, reference.grad, atol=1e-5)
+    assert not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_4bit_base_quantizes_every_projection_and_keeps_lm_head(tmp_path, tied):
+    folder = make_tiny_llama(tmp_path / "model", tie_embeddings=tied)
+    full = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = nf4.load_nf4_base(folder, torch.device("cpu"), torch.float32, "sdpa")
+    names = [name for name, module in model.named_modules() if nf4.is_nf4(module)]
+    assert len(names) == full.config.num_hidden_layers * len(LINEAR_MODULES)
+    assert not nf4.is_nf4(model.lm_head)
+    assert torch.equal(model.model.embed_tokens.weight, full.model.embed_tokens.weight)
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        expected, got = full(ids).logits, model(ids).logits
+    assert (got - expected).abs().mean() < 0.2 * expected.abs().mean()
+    assert not torch.equal(got, expected)
+
+
+def test_streamed_loading_rejects_a_folder_without_safetensors(tmp_path):
+    folder = make_tiny_llama(tmp_path / "model")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        nf4.load_nf4_base(folder, torch.device("cpu"), torch.float32, "sdpa")
+
+
+# --------------------------------------------------------------------------- the train stage in 4 bits
+
+
+def test_4bit_training_on_the_cpu_lowers_heldout_loss_and_merges_into_the_full_base(tiny_dir, dataset_dir, tmp_path):
+    from peft import PeftModel
+
+    spec = make_spec(tiny_dir, dataset_dir, tmp_path, base_precision="nf4", epochs=3)
+    result = run_training(spec)
+    assert result.base_precision == "nf4" and result.plan is None  # no GPU: no memory plan
+    assert result.heldout_loss_after < result.heldout_loss_before - 0.5
+    # export merges the adapter into the full-precision base: its loss stays near the trained model's
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), spec.out_dir).merge_and_unload()
+    heldout, _ = load_examples(dataset_dir, "heldout", spec.max_seq_len)
+    merged_loss = evaluate(merged, heldout, spec.tokens_per_batch, torch.device("cpu"))
+    assert abs(merged_loss - result.heldout_loss_after) < 0.25 * result.heldout_loss_after
+    assert merged_loss < result.heldout_loss_before - 0.5
+
+
+def test_missing_torchao_fails_before_training_with_the_fix(tiny_dir, dataset_dir, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    monkeypatch.setitem(sys.modules, "torchao.dtypes", None)
+    monkeypatch.setitem(sys.modules, "torchao.dtypes.nf4tensor", None)
+    spec = make_spec(tiny_dir, dataset_dir, tmp_path, base_precision="nf4")
+    with pytest.raises(TrainError, match=r"needs torchao: pip install 'lacd\[gpu\]'"):
+        run_training(spec)
+    assert not (tmp_path / "progress.jsonl").exists()  # not one step trained
+
+
+def test_unknown_precision_is_refused(tiny_dir, dataset_dir, tmp_path):
+    with pytest.raises(TrainError, match="base_precision 'int3'"):
+        run_training(make_spec(tiny_dir, dataset_dir, tmp_path, base_precision="int3", device="cpu"))
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+def test_nf4_weights_are_about_a_quarter_of_bf16():
+    shape = Shape.of(CODELLAMA_7B)
+    assert shape.linear_params() == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    from lacd.pipeline.memplan import weight_bytes
+
+    assert 3.4 * GIB < weight_bytes(shape, "nf4") < 3.8 * GIB
+    assert 12.3 * GIB < weight_bytes(shape, "bf16") < 12.8 * GIB
+
+
+@pytest.mark.parametrize("gib, precision, checkpointing", [
+    (80, "bf16", False),   # an H100: the fastest plan
+    (24, "bf16", True),    # bf16 fits only with checkpointing
+    (12, "nf4", True),     # bf16 does not fit even with checkpointing: 4 bits
+    (10, "nf4", True),     # a 10 GB card
+])
+def test_planner_picks_the_fastest_plan_that_fits(gib, precision, checkpointing):
+    chosen = plan(Shape.of(CODELLAMA_7B), gib * GIB, tokens_per_batch=4096, longest=4096, logit_fraction=0.5)
+    assert (chosen.precision, chosen.gradient_checkpointing) == (precision, checkpointing)
+    assert chosen.tokens_per_batch == 4096 and chosen.grad_accum == 1
+    assert chosen.expected_peak <= gib * GIB - max(GIB, 0.08 * gib * GIB)
+    assert f"of {gib}.0 GiB" in chosen.describe()
+
+
+def test_planner_halves_the_micro_batch_before_giving_up_precision():
+    shape = Shape.of(CODELLAMA_7B)
+    full = expected_peak(shape, "bf16", False, 8192, 16, 0.05)
+    half = expected_peak(shape, "bf16", False, 4096, 16, 0.05)
+    available = int((full + half) / 2 / 0.92)  # the half fits with the margin, the full one does not
+    chosen = plan(shape, available, precision="bf16", checkpointing="off", tokens_per_batch=8192, longest=3000)
+    assert (chosen.tokens_per_batch, chosen.grad_accum) == (4096, 2)
+    with pytest.raises(PlanError):  # never below the longest lesson
+        plan(shape, available, precision="bf16", checkpointing="off", tokens_per_batch=8192, longest=5000)
+
+
+def test_4bit_without_checkpointing_when_it_fits_and_bf16_does_not():
+    shape = Shape.of(CODELLAMA_7B)
+    bf16_gc = expected_peak(shape, "bf16", True, 1024, 16, 0.05)
+    nf4_plain = expected_peak(shape, "nf4", False, 1024, 16, 0.05)
+    assert nf4_plain < bf16_gc  # at 1024 tokens the activations are smaller than the bf16 weights
+    chosen = plan(shape, int(nf4_plain / 0.9), tokens_per_batch=1024, longest=1024)
+    assert (chosen.precision, chosen.gradient_checkpointing) == ("nf4", False)
+
+
+def test_requested_precision_is_kept():
+    chosen = plan(Shape.of(CODELLAMA_7B), 80 * GIB, precision="nf4", tokens_per_batch=4096, longest=4096)
+    assert (chosen.precision, chosen.gradient_checkpointing) == ("nf4", False)
+
+
+def test_a_base_too_big_even_in_4_bits_names_the_need_and_the_fix():
+    with pytest.raises(PlanError) as caught:
+        plan(Shape.of(CODELLAMA_34B), 12 * GIB, tokens_per_batch=4096, longest=4096)
+    message = str(caught.value)
+    assert "even in 4-bit with gradient checkpointing" in message and "12.0 GiB" in message
+    assert "smaller base model" in message and "device = cpu" in message
+    needed = float(message.split("~")[1].split(" GiB")[0])
+    assert needed > 12
