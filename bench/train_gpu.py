@@ -128,6 +128,16 @@ for _seed in (2, 3, 4):
                                          LIGER | dict(lora_dropout=0.05, seed=_seed))
 for _seed in (1, 2, 3):
     VARIANTS[f"lacd-seed{_seed}"] = (f"lacd (36 steps), data order and LoRA init of seed {_seed}", dict(seed=_seed))
+NO_PLAN = dict(gpu_memory_gib=10_000.0)  # the shared base is already on the GPU: no plan, the variant decides
+VARIANTS |= {
+    "lacd-bf16": ("bf16 base, the defaults", NO_PLAN | dict(base_precision="bf16")),
+    "lacd-bf16-seed1": ("bf16 base, seed 1", NO_PLAN | dict(base_precision="bf16", seed=1)),
+    "lacd-bf16-seed2": ("bf16 base, seed 2", NO_PLAN | dict(base_precision="bf16", seed=2)),
+    "lacd-nf4": ("NF4 base (torchao storage), the defaults", NO_PLAN | dict(base_precision="nf4")),
+    "lacd-nf4-seed1": ("NF4 base, seed 1", NO_PLAN | dict(base_precision="nf4", seed=1)),
+    "lacd-nf4-gc": ("NF4 base + gradient checkpointing (the small-card plan)", NO_PLAN | dict(
+        base_precision="nf4", gradient_checkpointing="on")),
+}
 TEXTBOOK_SEEDS = {"textbook": 0, "textbook-seed1": 1, "textbook-seed2": 2, "textbook-seed3": 3}
 EPOCHS, WARMUP, LORA_R, LORA_ALPHA = 1, 0.05, 16, 32
 CURVE_POINTS = (0.25, 0.5, 0.75)  # fractions of the epoch's tokens where held-out loss is measured mid-run
@@ -372,6 +382,7 @@ def run_lacd(name: str, base: torch.nn.Module, work: Path, dataset: Path, overri
         reset_base(base)
         free_memory()
     extra = dict(attention=result.attention, adapter_compute=result.adapter_compute,
+                 adapter_dir=str(spec.out_dir), base_precision=result.base_precision,
                  gradient_checkpointing=result.gradient_checkpointing, compiled=result.compiled,
                  fused_kernels=result.fused_kernels, lora_dropout=spec.lora_dropout,
                  dropout_module="peft" if peft_dropout or spec.lora_dropout == 0 else "fused",
@@ -546,7 +557,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=LR, help="learning rate of every variant")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: a smoke test")
+    parser.add_argument("--nf4", default="", help="issue 13: comma-separated parts of kernels,card,caps")
+    parser.add_argument("--card-variants", default="lacd-bf16,lacd-nf4,lacd-nf4-gc,textbook-qlora,lacd-bf16-seed1,"
+                                                    "lacd-nf4-seed1")
+    parser.add_argument("--textbook-lessons", type=int, default=48)
+    parser.add_argument("--caps", default="7B@6,7B@8,13B@12,34B@24")
+    parser.add_argument("--cap-lessons", type=int, default=14)
     args = parser.parse_args(argv)
+    if args.nf4:
+        return nf4_main(args)
     globals()["LR"] = args.lr
     from lacd import logs
 
@@ -603,6 +622,270 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print("\n" + table(results), flush=True)
     print("\n" + curve_table(results), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- 4-bit (issue 13)
+
+CODELLAMA_13B = CODELLAMA_7B | dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                    num_attention_heads=40, num_key_value_heads=40)
+CODELLAMA_34B = CODELLAMA_7B | dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+                                    num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
+CAPS = (("7B", CODELLAMA_7B, 6), ("7B", CODELLAMA_7B, 8), ("13B", CODELLAMA_13B, 12), ("34B", CODELLAMA_34B, 24))
+
+
+def timed(step: Any, iters: int = 10) -> float:
+    """Milliseconds per call of step() on the GPU (after 3 warm calls)."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return round(1000 * (time.perf_counter() - start) / iters, 3)
+
+
+def kernel_bench(tokens: int = 4096, shape: tuple[int, int] = (11008, 4096)) -> dict:
+    """Forward + backward (input gradient) of one CodeLlama-7B MLP projection at `tokens` tokens:
+    bf16, torchao's linear_nf4, lacd's NF4Linear, bitsandbytes' Linear4bit (NF4, bf16 compute)."""
+    from lacd.pipeline import nf4
+
+    torch.manual_seed(0)
+    weight = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    quantized = nf4.to_nf4(weight)
+    layers: dict[str, Any] = {"bf16": lambda v: torch.nn.functional.linear(v, weight)}
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+    layers["torchao linear_nf4"] = lambda v: linear_nf4(v, quantized)
+    layers["lacd NF4Linear"] = nf4.NF4Linear(quantized, None)
+    try:
+        import bitsandbytes as bnb
+
+        linear = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        linear.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        layers["bitsandbytes Linear4bit"] = linear.cuda()
+    except Exception as exc:  # noqa: BLE001 - report, do not stop the bench
+        print(f"bitsandbytes unavailable: {exc!r}", flush=True)
+    out = {}
+    for name, layer in layers.items():
+        def step() -> None:
+            layer(x).sum().backward()
+            x.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out[name] = dict(ms=timed(step), transient_mib=round((torch.cuda.max_memory_allocated() - base) / 2**20))
+    return out
+
+
+def nf4_copy(base: torch.nn.Module) -> torch.nn.Module:
+    """A second model over the same non-linear weights whose linear projections are NF4 copies."""
+    import copy
+
+    from lacd.pipeline import nf4
+
+    clone = copy.copy(base)
+    clone._modules = dict(base._modules)
+    model_copy = copy.copy(base.model)
+    model_copy._modules = dict(base.model._modules)
+    model_copy.layers = torch.nn.ModuleList()
+    for layer in base.model.layers:
+        new_layer = copy.copy(layer)
+        new_layer._modules = dict(layer._modules)
+        for part in ("self_attn", "mlp"):
+            block = copy.copy(getattr(layer, part))
+            block._modules = {name: nf4.NF4Linear(nf4.to_nf4(m.weight.detach()), None)
+                              if type(m) is torch.nn.Linear else m for name, m in block._modules.items()}
+            new_layer._modules[part] = block
+        model_copy.layers.append(new_layer)
+    clone._modules["model"] = model_copy
+    return clone
+
+
+def bnb_copy(base: torch.nn.Module) -> torch.nn.Module:
+    """The textbook QLoRA base: bitsandbytes Linear4bit (NF4, double quant, bf16 compute) for every
+    projection, the other weights cloned, prepared with peft's prepare_model_for_kbit_training."""
+    import bitsandbytes as bnb
+    import copy
+
+    from peft import prepare_model_for_kbit_training
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base.config, dtype=torch.bfloat16)
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and not name.endswith("lm_head"):
+            source = base.get_submodule(name).weight.detach()
+            linear = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, device="meta",
+                                       compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+            linear.weight = bnb.nn.Params4bit(source.clone(), requires_grad=False, quant_type="nf4",
+                                              compress_statistics=True).cuda()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    for name, param in list(model.named_parameters()):
+        if param.device.type == "meta":
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._parameters[attribute] = torch.nn.Parameter(
+                base.get_parameter(name).detach().clone(), requires_grad=False)
+    for name, buffer in list(model.named_buffers()):
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attribute] = base.get_buffer(name).clone()
+    model.is_loaded_in_4bit = True
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return model.train()
+
+
+def build_nf4_base(shape: dict) -> torch.nn.Module:
+    """A random model of `shape` built straight into NF4 on the GPU, one projection at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lacd.pipeline import nf4
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, attn_implementation="sdpa", use_cache=False)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for name, module in list(model.named_modules()):
+        for attribute, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            value = torch.empty(param.shape, device="cuda", dtype=torch.bfloat16)
+            if param.dim() == 1:
+                value.fill_(1.0)
+            else:
+                value.normal_(0.0, 0.02)
+            if type(module) is torch.nn.Linear and not name.endswith("lm_head"):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, nf4.NF4Linear(nf4.to_nf4(value), None))
+                del value
+            else:
+                module._parameters[attribute] = torch.nn.Parameter(value, requires_grad=False)
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.cuda()
+    return model.train()
+
+
+def heldout_with_base(base: torch.nn.Module, adapter_dir: str, heldout: list[dict], max_len: int) -> float | None:
+    """Held-out loss of the bf16 base + an adapter trained on the NF4 base (what export serves)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    try:
+        return evaluate(model, heldout, max_len, torch.device("cuda"), torch.bfloat16)
+    finally:
+        model.unload()
+        reset_base(base)
+
+
+def capped(label: str, shape: dict, cap_gib: float, work: Path, max_len: int, n_lessons: int) -> dict:
+    """Train NF4 + checkpointing on a random `shape` under a per-process cap of cap_gib."""
+    from lacd.pipeline.memplan import Shape, expected_peak
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    free_memory()
+    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
+    torch.cuda.reset_peak_memory_stats()
+    base = None
+    out: dict[str, Any] = dict(model=label, cap_gib=cap_gib)
+    try:
+        t0 = time.perf_counter()
+        base = build_nf4_base(shape)
+        out["build_s"] = round(time.perf_counter() - t0, 1)
+        out["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        lessons = make_lessons(n_lessons, 7, shape["vocab_size"], 1500, max_len)
+        lessons[0] = make_lessons(1, 8, shape["vocab_size"], 10 * max_len, max_len)[0]  # one of max_len tokens
+        train, heldout = lessons[:-2], lessons[-2:]
+        dataset = write_dataset(Path(tempfile.mkdtemp(dir=work)) / "dataset", train, heldout)
+        lengths = [len(r["input_ids"]) for r in train]
+        name = "lacd-nf4-gc"
+        result = run_lacd(name, base, work, dataset, VARIANTS[name][1], non_embedding_params(base), "cuda",
+                          max_len, lengths, heldout)
+        labelled = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train) / sum(lengths)
+        out.update({k: result[k] for k in ("tokens_per_s", "tokens_per_s_whole", "peak_gib", "steps", "tokens",
+                                           "heldout_before", "heldout_after")})
+        out["expected_peak_gib"] = round(expected_peak(Shape.of(base.config), "nf4", True, max_len, LORA_R, 0.05,
+                                                       min(1.0, 1.5 * labelled)) / 2**30, 2)
+    except Exception as exc:  # noqa: BLE001 - an OOM is a result here
+        traceback.print_exc()
+        out["error"] = repr(exc)[:300]
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    finally:
+        del base
+        free_memory()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def nf4_main(args: argparse.Namespace) -> int:
+    """The issue-13 numbers: kernels, bf16 vs NF4 vs textbook QLoRA on one card, export gap, capped cards."""
+    from lacd import logs
+
+    logs.setup(level="warning", fmt="console", stream=sys.stdout)
+    max_len = 4096
+    report: dict[str, Any] = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__)
+
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+
+    if "kernels" in args.nf4:
+        report["kernels"] = kernel_bench()
+        print(json.dumps(report["kernels"]), flush=True)
+        save()
+    work = Path(tempfile.mkdtemp(prefix="lacd-nf4-bench-"))
+    try:
+        if "card" in args.nf4:
+            lessons = make_lessons(args.lessons + args.heldout, args.seed, CODELLAMA_7B["vocab_size"], 600, max_len)
+            train, heldout = lessons[: args.lessons], lessons[args.lessons:]
+            lengths = [len(r["input_ids"]) for r in train]
+            dataset = write_dataset(work / "dataset", train, heldout)
+            base = build_base(CODELLAMA_7B, torch.device("cuda"), torch.bfloat16)
+            n_params = non_embedding_params(base)
+            quantized = nf4_copy(base)
+            results = report.setdefault("card", [])
+            for name in args.card_variants.split(","):
+                t0 = time.perf_counter()
+                model = quantized if "nf4" in name else base
+                try:
+                    if name == "textbook-qlora":
+                        qlora = bnb_copy(base)
+                        TEXTBOOK_SEEDS[name] = 0
+                        result = run_textbook(name, qlora, work, train[: args.textbook_lessons], heldout, n_params,
+                                              torch.device("cuda"), torch.bfloat16, max_len)
+                        result["what"] = "HF Trainer + bitsandbytes 4-bit + peft, batch 4 padded, grad. ckpt"
+                        del qlora
+                    else:
+                        result = run_lacd(name, model, work, dataset, VARIANTS[name][1], n_params, "cuda", max_len,
+                                          lengths, heldout)
+                        if name == "lacd-nf4":
+                            result["heldout_exported"] = heldout_with_base(base, result["adapter_dir"], heldout,
+                                                                           max_len)
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    result = dict(variant=name, what=VARIANTS.get(name, ("textbook",))[0], error=repr(exc)[:300])
+                    reset_base(model)
+                free_memory()
+                result["wall_s"] = round(time.perf_counter() - t0, 1)
+                results.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k not in ("records", "batches")}), flush=True)
+                save()
+            print("\n" + table(results), flush=True)
+            print("\n" + curve_table(results), flush=True)
+            model = None
+            del base, quantized
+            free_memory()
+        if "caps" in args.nf4:
+            report["caps"] = [capped(label, shape, cap, work, max_len, args.cap_lessons)
+                              for label, shape, cap in CAPS if f"{label}@{cap}" in args.caps]
+            save()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -42,6 +42,16 @@ def test_dequantize_matches_torchao_and_stays_near_the_weights():
     assert quantized.quantized_data.numel() == weight.numel() // 2  # two codes a byte
 
 
+def test_chunked_quantization_gives_torchaos_values():
+    torch.manual_seed(1)
+    weight = torch.randn(128, 512)
+    whole = nf4.to_nf4(weight)
+    chunked = nf4.to_nf4(weight, chunk=64 * 100)  # not a whole number of scaler blocks
+    for name in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert torch.equal(nf4.dequantize(chunked, torch.float32), whole.get_original_weight())
+
+
 def test_nf4_linear_gradients_match_the_dequantized_linear():
     torch.manual_seed(0)
     quantized = nf4.to_nf4(torch.randn(64, 128))
@@ -175,3 +185,26 @@ def test_a_base_too_big_even_in_4_bits_names_the_need_and_the_fix():
     assert "smaller base model" in message and "device = cpu" in message
     needed = float(message.split("~")[1].split(" GiB")[0])
     assert needed > 12
+
+
+# --------------------------------------------------------------------------- configuration and status
+
+
+def test_base_precision_is_a_validated_train_setting():
+    from lacd import config
+
+    assert config.load(env={}).train.base_precision == "auto"
+    assert config.load(env={"LACD_TRAIN_BASE_PRECISION": "nf4"}).train.base_precision == "nf4"
+    with pytest.raises(config.ConfigError, match="base_precision"):
+        config.load(env={"LACD_TRAIN_BASE_PRECISION": "int3"})
+
+
+def test_status_shows_the_memory_plan_of_a_training_run():
+    import time
+
+    from lacd.status import _run_line
+
+    chosen = plan(Shape.of(CODELLAMA_7B), 10 * GIB, tokens_per_batch=4096, longest=4096, logit_fraction=0.5)
+    line = _run_line(dict(id=3, status="running", lessons=40, stage="train", created_at=time.time(),
+                          progress=dict(step=2, total_steps=9, loss=1.5, plan=chosen.describe())))
+    assert "plan: nf4, checkpointing, 4096 tok x1, ~" in line and "of 10.0 GiB" in line

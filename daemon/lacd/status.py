@@ -148,9 +148,11 @@ def _run_line(r: dict) -> str:
             text += f" {p['tokens_per_s']:.0f} tok/s"
         if p.get("eta_s") is not None:
             text += f" ETA {p['eta_s'] / 60:.0f} min"
+    if p.get("plan"):  # the GPU memory plan of the train stage (precision, checkpointing, expected peak)
+        text += f"  plan: {p['plan']}"
     if r.get("paused"):
-        p = r["paused"]
-        text += f"  paused: agent active since {time.strftime('%H:%M', time.localtime(p['since']))} ({p['reason']})"
+        paused = r["paused"]
+        text += f"  paused: agent active since {time.strftime('%H:%M', time.localtime(paused['since']))} ({paused['reason']})"
     elif r.get("waiting_for"):
         text += f"  waiting for {r['waiting_for']}"
     if r.get("error"):

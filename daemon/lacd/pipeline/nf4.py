@@ -31,6 +31,7 @@ NF4_BLOCK = 64  # weights per scale (QLoRA's)
 NF4_SCALER_BLOCK = 256  # scales per fp32 factor of the double quantization
 # bytes a quantized weight takes: half a byte, an 8-bit scale per 64, an fp32 factor per 64 x 256
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)
+QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time (to_nf4)
 SKIP = ("lm_head",)  # kept in full precision (as QLoRA and torchtune do)
 INSTALL_HINT = "pip install 'lacd[gpu]' (torchao)"
 
@@ -51,14 +52,32 @@ def nf4_tensor_class() -> type:
     return NF4Tensor
 
 
-def to_nf4(weight: torch.Tensor) -> torch.Tensor:
-    """weight (2-D, numel a multiple of 64 x 256... or 64) quantized to an NF4Tensor on its device."""
+def to_nf4(weight: torch.Tensor, chunk: int = QUANTIZE_CHUNK) -> torch.Tensor:
+    """weight (2-D, whole 64-element blocks) as torchao's NF4Tensor on its device.
+
+    The same values as torchao's NF4Tensor.from_tensor, but the codes are found `chunk`
+    weights at a time: torchao compares every weight with all 16 levels at once (32 bytes a
+    weight in bf16, 5.8 GB for one 34B MLP matrix), which a small card cannot hold.
+    """
     cls = nf4_tensor_class()
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
+
+    weight = weight.contiguous()
     scaler_block = NF4_SCALER_BLOCK
     blocks = weight.numel() // NF4_BLOCK
     while blocks % scaler_block:  # torchao needs the block count divisible by the scaler block
         scaler_block //= 2
-    return cls.from_tensor(weight.contiguous(), NF4_BLOCK, scaler_block)
+    if weight.numel() <= chunk:
+        return cls.from_tensor(weight, NF4_BLOCK, scaler_block)
+    flat = weight.view(-1)
+    scalers, factor, mean = cls.double_quantize_scalers(flat, NF4_BLOCK, scaler_block)
+    levels = cls.from_tensor(flat[: NF4_BLOCK * scaler_block].view(1, -1), NF4_BLOCK, scaler_block).nf4
+    step = chunk - chunk % NF4_BLOCK
+    codes = torch.cat([cls.convert_to_norm_float_weight(part, part.numel() // NF4_BLOCK, NF4_BLOCK, levels)
+                       for part in flat.split(step)])
+    meta = SubclassTensorArgs(weight.size(), weight.stride(), weight.storage_offset(), weight.dtype,
+                              weight.device, False)
+    return cls(meta, NF4_BLOCK, blocks, scaler_block, scalers, factor, mean, codes, nf4=levels)
 
 
 def quantizable(weight: torch.Tensor) -> bool:
