@@ -219,13 +219,13 @@ def gguf_tensor_names(gguf_path: Path, config: Any) -> tuple[Any, dict[str, str]
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
     )
 
     reader = GGUFReader(gguf_path)
     architecture = read_field(reader, "general.architecture")[0]
-    metadata = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=metadata.get("config", {}))
+    # the processors read the HF config's names (num_attention_heads, num_key_value_heads...)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     return reader, get_gguf_hf_weights_map(skeleton, processor), processor
