@@ -3,97 +3,17 @@ infill tokens) converted tensor by tensor, formatted as Llama-2 chat and trained
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lacd.basemodel import resolve_base
 from lacd.pipeline import nf4
+from tiny_gguf import INFILL, VOCAB, write_codellama_gguf
 
 pytestmark = pytest.mark.slow  # ~50 s on 2 cores: three parses of a 32016-token GGUF vocabulary
-
-INFILL = {32007: "▁<PRE>", 32008: "▁<SUF>", 32009: "▁<MID>", 32010: "▁<EOT>"}  # CodeLlama's ids
-VOCAB = 32016
-WORDS = "def add return class self import print the a b if else for in with open file path hello done says"
-
-
-def codellama_vocab() -> tuple[list[str], list[float], list[int]]:
-    """Tokens, scores and llama.cpp token types shaped like CodeLlama's: <unk> <s> </s>, 256 byte
-    tokens, SentencePiece pieces up to 32000, then 16 added ids holding the four infill tokens."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256  # UNKNOWN, CONTROL, BYTE
-    pieces = ["▁", *string.ascii_letters, *string.digits, *string.punctuation]
-    pieces += ["▁" + w for w in WORDS.split()] + ["INST", "SYS", "<<", ">>", "</"]
-    for piece in dict.fromkeys(pieces):
-        tokens.append(piece)
-        types.append(1)  # NORMAL
-    tokens += [f"▁w{i}" for i in range(32000 - len(tokens))]
-    types += [1] * (32000 - len(types))
-    for index in range(32000, VOCAB):
-        tokens.append(INFILL.get(index, f"<unused{index - 32000}>"))
-        types.append(4 if index in INFILL else 5)  # USER_DEFINED, UNUSED
-    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
-    return tokens, scores, types
-
-
-def write_codellama_gguf(path: Path, hidden: int = 64, inter: int = 128, layers: int = 2, heads: int = 4,
-                         kv_heads: int = 4) -> Path:
-    """A tiny random llama GGUF as Ollama stores codellama: Q4_0 weights, Q8_0 output, f32 norms."""
-    import gguf
-
-    rng = np.random.default_rng(0)
-    q4, q8 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
-    tokens, scores, types = codellama_vocab()
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(1024)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(inter)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(1_000_000.0)
-    writer.add_rope_dimension_count(hidden // heads)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-
-    def tensor(name: str, shape: tuple[int, ...], kind: object | None) -> None:
-        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        if kind is None:
-            writer.add_tensor(name, values)
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
-
-    tensor("token_embd.weight", (VOCAB, hidden), q4)
-    tensor("output_norm.weight", (hidden,), None)
-    tensor("output.weight", (VOCAB, hidden), q8)
-    head = hidden // heads
-    for n in range(layers):
-        tensor(f"blk.{n}.attn_norm.weight", (hidden,), None)
-        tensor(f"blk.{n}.ffn_norm.weight", (hidden,), None)
-        tensor(f"blk.{n}.attn_q.weight", (hidden, hidden), q4)
-        tensor(f"blk.{n}.attn_k.weight", (kv_heads * head, hidden), q4)
-        tensor(f"blk.{n}.attn_v.weight", (kv_heads * head, hidden), q4)
-        tensor(f"blk.{n}.attn_output.weight", (hidden, hidden), q4)
-        tensor(f"blk.{n}.ffn_gate.weight", (inter, hidden), q4)
-        tensor(f"blk.{n}.ffn_up.weight", (inter, hidden), q4)
-        tensor(f"blk.{n}.ffn_down.weight", (hidden, inter), q4)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture(scope="module")

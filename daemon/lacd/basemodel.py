@@ -25,6 +25,7 @@ Everything goes into a temporary folder renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -264,12 +265,25 @@ def _stream_tensors(gguf_path: Path, config: Any, folder: Path) -> None:
         total += value.numel() * 2
         if shard_bytes >= SHARD_BYTES:
             flush()
+            _drop_mapped_pages(reader)
     flush()
     if len(files) == 1:
         os.rename(folder / files[0], folder / "model.safetensors")
     else:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _drop_mapped_pages(reader: Any) -> None:
+    """Let the kernel drop the GGUF pages read so far from this process (they stay in the page
+    cache), so RSS holds a shard and a tensor, not the file: a 3.8 GB blob would otherwise add
+    up to 3.8 GB of RSS by the end of the conversion."""
+    import mmap
+
+    handle = getattr(reader.data, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            handle.madvise(mmap.MADV_DONTNEED)
 
 
 def _field(response: Any, name: str) -> Any:
