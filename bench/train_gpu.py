@@ -840,6 +840,10 @@ def nf4_main(args: argparse.Namespace) -> int:
         save()
     work = Path(tempfile.mkdtemp(prefix="lacd-nf4-bench-"))
     try:
+        if "caps" in args.nf4:
+            report["caps"] = [capped(label, shape, cap, work, max_len, args.cap_lessons)
+                              for label, shape, cap in CAPS if f"{label}@{cap}" in args.caps]
+            save()
         if "card" in args.nf4:
             lessons = make_lessons(args.lessons + args.heldout, args.seed, CODELLAMA_7B["vocab_size"], 600, max_len)
             train, heldout = lessons[: args.lessons], lessons[args.lessons:]
@@ -880,10 +884,6 @@ def nf4_main(args: argparse.Namespace) -> int:
             model = None
             del base, quantized
             free_memory()
-        if "caps" in args.nf4:
-            report["caps"] = [capped(label, shape, cap, work, max_len, args.cap_lessons)
-                              for label, shape, cap in CAPS if f"{label}@{cap}" in args.caps]
-            save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
