@@ -52,6 +52,21 @@ def test_chunked_quantization_gives_torchaos_values():
     assert torch.equal(nf4.dequantize(chunked, torch.float32), whole.get_original_weight())
 
 
+def test_chunked_matmul_gives_the_same_outputs_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    quantized = nf4.to_nf4(torch.randn(96, 128))
+    layer = nf4.NF4Linear(quantized, None)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    whole_out = layer(x)
+    whole_out.square().sum().backward()
+    whole_grad, x.grad = x.grad, None
+    monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 128 * 40)  # 40 rows a chunk: 3 chunks, the last short
+    assert len(nf4._row_chunks(quantized)) == 3
+    chunked_out = layer(x)
+    chunked_out.square().sum().backward()
+    assert torch.allclose(chunked_out, whole_out, atol=1e-5) and torch.allclose(x.grad, whole_grad, atol=1e-4)
+
+
 def test_nf4_linear_gradients_match_the_dequantized_linear():
     torch.manual_seed(0)
     quantized = nf4.to_nf4(torch.randn(64, 128))

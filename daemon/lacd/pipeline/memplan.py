@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from lacd.pipeline.nf4 import NF4_BYTES_PER_WEIGHT
+from lacd.pipeline.nf4 import DEQUANTIZE_CHUNK, NF4_BYTES_PER_WEIGHT
 
 GIB = 1 << 30
 LORA_STATE_BYTES = 16  # per LoRA parameter: fp32 weight, gradient, AdamW's two moments
@@ -136,7 +136,8 @@ def expected_peak(shape: Shape, precision: str, checkpointing: bool, tokens: int
     train stage computes them only where the next token is labelled).
     """
     logits = int(tokens * logit_fraction) * shape.vocab * 4 * 3  # bf16 logits, fp32 copy, its gradient
-    dequant = DEQUANT_BYTES * max(a * b for a, b in shape.linear_shapes()) if precision == "nf4" else 0
+    largest = min(max(a * b for a, b in shape.linear_shapes()), DEQUANTIZE_CHUNK)  # nf4 dequantizes in chunks
+    dequant = DEQUANT_BYTES * largest if precision == "nf4" else 0
     return (weight_bytes(shape, precision) + LORA_STATE_BYTES * shape.lora_params(lora_r)
             + tokens * activation_bytes_per_token(shape, lora_dropout, checkpointing)
             + logits + dequant + CONTEXT_BYTES)

@@ -32,6 +32,7 @@ NF4_SCALER_BLOCK = 256  # scales per fp32 factor of the double quantization
 # bytes a quantized weight takes: half a byte, an 8-bit scale per 64, an fp32 factor per 64 x 256
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)
 QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time (to_nf4)
+DEQUANTIZE_CHUNK = 1 << 24  # weights dequantized at a time in a matmul (128 MiB of transient in bf16 + codes)
 SKIP = ("lm_head",)  # kept in full precision (as QLoRA and torchtune do)
 INSTALL_HINT = "pip install 'lacd[gpu]' (torchao)"
 
@@ -85,29 +86,65 @@ def quantizable(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.numel() % NF4_BLOCK == 0
 
 
-def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The NF4Tensor's values in dtype (int32 codes: half torchao's int64 transient)."""
-    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
-                                       weight.scaler_block_size).to(dtype)
-    data = weight.quantized_data
+def _scales(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The per-block scales of an NF4Tensor (double quantization undone), in dtype."""
+    return weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                     weight.scaler_block_size).to(dtype)
+
+
+def dequantize(weight: Any, dtype: torch.dtype, rows: tuple[int, int] | None = None,
+               scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The NF4Tensor's values in dtype, all rows or rows[0]:rows[1] (int32 codes: half the
+    transient of torchao's int64 ones)."""
+    scales = _scales(weight, dtype) if scales is None else scales
+    first, last = rows if rows is not None else (0, weight.shape[0])
+    columns = weight.numel() // weight.shape[0]
+    block = weight.block_size
+    start, end = first * columns // block, last * columns // block
+    data = weight.quantized_data[start * block // 2 : end * block // 2]
     codes = torch.stack(((data >> 4).to(torch.int32), (data & 15).to(torch.int32)), dim=-1)
-    values = weight.nf4.to(dtype)[codes.view(-1, weight.block_size)]
-    return (values * scales.view(-1, 1)).view(weight.shape)
+    values = weight.nf4.to(dtype)[codes.view(-1, block)]
+    return (values * scales[start:end].view(-1, 1)).view(last - first, *weight.shape[1:])
+
+
+def _row_chunks(weight: Any) -> list[tuple[int, int]]:
+    """Row ranges of at most DEQUANTIZE_CHUNK weights each, on whole 64-weight blocks."""
+    rows, columns = weight.shape[0], weight.numel() // weight.shape[0]
+    if weight.numel() <= DEQUANTIZE_CHUNK or columns % weight.block_size:
+        return [(0, rows)]
+    step = max(1, DEQUANTIZE_CHUNK // columns)
+    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """x @ dequantize(W).T keeping only the 4-bit W for backward (W is frozen)."""
+    """x @ dequantize(W).T keeping only the 4-bit W for backward (W is frozen). A large W is
+    dequantized DEQUANTIZE_CHUNK weights at a time (forward: output columns; backward: summed
+    row blocks), so the transient is bounded whatever the layer's size."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
         ctx.weight, ctx.x_dtype = weight, x.dtype
         dtype = weight.dtype
-        return F.linear(x.to(dtype), dequantize(weight, dtype))
+        chunks = _row_chunks(weight)
+        if len(chunks) == 1:
+            return F.linear(x.to(dtype), dequantize(weight, dtype))
+        scales, inputs = _scales(weight, dtype), x.to(dtype)
+        return torch.cat([F.linear(inputs, dequantize(weight, dtype, rows, scales)) for rows in chunks], dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         weight = ctx.weight
-        return (grad.to(weight.dtype) @ dequantize(weight, weight.dtype)).to(ctx.x_dtype), None
+        dtype = weight.dtype
+        grad = grad.to(dtype)
+        chunks = _row_chunks(weight)
+        if len(chunks) == 1:
+            return (grad @ dequantize(weight, dtype)).to(ctx.x_dtype), None
+        scales = _scales(weight, dtype)
+        result = None
+        for first, last in chunks:
+            part = grad[..., first:last] @ dequantize(weight, dtype, (first, last), scales)
+            result = part if result is None else result.add_(part)
+        return result.to(ctx.x_dtype), None
 
 
 class NF4Linear(torch.nn.Linear):
