@@ -137,6 +137,8 @@ VARIANTS |= {
     "lacd-nf4-seed1": ("NF4 base, seed 1", NO_PLAN | dict(base_precision="nf4", seed=1)),
     "lacd-nf4-gc": ("NF4 base + gradient checkpointing (the small-card plan)", NO_PLAN | dict(
         base_precision="nf4", gradient_checkpointing="on")),
+    "lacd-nf4-offload": ("NF4 base + checkpointing, kept layer inputs offloaded to host memory", NO_PLAN | dict(
+        base_precision="nf4", gradient_checkpointing="offload")),
 }
 TEXTBOOK_SEEDS = {"textbook": 0, "textbook-seed1": 1, "textbook-seed2": 2, "textbook-seed3": 3}
 EPOCHS, WARMUP, LORA_R, LORA_ALPHA = 1, 0.05, 16, 32
@@ -631,7 +633,9 @@ CODELLAMA_13B = CODELLAMA_7B | dict(hidden_size=5120, intermediate_size=13824, n
                                     num_attention_heads=40, num_key_value_heads=40)
 CODELLAMA_34B = CODELLAMA_7B | dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
                                     num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
-CAPS = (("7B", CODELLAMA_7B, 6), ("7B", CODELLAMA_7B, 8), ("13B", CODELLAMA_13B, 12), ("34B", CODELLAMA_34B, 24))
+CAPS = (("7B", CODELLAMA_7B, 6, "lacd-nf4-gc"), ("7B", CODELLAMA_7B, 8, "lacd-nf4-gc"),
+        ("13B", CODELLAMA_13B, 12, "lacd-nf4-gc"), ("34B", CODELLAMA_34B, 24, "lacd-nf4-gc"),
+        ("34B", CODELLAMA_34B, 24, "lacd-nf4-offload"))
 
 
 def timed(step: Any, iters: int = 10) -> float:
@@ -737,7 +741,7 @@ def bnb_copy(base: torch.nn.Module) -> torch.nn.Module:
     return model.train()
 
 
-def build_nf4_base(shape: dict) -> torch.nn.Module:
+def build_nf4_base(shape: dict, device: str = "cuda") -> torch.nn.Module:
     """A random model of `shape` built straight into NF4 on the GPU, one projection at a time."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -752,7 +756,7 @@ def build_nf4_base(shape: dict) -> torch.nn.Module:
         for attribute, param in list(module._parameters.items()):
             if param is None:
                 continue
-            value = torch.empty(param.shape, device="cuda", dtype=torch.bfloat16)
+            value = torch.empty(param.shape, device=device, dtype=torch.bfloat16)
             if param.dim() == 1:
                 value.fill_(1.0)
             else:
@@ -766,7 +770,7 @@ def build_nf4_base(shape: dict) -> torch.nn.Module:
     for module in model.modules():
         for key, buffer in module._buffers.items():
             if buffer is not None:
-                module._buffers[key] = buffer.cuda()
+                module._buffers[key] = buffer.to(device)
     return model.train()
 
 
@@ -782,8 +786,9 @@ def heldout_with_base(base: torch.nn.Module, adapter_dir: str, heldout: list[dic
         reset_base(base)
 
 
-def capped(label: str, shape: dict, cap_gib: float, work: Path, max_len: int, n_lessons: int) -> dict:
-    """Train NF4 + checkpointing on a random `shape` under a per-process cap of cap_gib."""
+def capped(label: str, shape: dict, cap_gib: float, work: Path, max_len: int, n_lessons: int,
+           name: str = "lacd-nf4-gc") -> dict:
+    """Train variant `name` (NF4 + checkpointing) on a random `shape` under a per-process cap of cap_gib."""
     from lacd.pipeline.memplan import Shape, expected_peak
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -791,7 +796,7 @@ def capped(label: str, shape: dict, cap_gib: float, work: Path, max_len: int, n_
     torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
     torch.cuda.reset_peak_memory_stats()
     base = None
-    out: dict[str, Any] = dict(model=label, cap_gib=cap_gib)
+    out: dict[str, Any] = dict(model=label, cap_gib=cap_gib, variant=name)
     try:
         t0 = time.perf_counter()
         base = build_nf4_base(shape)
@@ -802,14 +807,13 @@ def capped(label: str, shape: dict, cap_gib: float, work: Path, max_len: int, n_
         train, heldout = lessons[:-2], lessons[-2:]
         dataset = write_dataset(Path(tempfile.mkdtemp(dir=work)) / "dataset", train, heldout)
         lengths = [len(r["input_ids"]) for r in train]
-        name = "lacd-nf4-gc"
         result = run_lacd(name, base, work, dataset, VARIANTS[name][1], non_embedding_params(base), "cuda",
                           max_len, lengths, heldout)
         labelled = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train) / sum(lengths)
         out.update({k: result[k] for k in ("tokens_per_s", "tokens_per_s_whole", "peak_gib", "steps", "tokens",
                                            "heldout_before", "heldout_after")})
         out["expected_peak_gib"] = round(expected_peak(Shape.of(base.config), "nf4", True, max_len, LORA_R, 0.05,
-                                                       min(1.0, 1.5 * labelled)) / 2**30, 2)
+                                                       min(1.0, 1.5 * labelled), "offload" in name) / 2**30, 2)
     except Exception as exc:  # noqa: BLE001 - an OOM is a result here
         traceback.print_exc()
         out["error"] = repr(exc)[:300]
@@ -841,8 +845,8 @@ def nf4_main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="lacd-nf4-bench-"))
     try:
         if "caps" in args.nf4:
-            report["caps"] = [capped(label, shape, cap, work, max_len, args.cap_lessons)
-                              for label, shape, cap in CAPS if f"{label}@{cap}" in args.caps]
+            report["caps"] = [capped(label, shape, cap, work, max_len, args.cap_lessons, name)
+                              for label, shape, cap, name in CAPS if f"{label}@{cap}" in args.caps]
             save()
         if "card" in args.nf4:
             lessons = make_lessons(args.lessons + args.heldout, args.seed, CODELLAMA_7B["vocab_size"], 600, max_len)

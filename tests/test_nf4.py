@@ -187,6 +187,16 @@ def test_4bit_without_checkpointing_when_it_fits_and_bf16_does_not():
     assert (chosen.precision, chosen.gradient_checkpointing) == ("nf4", False)
 
 
+def test_offloading_the_kept_layer_inputs_is_the_last_resort():
+    shape = Shape.of(CODELLAMA_34B)
+    kept = expected_peak(shape, "nf4", True, 4096, 16, 0.05, 0.5)
+    offloaded = expected_peak(shape, "nf4", True, 4096, 16, 0.05, 0.5, offload=True)
+    assert kept - offloaded == 4096 * 48 * 2 * 8192  # the 48 layer inputs of 4096 tokens
+    chosen = plan(shape, int((kept + offloaded) / 2 / 0.92), tokens_per_batch=4096, longest=4096, logit_fraction=0.5)
+    assert (chosen.precision, chosen.gradient_checkpointing, chosen.offload) == ("nf4", True, True)
+    assert "checkpointing (offloaded)" in chosen.describe()
+
+
 def test_requested_precision_is_kept():
     chosen = plan(Shape.of(CODELLAMA_7B), 80 * GIB, precision="nf4", tokens_per_batch=4096, longest=4096)
     assert (chosen.precision, chosen.gradient_checkpointing) == ("nf4", False)
@@ -196,7 +206,7 @@ def test_a_base_too_big_even_in_4_bits_names_the_need_and_the_fix():
     with pytest.raises(PlanError) as caught:
         plan(Shape.of(CODELLAMA_34B), 12 * GIB, tokens_per_batch=4096, longest=4096)
     message = str(caught.value)
-    assert "even in 4-bit with gradient checkpointing" in message and "12.0 GiB" in message
+    assert "even in 4-bit with gradient checkpointing and offloading" in message and "12.0 GiB" in message
     assert "smaller base model" in message and "device = cpu" in message
     needed = float(message.split("~")[1].split(" GiB")[0])
     assert needed > 12

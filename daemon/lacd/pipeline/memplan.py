@@ -3,8 +3,9 @@
 A pure function of the model's shape and the memory it may use (``plan``): it tries the
 plans fastest first and takes the first whose expected peak fits with a margin:
 
-  bf16 base, no checkpointing  >  bf16, checkpointing  >  nf4, no checkpointing  >  nf4,
-  checkpointing; each at the configured token budget, then at half of it (twice the
+  bf16 base, no checkpointing  >  bf16, checkpointing  >  bf16, checkpointing with the kept
+  layer inputs offloaded to pinned host memory  >  the same three with an nf4 base;
+  each at the configured token budget, then at half of it (twice the
   accumulation, the same tokens per optimizer step) down to the longest lesson, before
   the next one.
 
@@ -86,6 +87,7 @@ class Plan:
 
     precision: str
     gradient_checkpointing: bool
+    offload: bool
     tokens_per_batch: int
     grad_accum: int
     expected_peak: int
@@ -93,7 +95,8 @@ class Plan:
 
     def describe(self) -> str:
         """One line for the log and `lacd status`: 'nf4, checkpointing, 4096 tok x1, ~5.8 of 8.0 GiB'."""
-        return (f"{self.precision}{', checkpointing' if self.gradient_checkpointing else ''}, "
+        kept = ", checkpointing" + (" (offloaded)" if self.offload else "") if self.gradient_checkpointing else ""
+        return (f"{self.precision}{kept}, "
                 f"{self.tokens_per_batch} tok x{self.grad_accum}, "
                 f"~{self.expected_peak / GIB:.1f} of {self.available / GIB:.1f} GiB")
 
@@ -113,23 +116,25 @@ def weight_bytes(shape: Shape, precision: str) -> int:
     return 2 * (shape.linear_params() + shape.other_params())
 
 
-def activation_bytes_per_token(shape: Shape, lora_dropout: float, checkpointing: bool) -> int:
+def activation_bytes_per_token(shape: Shape, lora_dropout: float, checkpointing: bool,
+                               offload: bool = False) -> int:
     """Bytes kept for backward per token (bf16 compute, LoRA in bf16 under autocast).
 
     Per decoder layer: two fp32 RMSNorm inputs (8 h), the normed adapter inputs (4 h), q, k,
     v and the attention output (8 h), the MLP's gate, up, SiLU and product (8 i), LoRA
     dropout's 1-byte masks (6 h + i). With checkpointing only each layer's input (2 h) is
-    kept, plus one layer's activations while it is recomputed.
+    kept, plus one layer's activations while it is recomputed; offloaded, those layer inputs
+    are in host memory and only the recomputed layer is on the GPU.
     """
     h, i = shape.hidden, shape.intermediate
     per_layer = 20 * h + 8 * i + ((6 * h + i) if lora_dropout > 0 else 0)
     if checkpointing:
-        return shape.layers * 2 * h + per_layer
+        return (0 if offload else shape.layers * 2 * h) + per_layer
     return shape.layers * per_layer
 
 
 def expected_peak(shape: Shape, precision: str, checkpointing: bool, tokens: int, lora_r: int,
-                  lora_dropout: float, logit_fraction: float = 1.0) -> int:
+                  lora_dropout: float, logit_fraction: float = 1.0, offload: bool = False) -> int:
     """The peak GPU memory (bytes) of a training step of `tokens` tokens under this plan.
 
     logit_fraction: the share of a micro-batch's positions whose logits are computed (the
@@ -139,15 +144,19 @@ def expected_peak(shape: Shape, precision: str, checkpointing: bool, tokens: int
     largest = min(max(a * b for a, b in shape.linear_shapes()), DEQUANTIZE_CHUNK)  # nf4 dequantizes in chunks
     dequant = DEQUANT_BYTES * largest if precision == "nf4" else 0
     return (weight_bytes(shape, precision) + LORA_STATE_BYTES * shape.lora_params(lora_r)
-            + tokens * activation_bytes_per_token(shape, lora_dropout, checkpointing)
+            + tokens * activation_bytes_per_token(shape, lora_dropout, checkpointing, offload)
             + logits + dequant + CONTEXT_BYTES)
 
 
 def _candidates(precision: str, checkpointing: str, tokens_per_batch: int, grad_accum: int,
-                longest: int) -> Iterator[tuple[str, bool, int, int]]:
-    """(precision, checkpointing, tokens, accumulation), fastest first (module docstring)."""
+                longest: int) -> Iterator[tuple[str, tuple[bool, bool], int, int]]:
+    """(precision, (checkpointing, offload), tokens, accumulation), fastest first (module docstring)."""
     precisions = ["bf16", "nf4"] if precision == "auto" else [precision]
-    checkpoints = [False, True] if checkpointing == "auto" else [checkpointing == "on"]
+    choices = {"auto": [(False, False), (True, False), (True, True)], "on": [(True, False)], "off": [(False, False)],
+               "offload": [(True, True)]}
+    if checkpointing not in choices:
+        raise PlanError(f"unknown gradient_checkpointing {checkpointing!r} (auto, on, off or offload)")
+    checkpoints = choices[checkpointing]
     budgets = []
     tokens, accum = tokens_per_batch, grad_accum
     while True:
@@ -174,14 +183,14 @@ def plan(shape: Shape, available: int, *, precision: str = "auto", checkpointing
         raise PlanError(f"unknown base_precision {precision!r} (auto, bf16 or nf4)")
     usable = available - margin(available)
     smallest = None
-    for p, c, tokens, accum in _candidates(precision, checkpointing, tokens_per_batch, grad_accum, longest):
-        peak = expected_peak(shape, p, c, tokens, lora_r, lora_dropout, logit_fraction)
+    for p, (c, off), tokens, accum in _candidates(precision, checkpointing, tokens_per_batch, grad_accum, longest):
+        peak = expected_peak(shape, p, c, tokens, lora_r, lora_dropout, logit_fraction, off)
         if peak <= usable:
-            return Plan(p, c, tokens, accum, peak, available)
+            return Plan(p, c, off, tokens, accum, peak, available)
         smallest = peak if smallest is None else min(smallest, peak)
     raise PlanError(
         f"the base model needs ~{smallest / GIB:.1f} GiB of GPU memory even "
-        f"{'in 4-bit with gradient checkpointing' if precision != 'bf16' else 'in bf16'} "
+        f"{'in 4-bit' if precision != 'bf16' else 'in bf16'} with gradient checkpointing and offloading "
         f"at {max(longest, 1)} tokens, and {available / GIB:.1f} GiB are usable: use a smaller base model, "
         f"a shorter [train] max_seq_len, or train on the CPU ([train] device = cpu)"
     )

@@ -78,6 +78,7 @@ from lacd.pipeline.packing import (
 
 log = structlog.get_logger(__name__)
 
+OFFLOAD = "offload"  # gradient checkpointing with the kept layer inputs in host memory
 EXIT_ERROR = 2  # a TrainError: bad input or configuration; message on stderr
 EXIT_OOM = 75  # CUDA out of memory: retry with a smaller micro-batch
 EXIT_PAUSED = 76  # asked to step aside: a checkpoint of the last finished step is written, then exit
@@ -111,7 +112,8 @@ class TrainSpec:
 
     The speed settings (bench/train_gpu.py measured each on an H100):
     attention: 'auto' (varlen flash on CUDA, sdpa on CPU), or a transformers name;
-    gradient_checkpointing: 'auto' (only when the largest micro-batch would not fit), 'on', 'off';
+    gradient_checkpointing: 'auto' (only when the largest micro-batch would not fit), 'on', 'off',
+    'offload' (on, and the layer inputs it keeps go to pinned host memory: memplan's last resort);
     adapter_compute: 'auto' (LoRA in bf16 under autocast on CUDA) or 'float32' (peft's upcast);
     compile: 'auto' (torch.compile of the layers on CUDA from COMPILE_MIN_TOKENS tokens), 'on', 'off';
     fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off'.
@@ -303,10 +305,10 @@ def needs_checkpointing(
     the largest micro-batch's activations and logits would not fit in free GPU memory."""
     if isinstance(requested, bool):
         return requested
-    if requested in ("on", "off"):
-        return requested == "on"
+    if requested in ("on", "off", OFFLOAD):
+        return requested != "off"
     if requested != "auto":
-        raise TrainError(f"unknown gradient_checkpointing {requested!r} (auto, on or off)")
+        raise TrainError(f"unknown gradient_checkpointing {requested!r} (auto, on, off or offload)")
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
@@ -948,8 +950,10 @@ class LoRARecipe:
         compiling = should_compile(spec.compile, self.device, planned)
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
         per_token = activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None)
+        self.offload = spec.gradient_checkpointing == OFFLOAD and self.device.type == "cuda"
         if self.plan is not None and spec.gradient_checkpointing == "auto":
             self.checkpointing = self.plan.gradient_checkpointing
+            self.offload = self.plan.offload
         else:
             self.checkpointing = needs_checkpointing(
                 spec.gradient_checkpointing, self.device, self._largest_micro_batch(), per_token,
@@ -1066,6 +1070,13 @@ class LoRARecipe:
         log.info("train_paused", step=self.counters.step)
         raise TrainPaused(f"paused at step {self.counters.step}")
 
+    def _offloading(self) -> contextlib.AbstractContextManager:
+        """Tensors saved for backward during the forward go to pinned host memory (plan 'offload'):
+        with checkpointing these are the layer inputs; recomputed activations stay on the GPU."""
+        if not getattr(self, "offload", False):
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
     def _log_calibration(self) -> None:
         """After the first step: the plan's expected peak against the measured one."""
         measured = torch.cuda.max_memory_allocated(self.device)
@@ -1085,7 +1096,7 @@ class LoRARecipe:
         self.optimizer.zero_grad(set_to_none=True)
         summed = torch.zeros((), device=self.device)
         for batch in batches:
-            with compute_context(self.device, self.compute_dtype):
+            with compute_context(self.device, self.compute_dtype), self._offloading():
                 batch_loss = loss_sum(self.model, batch)
             if batch_loss is None:
                 continue
