@@ -40,6 +40,19 @@ last, then the loss curves; --out writes every number, the per-step records and 
 batches as JSON.
 
 --tiny runs the same code on a 2-layer model on the CPU in seconds (a smoke test, not a measurement).
+
+--nf4 kernels,caps,card (issue 13, the 4-bit base) runs instead:
+  kernels  forward + backward of one CodeLlama-7B MLP projection at 4096 tokens: bf16, torchao's
+           linear_nf4, lacd's NF4Linear, bitsandbytes' Linear4bit (the storage choice);
+  caps     torch.cuda.set_per_process_memory_fraction caps of 6 and 8 GB (7B), 12 GB (13B), 24 GB (34B,
+           with and without offloading): a random base built straight into NF4 on the GPU, lessons up
+           to 4096 tokens, NF4 + gradient checkpointing; peak, tokens/s, and the plan's expected peak;
+  card     on one uncapped card, the 7B shape: bf16 LoRA and NF4 (seeds 0 and 1), NF4 + checkpointing,
+           and the textbook QLoRA recipe (HF Trainer + bitsandbytes 4-bit + peft's
+           prepare_model_for_kbit_training, gradient checkpointing, batch 4 padded); for NF4 seed 0 also
+           the held-out loss of the adapter on the bf16 base (what the export merges into).
+  PYTHONPATH=daemon python3 bench/train_gpu.py --nf4 kernels,caps,card --lessons 64 --textbook-lessons 32 \
+      --cap-lessons 10 --out nf4.json
 """
 
 from __future__ import annotations
