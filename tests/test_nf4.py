@@ -123,6 +123,17 @@ def test_4bit_training_on_the_cpu_lowers_heldout_loss_and_merges_into_the_full_b
     assert merged_loss < result.heldout_loss_before - 0.5
 
 
+def test_a_checkpoint_of_the_full_precision_base_is_not_resumed_on_the_4bit_one(tiny_dir, dataset_dir, tmp_path):
+    from lacd.pipeline.train import data_fingerprint
+
+    rows, _ = load_examples(dataset_dir, "train", 2048)
+    full = make_spec(tiny_dir, dataset_dir, tmp_path)
+    assert data_fingerprint(full, rows) != data_fingerprint(make_spec(tiny_dir, dataset_dir, tmp_path,
+                                                                      base_precision="nf4"), rows)
+    assert data_fingerprint(full, rows) == data_fingerprint(make_spec(tiny_dir, dataset_dir, tmp_path,
+                                                                      base_precision="bf16"), rows)
+
+
 def test_missing_torchao_fails_before_training_with_the_fix(tiny_dir, dataset_dir, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -665,6 +665,8 @@ def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[i
     trajectory["base_dir"] = str(Path(spec.base_dir).resolve())
     trajectory["plan"] = "shuffled-first-fit"  # plan_steps' packing: older checkpoints followed another order
     trajectory["warmup"] = "from-zero-rounded"  # lr_factor, warmup_steps: older checkpoints had another schedule
+    if spec.base_precision == "nf4":  # another base: a bf16 checkpoint is not resumed on it (nor the reverse)
+        trajectory["base_precision"] = "nf4"
     modules = spec.target_modules
     trajectory["target_modules"] = modules if isinstance(modules, str) else list(modules)
     digest.update(json.dumps(trajectory, sort_keys=True).encode())
@@ -879,7 +881,7 @@ class LoRARecipe:
         if self.plan is not None:
             self.precision = self.plan.precision
             self.spec = dataclasses.replace(spec, tokens_per_batch=self.plan.tokens_per_batch,
-                                            grad_accum=self.plan.grad_accum)
+                                            grad_accum=self.plan.grad_accum, base_precision=self.precision)
             log.info("train_plan", plan=self.plan.describe(), **self.plan.to_dict())
         elif spec.base_precision == "nf4":
             _require_nf4()
