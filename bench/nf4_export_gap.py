@@ -20,6 +20,7 @@ All in fp32 on the CPU (the train stage's CPU dtype), on the same held-out lesso
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -44,7 +45,7 @@ def lesson(i: int) -> LessonIn:
     """A tool-use turn whose reply follows a learnable rule (the file's name and line count)."""
     name = f"{FILES[i % len(FILES)]}{i}.py"
     lines = 3 + i % 7
-    return LessonIn(i, f"{i:032x}", [
+    return LessonIn(i, hashlib.blake2b(name.encode(), digest_size=16).hexdigest(), [
         {"role": "user", "content": f"How many lines does {name} have?"},
         {"role": "assistant", "content": f"<tool_code>\nread_file('{name}')\n</tool_code>"},
         {"role": "tool", "content": "<tool_output>" + "\n".join(f"x{k} = {k}" for k in range(lines)) + "</tool_output>"},

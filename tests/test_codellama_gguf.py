@@ -3,6 +3,7 @@ infill tokens) converted tensor by tensor, formatted as Llama-2 chat and trained
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_llama2_lessons_train_on_the_4bit_codellama_base(codellama, tmp_path):
     from lacd.pipeline.train import TrainSpec, run_training
 
     _, folder = codellama
-    lessons = [LessonIn(i, f"{i:032x}", [
+    lessons = [LessonIn(i, hashlib.blake2b(f"lesson {i}".encode(), digest_size=16).hexdigest(), [
         {"role": "user", "content": f"What is in notes{i}.txt?"},
         {"role": "assistant", "content": f"<tool_code>\nread_file('notes{i}.txt')\n</tool_code>"},
         {"role": "tool", "content": f"<tool_output>hello {i}</tool_output>"},
@@ -60,7 +61,7 @@ def test_llama2_lessons_train_on_the_4bit_codellama_base(codellama, tmp_path):
     spec = FormatSpec(base_dir=folder, out_dir=tmp_path / "dataset", system_prompt="You are a coding agent.",
                       max_seq_len=512, heldout_pct=25.0, chat_family="llama2")
     formatted = format_lessons(lessons, spec)
-    assert formatted.family == "llama2"
+    assert formatted.family == "llama2" and formatted.counts["train"] >= 6 and formatted.counts["heldout"] >= 1
     model = nf4.load_nf4_base(folder, torch.device("cpu"), torch.float32, "sdpa")
     assert sum(nf4.is_nf4(m) for m in model.modules()) == 2 * 7 and not nf4.is_nf4(model.lm_head)
     result = run_training(TrainSpec(
