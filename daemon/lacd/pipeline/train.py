@@ -949,7 +949,9 @@ class LoRARecipe:
         model.config.use_cache = False
         planned = sum(len(self.train_rows[i]["input_ids"])
                       for step in self.steps for group in step.micro_batches for i in group)
-        compiling = should_compile(spec.compile, self.device, planned)
+        # compiling the layers around NF4's autograd function was not measured: 'auto' stays eager there
+        compiling = should_compile(spec.compile, self.device, planned) and not (
+            spec.compile == "auto" and self.precision == "nf4")
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
         per_token = activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None)
         self.offload = spec.gradient_checkpointing == OFFLOAD and self.device.type == "cuda"
@@ -1054,7 +1056,8 @@ class LoRARecipe:
                 eta_s=(total - index - 1) * elapsed / max(done_here, 1),
             )
             log.debug("train_step", step=index + 1, total_steps=total, loss=loss)
-            if index == self.counters.step - 1 and tokens_here == tokens and self.plan is not None:
+            if self.plan is not None and not getattr(self, "_calibrated", False):
+                self._calibrated = True
                 self._log_calibration()
             every = spec.checkpoint_every
             overdue = time.monotonic() - last_checkpoint > CHECKPOINT_MAX_S
