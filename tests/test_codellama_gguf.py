@@ -29,7 +29,10 @@ def codellama(tmp_path_factory) -> tuple[Path, Path]:
 def test_codellama_tokenizer_survives_the_conversion(codellama):
     _, folder = codellama
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert len(tokenizer) == VOCAB and AutoConfig.from_pretrained(folder).vocab_size == VOCAB
+    config = AutoConfig.from_pretrained(folder)
+    assert len(tokenizer) == VOCAB and config.vocab_size == VOCAB
+    assert config.architectures == ["LlamaForCausalLM"]  # what the export stage reads
+    assert (folder / "generation_config.json").is_file()
     assert tokenizer.convert_ids_to_tokens(list(INFILL)) == list(INFILL.values())
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
     text = "[INST] def add(a, b): return a + b [/INST] é"  # é: no piece, byte fallback

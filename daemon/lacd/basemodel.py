@@ -192,7 +192,8 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
 
 def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
     """Config and tokenizer from the GGUF's metadata, then its tensors one at a time (streamed)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
     config = AutoConfig.from_pretrained(**source)
@@ -201,9 +202,11 @@ def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
         settings.pop(key, None)
     config = type(config).from_dict(settings)
     config.dtype = "bfloat16"
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]  # as save_pretrained writes it
     folder.mkdir(parents=True)
     _stream_tensors(gguf_path, config, folder)
     config.save_pretrained(folder)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(**source)
     tokenizer.save_pretrained(folder)
     provenance = {"source_gguf": str(gguf_path), "size": gguf_path.stat().st_size}
