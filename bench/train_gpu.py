@@ -606,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"attention check (packed row of 4 lessons): {check_attention(base, train, device, dtype)}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="lacd-train-bench-"))
     results: list[dict] = []
+    quantized = None
     try:
         dataset = write_dataset(work / "dataset", train, heldout)
         for name in names:
@@ -618,8 +619,10 @@ def main(argv: list[str] | None = None) -> int:
                     overrides = VARIANTS[name][1]
                     if args.tiny:  # Liger's kernels and the compiled layers are GPU levers
                         overrides = overrides | {k: "off" for k in ("compile", "fused_kernels") if k in overrides}
-                    result = run_lacd(name, base, work, dataset, overrides, n_params,
-                                      "cpu" if args.tiny else "auto", max_len, lengths, heldout)
+                    if "nf4" in name and quantized is None:  # never quantize the shared base in place
+                        quantized = nf4_copy(base)
+                    result = run_lacd(name, quantized if "nf4" in name else base, work, dataset, overrides,
+                                      n_params, "cpu" if args.tiny else "auto", max_len, lengths, heldout)
             except Exception as exc:  # one broken variant must not hide the others' numbers
                 traceback.print_exc()
                 result = dict(variant=name, what=VARIANTS.get(name, ("textbook",))[0], error=repr(exc))
