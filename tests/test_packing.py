@@ -12,10 +12,16 @@ from lacd.pipeline.packing import (
     IGNORE_INDEX,
     collate_packed,
     collate_padded,
+    collate_shared_prefix,
+    common_prefix_length,
     labelled_token_count,
     pack,
+    pack_shared_prefix,
+    prefix_block_mask,
+    segment_ids,
 )
-from tiny import make_tiny_llama, random_lessons
+from lacd.pipeline.train import chunked_loss_sum, loss_sum, use_shared_prefix_attention
+from tiny import make_tiny_llama, random_lessons, tiny_lora_model
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +89,139 @@ def test_no_lesson_attends_to_another_in_a_packed_row(tiny_dir, attention):
             torch.testing.assert_close(together[start : start + len(example["input_ids"])], alone,
                                        atol=1e-5, rtol=1e-4)
             start += len(example["input_ids"])
+
+
+# --------------------------------------------------------------------------- shared-prefix packing
+
+
+def prefixed_lessons(prefix_len: int = 24, seed: int = 5) -> list[dict]:
+    """Lessons of different lengths that start with the same prefix_len tokens: single-turn ones,
+    a multi-turn one (two labelled spans), one that shares more than the common prefix with
+    another, one truncated inside its answer, one whose labels start inside the prefix, and one
+    that is nothing but the prefix and one more token."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, 300) for _ in range(prefix_len)]
+    lessons = [dict(e, input_ids=prefix + e["input_ids"], labels=[IGNORE_INDEX] * prefix_len + e["labels"])
+               for e in random_lessons(4, seed=seed, low=5, high=40)]
+    turns = [rng.randrange(3, 300) for _ in range(30)]
+    lessons.append({"input_ids": prefix + turns,
+                    "labels": [IGNORE_INDEX] * (prefix_len + 5) + turns[5:12] + [IGNORE_INDEX] * 8 + turns[20:]})
+    twin = lessons[0]["input_ids"][: prefix_len + 3] + [rng.randrange(3, 300) for _ in range(9)]
+    lessons.append({"input_ids": twin, "labels": [IGNORE_INDEX] * (prefix_len + 3) + twin[prefix_len + 3:]})
+    multi = lessons[4]  # truncated in its first answer, as load_examples truncates at max_seq_len
+    lessons.append({"input_ids": multi["input_ids"][: prefix_len + 9], "labels": multi["labels"][: prefix_len + 9]})
+    lessons.append({"input_ids": list(prefix), "labels": [IGNORE_INDEX] * 3 + prefix[3:]})
+    lessons.append({"input_ids": prefix + [7], "labels": [IGNORE_INDEX] * prefix_len + [7]})
+    return lessons
+
+
+def test_common_prefix_and_shared_prefix_packing_count_the_prefix_once():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3], [1, 2, 9, 9]]) == 2
+    assert common_prefix_length([[5, 1], [6, 1]]) == 0
+    assert common_prefix_length([]) == 0
+    lengths = [100 + (i * 7) % 30 for i in range(40)]
+    groups = pack_shared_prefix(lengths, 90, 256)
+    assert sorted(i for g in groups for i in g) == list(range(40))
+    assert all(90 + sum(lengths[i] - 90 for i in g) <= 256 for g in groups)
+    assert len(groups) < len(pack(lengths, 256)) / 3  # ~10 own tokens a lesson instead of ~115
+
+
+def test_collate_shared_prefix_lays_out_the_row():
+    prefix = [1, 2, 3]
+    examples = [{"input_ids": prefix + [10, 11], "labels": [IGNORE_INDEX] * 3 + [10, 11]},
+                {"input_ids": prefix + [20], "labels": [IGNORE_INDEX, 2, IGNORE_INDEX, 20]}]
+    batch = collate_shared_prefix(examples, pad_to_multiple=4)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1]]
+    # 10 is predicted from the prefix's last position (2), 11 from 10's; 2 from 1's, 20 from 2 again
+    assert batch["predict_at"].tolist() == [2, 3, 0, 2]
+    assert batch["targets"].tolist() == [10, 11, 2, 20]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 6, 8]
+    assert int(batch["prefix_len"]) == 3 and int(batch["lesson_tokens"]) == 9
+    assert labelled_token_count(batch) == 4
+    assert segment_ids(batch["cu_seq_lens"], 8).tolist() == [0, 0, 0, 1, 1, 2, 3, 3]
+
+
+def test_prefix_block_mask_lets_each_lesson_see_the_prefix_and_itself_only():
+    """The FlexAttention mask of the GPU path, checked against the rule on the CPU."""
+    cu = torch.tensor([0, 3, 5, 6, 8], dtype=torch.int32)
+    block_mask = prefix_block_mask(cu, 3, 8, torch.device("cpu"))
+    segments = segment_ids(cu, 8)
+    q, kv = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    expected = (kv <= q) & ((segments[q] == segments[kv]) | (kv < 3))
+    got = torch.stack([torch.stack([block_mask.mask_mod(0, 0, torch.tensor(i), torch.tensor(j)) for j in range(8)])
+                       for i in range(8)])
+    assert torch.equal(got, expected)
+
+
+def _hf_reference(model, lessons):
+    """Per-lesson summed loss from Hugging Face's own model(input_ids, labels=...) on each lesson alone,
+    and the adapter gradients of the sum divided by all labelled tokens."""
+    model.zero_grad(set_to_none=True)
+    counts = [sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in lessons]
+    losses = []
+    for lesson, count in zip(lessons, counts):
+        out = model(input_ids=torch.tensor([lesson["input_ids"]]), labels=torch.tensor([lesson["labels"]]),
+                    use_cache=False)
+        summed = out.loss * count
+        (summed / sum(counts)).backward()
+        losses.append(float(summed.detach()))
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _per_lesson_losses(model, batch, lessons):
+    """The shared-prefix row's loss split back into its lessons (targets are in lesson order)."""
+    from lacd.pipeline.train import _decoder_and_head, _shared_prefix_kwargs
+
+    counts = [sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in lessons]
+    decoder, _ = _decoder_and_head(model)
+    with torch.no_grad():
+        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                         **_shared_prefix_kwargs(batch, torch.device("cpu"))).last_hidden_state[0]
+        losses, start = [], 0
+        for count in counts:
+            index = batch["predict_at"][start : start + count]
+            losses.append(float(chunked_loss_sum(model, hidden[index], batch["targets"][start : start + count])))
+            start += count
+    return losses
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_prefix_row_equals_each_lesson_trained_alone(tiny_dir, shared):
+    """Issue 14's proof on the tiny model in fp32: a packed row (shared prefix, or none) gives each
+    lesson the loss Hugging Face gives it alone (1e-6) and the adapters the gradient of separate
+    training (1e-5 max abs); lessons of different lengths, multi-turn, truncated, prefix-only."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    lessons = prefixed_lessons() if shared else random_lessons(6, seed=11)
+    model = tiny_lora_model(tiny_dir)
+    reference_losses, reference_grads = _hf_reference(model, lessons)
+    use_shared_prefix_attention(model)
+    batch = collate_shared_prefix(lessons)
+    assert (int(batch["prefix_len"]) == 24) if shared else (int(batch["prefix_len"]) == 0)
+    model.zero_grad(set_to_none=True)
+    summed = loss_sum(model, batch)
+    (summed / labelled_token_count(batch)).backward()
+    for got, expected in zip(_per_lesson_losses(model, batch, lessons), reference_losses):
+        assert abs(got - expected) <= 1e-6 * max(1.0, abs(expected)), (got, expected)
+    assert float(summed) == pytest.approx(sum(reference_losses), rel=1e-6)
+    for name, expected in reference_grads.items():
+        got = dict(model.named_parameters())[name].grad
+        assert expected.abs().max() > 0, name
+        assert float((got - expected).abs().max()) <= 1e-5, name
+
+
+def test_chunked_loss_equals_one_cross_entropy_and_its_gradient(tiny_dir, monkeypatch):
+    """The loss computed in chunks (recomputed in backward) is the whole-tensor loss."""
+    from lacd.pipeline import train as train_mod
+
+    model = tiny_lora_model(tiny_dir)
+    hidden = torch.randn(37, model.config.hidden_size, requires_grad=True)
+    targets = torch.randint(0, model.config.vocab_size, (37,))
+    whole = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden), targets, reduction="sum")
+    (expected,) = torch.autograd.grad(whole, hidden)
+    monkeypatch.setattr(train_mod, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 8 chunks
+    chunked = chunked_loss_sum(model, hidden, targets)
+    (got,) = torch.autograd.grad(chunked, hidden)
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

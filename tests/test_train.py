@@ -21,7 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lacd.pipeline import train as train_mod
-from lacd.pipeline.packing import IGNORE_INDEX, collate_packed, collate_padded, labelled_token_count
+from lacd.pipeline.packing import (
+    IGNORE_INDEX,
+    VARLEN_ATTENTION,
+    collate_packed,
+    collate_padded,
+    common_prefix_length,
+    labelled_token_count,
+)
 from lacd.pipeline.train import (
     TrainError,
     TrainInterrupted,
@@ -223,9 +230,13 @@ def test_training_lowers_heldout_loss_and_writes_adapter_and_progress(tiny_dir, 
     spec = make_spec(tiny_dir, dataset_dir, tmp_path, epochs=3, target_modules=targets)
     result = run_training(spec, on_progress=seen.append)
     assert result.heldout_loss_after < 0.5 * result.heldout_loss_before
-    assert (result.device, result.dtype, result.attention) == ("cpu", "float32", "sdpa")
-    lengths = [len(r["input_ids"]) for r in lesson_rows(tiny_dir, 24)]
-    assert result.steps == len(plan_steps(lengths, 160, 1, 3, 0))
+    # the lessons share their system prompt: held once per row, computed by the varlen attention
+    rows = lesson_rows(tiny_dir, 24)
+    prefix = common_prefix_length([r["input_ids"] for r in rows])
+    assert prefix >= 16 and result.shared_prefix == prefix
+    assert (result.device, result.dtype, result.attention) == ("cpu", "float32", VARLEN_ATTENTION)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert result.steps == len(plan_steps(lengths, 160, 1, 3, 0, prefix))
     assert result.tokens == 3 * sum(lengths)
     assert result.tokens_per_s > 0 and result.resumed_from_step is None
     # progress: every step reported, the file holds the last state

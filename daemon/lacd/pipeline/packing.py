@@ -116,7 +116,16 @@ def collate_padded(
 
 def labelled_token_count(batch: Mapping[str, torch.Tensor]) -> int:
     """How many tokens of a collated batch are predicted (labels after the shift)."""
+    if "targets" in batch:
+        return int(batch["targets"].numel())
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def lesson_token_count(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens of the batch's lessons as if each carried its own copy of a shared prefix."""
+    if "lesson_tokens" in batch:
+        return int(batch["lesson_tokens"])
+    return int(batch["input_ids"].numel())
 
 
 # --------------------------------------------------------------------------- varlen attention
@@ -209,7 +218,8 @@ def varlen_attention_forward(
     query/key/value are (batch, heads, tokens, head_dim); the rows are read as
     one flat stream of lessons, bounded by the cu_seq_lens_q/max_length_q
     kwargs (collate_packed's boundaries) or else by position_ids restarting
-    at 0. A padded batch (an attention mask) goes to sdpa unchanged.
+    at 0. A shared-prefix row (a shared_prefix_len kwarg, see collate_shared_prefix) goes to
+    shared_prefix_attention. A padded batch (an attention mask) goes to sdpa unchanged.
     Returns (batch, tokens, heads, head_dim), as transformers expects.
     """
     if attention_mask is not None:
@@ -217,6 +227,8 @@ def varlen_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("shared_prefix_len") is not None or kwargs.get("prefix_block_mask") is not None:
+        return shared_prefix_attention(query, key, value, scaling, kwargs), None
     batch, heads, tokens, dim = query.shape
     cu, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_length is None:
@@ -249,3 +261,166 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_attention_mask)
     return VARLEN_ATTENTION
+
+
+# --------------------------------------------------------------------------- shared-prefix packing
+#
+# Every lesson carries local-ai-coder's system prompt (~790 tokens, 90% of the trained tokens).
+# A shared-prefix row holds the longest common prefix of its lessons once, then each lesson's
+# own tokens: [prefix | own_0 | own_1 | ...]. Position ids continue from the prefix's length in
+# every lesson, and each lesson's tokens attend to the prefix and to themselves only (causally),
+# so every token sees exactly what it sees when its lesson is computed alone. The prefix is
+# computed once; its gradient is the sum over the row's lessons (autograd adds them). The loss
+# is gathered, per lesson, at the positions that predict its labelled tokens: a lesson's first
+# own token is predicted from the prefix's last position, which several lessons share, so those
+# positions repeat in predict_at. The summed loss equals the sum of the lessons' own losses.
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix that all rows share (0 for no rows)."""
+    if not rows:
+        return 0
+    first = rows[0]
+    length = min(len(row) for row in rows)
+    for row in rows[1:]:
+        length = next((i for i in range(length) if row[i] != first[i]), length)
+        if length == 0:
+            break
+    return length
+
+
+def pack_shared_prefix(
+    lengths: Sequence[int], prefix_len: int, tokens_per_batch: int, order: Sequence[int] | None = None
+) -> list[list[int]]:
+    """pack() for lessons that all start with the same prefix_len tokens: a row holds the
+    prefix once, so each lesson costs only its own tokens and the row's budget is
+    tokens_per_batch minus the prefix (at least 1)."""
+    own = [max(length - prefix_len, 0) for length in lengths]
+    return pack(own, max(tokens_per_batch - prefix_len, 1), order)
+
+
+def collate_shared_prefix(examples: Sequence[Mapping[str, Sequence[int]]], pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """One shared-prefix row of the examples (see the section comment above).
+
+    Returns input_ids and position_ids (1, row_tokens); predict_at (the row position whose
+    logits predict each labelled token, repeats allowed) and targets (that token), the same
+    length; cu_seq_lens (int32: 0, prefix_len, then the end of each lesson's own tokens;
+    lessons with no own token add no segment); prefix_len and max_length (0-d); lesson_tokens
+    (0-d: the examples' own lengths summed, as if each carried the prefix). pad_to_multiple
+    pads the row at its end with a segment of its own (token 0, never a target), for kernels
+    that want fixed block sizes.
+    """
+    rows = [list(e["input_ids"]) for e in examples if len(e["input_ids"])]
+    labelled = [list(e["labels"]) for e in examples if len(e["input_ids"])]
+    prefix = common_prefix_length(rows) if rows else 0
+    input_ids = rows[0][:prefix] if rows else []
+    position_ids = list(range(prefix))
+    boundaries = [0, prefix] if prefix else [0]
+    predict_at: list[int] = []
+    targets: list[int] = []
+    for ids, labels in zip(rows, labelled):
+        offset = len(input_ids) - prefix  # row position of this lesson's token `prefix`
+        for t in range(1, len(ids)):
+            if labels[t] != IGNORE_INDEX:
+                source = t - 1
+                predict_at.append(source if source < prefix else offset + source)
+                targets.append(labels[t])
+        if len(ids) > prefix:
+            input_ids.extend(ids[prefix:])
+            position_ids.extend(range(prefix, len(ids)))
+            boundaries.append(len(input_ids))
+    padding = -len(input_ids) % max(pad_to_multiple, 1)
+    if padding:
+        input_ids.extend([0] * padding)
+        position_ids.extend(range(padding))
+        boundaries.append(len(input_ids))
+    spans = [b - a for a, b in zip(boundaries, boundaries[1:])]
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "predict_at": torch.tensor(predict_at, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "cu_seq_lens": torch.tensor(boundaries, dtype=torch.int32),
+        "prefix_len": torch.tensor(prefix),
+        "max_length": torch.tensor(max(spans) if spans else 0),
+        "lesson_tokens": torch.tensor(sum(len(ids) for ids in rows)),
+    }
+
+
+def segment_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """The segment index of every row position (0 for the prefix), from the row's boundaries."""
+    lengths = cu_seq_lens.diff().to(torch.long)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)[:total]
+
+
+def prefix_block_mask(cu_seq_lens: torch.Tensor, prefix_len: int, total: int, device: torch.device) -> Any:
+    """FlexAttention block mask of a shared-prefix row: causal, and a token attends to its own
+    segment and to the prefix's tokens only (prefix_len 0: plain document masking)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segments = segment_ids(cu_seq_lens.to(device), total)
+    shared = segments if prefix_len == 0 else segments.clone()
+    if prefix_len:
+        shared[:prefix_len] = -1  # the prefix is in every lesson's segment
+
+    def mask_mod(b: Any, h: Any, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (kv <= q) & ((segments[q] == segments[kv]) | (shared[kv] == -1))
+
+    return create_block_mask(mask_mod, None, None, total, total, device=str(device))
+
+
+_FLEX: dict[str, Any] = {}
+
+
+def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
+                    scale: float | None) -> torch.Tensor:
+    """FlexAttention over (B, H, T, D) tensors, compiled on CUDA (eager elsewhere: a reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.is_cuda and "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention)
+    function = _FLEX["compiled"] if query.is_cuda else flex_attention
+    return function(query, key, value, block_mask=block_mask, scale=scale,
+                    enable_gqa=key.shape[1] != query.shape[1])
+
+
+def _prefix_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor,
+                     prefix_len: int, scale: float | None) -> torch.Tensor:
+    """CPU path of a shared-prefix row over (T, H, D) tensors: causal sdpa on the prefix, then
+    each lesson's queries against [prefix keys | its own keys] with a mask that is all-true on
+    the prefix and causal on its own part (PyTorch's CPU flash kernel takes the mask and keeps
+    no attention matrix for backward). Work per lesson: own x (prefix + own), never row x row."""
+    gqa = key.shape[1] != query.shape[1]
+    out = torch.empty_like(query)
+    bounds = cu.tolist()
+    q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (H, T, D)
+    if prefix_len:
+        out[:prefix_len] = F.scaled_dot_product_attention(
+            q[:, :prefix_len], k[:, :prefix_len], v[:, :prefix_len], is_causal=True, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
+    first = 1 if prefix_len else 0
+    for start, end in zip(bounds[first:], bounds[first + 1:]):
+        n = end - start
+        keys = torch.cat([k[:, :prefix_len], k[:, start:end]], dim=1)
+        values = torch.cat([v[:, :prefix_len], v[:, start:end]], dim=1)
+        mask = torch.ones(n, prefix_len + n, dtype=torch.bool, device=query.device)
+        mask[:, prefix_len:] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        out[start:end] = F.scaled_dot_product_attention(
+            q[:, start:end], keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
+    return out
+
+
+def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                            kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """Attention of a shared-prefix row, (1, H, T, D) in, (1, T, H, D) out: FlexAttention with the
+    row's block mask when one was built (the prefix_block_mask kwarg: training on CUDA), else
+    the per-lesson sdpa path (shared_prefix_len and shared_prefix_cu kwargs)."""
+    if query.shape[0] != 1:
+        raise ValueError("shared-prefix rows are batches of one row")
+    block_mask = kwargs.get("prefix_block_mask")
+    if block_mask is not None:
+        return _flex_attention(query, key, value, block_mask, scaling).transpose(1, 2)
+    flat = [t[0].transpose(0, 1) for t in (query, key, value)]
+    out = _prefix_segments(*flat, kwargs["shared_prefix_cu"].cpu(), int(kwargs["shared_prefix_len"]), scaling)
+    return out.unsqueeze(0)

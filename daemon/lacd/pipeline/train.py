@@ -70,8 +70,13 @@ from lacd.pipeline.packing import (
     IGNORE_INDEX,
     VARLEN_ATTENTION,
     collate_packed,
+    collate_shared_prefix,
+    common_prefix_length,
     labelled_token_count,
+    lesson_token_count,
     pack,
+    pack_shared_prefix,
+    prefix_block_mask,
     register_varlen_attention,
     varlen_available,
 )
@@ -116,7 +121,9 @@ class TrainSpec:
     'offload' (on, and the layer inputs it keeps go to pinned host memory: memplan's last resort);
     adapter_compute: 'auto' (LoRA in bf16 under autocast on CUDA) or 'float32' (peft's upcast);
     compile: 'auto' (torch.compile of the layers on CUDA from COMPILE_MIN_TOKENS tokens), 'on', 'off';
-    fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off'.
+    fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off';
+    shared_prefix: 'auto' (lessons that share a prefix of at least MIN_SHARED_PREFIX tokens are
+    packed with that prefix once per row, see packing.collate_shared_prefix) or 'off'.
     lora_dropout defaults to 0.05 (the daemon's [train] default and the issue's LoRA config):
     fuse_lora_dropout keeps a 1-byte mask per adapter input instead of a dropped copy, so it costs
     about 4 GiB at 4096 tokens on CodeLlama-7B eager (nothing measurable when compiled) instead of 8.
@@ -155,6 +162,7 @@ class TrainSpec:
     num_threads: int = 0
     base_precision: str = "auto"
     gpu_memory_gib: float = 0.0
+    shared_prefix: str = "auto"
 
     def to_json(self) -> str:
         """The spec as a JSON object (paths as strings)."""
@@ -208,6 +216,7 @@ class TrainResult:
     peak_gpu_memory_gib: float | None = None
     base_precision: str = "bf16"
     plan: dict | None = None
+    shared_prefix: int = 0  # tokens held once per row (0: today's packing)
 
     def to_json(self) -> str:
         """The result as a JSON object."""
@@ -566,7 +575,7 @@ class PlannedStep:
 
 
 def plan_steps(
-    lengths: Sequence[int], tokens_per_batch: int, grad_accum: int, epochs: int, seed: int
+    lengths: Sequence[int], tokens_per_batch: int, grad_accum: int, epochs: int, seed: int, prefix_len: int = 0
 ) -> list[PlannedStep]:
     """All optimizer steps of a run, a pure function of the data and the spec.
 
@@ -576,13 +585,18 @@ def plan_steps(
     the ~1000-token ones together: noisier steps, a different loss curve than
     random batches). Consecutive groups of grad_accum micro-batches form a
     step, and no step spans two epochs. Being pure, the global step number
-    alone is the data position of a checkpoint.
+    alone is the data position of a checkpoint. prefix_len > 0: the lessons share that
+    many leading tokens, held once per row, so the budget counts them once per row.
     """
     steps: list[PlannedStep] = []
     for epoch in range(epochs):
         order = list(range(len(lengths)))
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        batches = [tuple(group) for group in pack(lengths, tokens_per_batch, order)]
+        if prefix_len:
+            groups = pack_shared_prefix(lengths, prefix_len, tokens_per_batch, order)
+        else:
+            groups = pack(lengths, tokens_per_batch, order)
+        batches = [tuple(group) for group in groups]
         for start in range(0, len(batches), grad_accum):
             group = batches[start : start + grad_accum]
             steps.append(PlannedStep(epoch=epoch, micro_batches=group))
@@ -612,20 +626,80 @@ def _varlen_kwargs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], de
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+# Logits are computed LOSS_CHUNK_ELEMENTS at a time (fp32: 128 MiB) and recomputed in backward,
+# so no [tokens x vocab] tensor of a whole micro-batch ever exists: on SmolLM2 (49k vocabulary)
+# that is ~680 labelled positions per chunk.
+LOSS_CHUNK_ELEMENTS = 1 << 25
+
+# Lessons share a prefix worth holding once per row from this many tokens on (TrainSpec.shared_prefix).
+MIN_SHARED_PREFIX = 16
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder (last hidden states) and the output projection of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _head_loss(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: the output projection, the model's softcap if any, fp32 loss."""
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return token_loss_sum(logits, targets)
+
+
+def chunked_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss of hidden states (N, H) against targets (N,), the logits computed
+    in chunks of LOSS_CHUNK_ELEMENTS; with autograd on each chunk is recomputed in backward
+    (activation checkpointing) instead of its logits being kept."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, head = _decoder_and_head(model)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // int(head.weight.shape[0]))
+    total = None
+    for start in range(0, hidden.shape[0], chunk):
+        part_hidden, part_targets = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and part_hidden.requires_grad:
+            part = checkpoint(_head_loss, head, softcap, part_hidden, part_targets, use_reentrant=False)
+        else:
+            part = _head_loss(head, softcap, part_hidden, part_targets)
+        total = part if total is None else total + part
+    return total if total is not None else hidden.new_zeros((), dtype=torch.float32)
+
+
+def uses_shared_prefix(model: torch.nn.Module) -> bool:
+    """Whether the model's attention implementation computes shared-prefix rows (VARLEN_ATTENTION)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN_ATTENTION
+
+
+def _shared_prefix_kwargs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    """Attention kwargs of a shared-prefix row: a FlexAttention block mask when training on CUDA,
+    else the prefix length and boundaries for the per-lesson sdpa path."""
+    prefix = int(batch["prefix_len"])
+    if device.type == "cuda" and torch.is_grad_enabled():
+        total = int(batch["input_ids"].shape[1])
+        return {"prefix_block_mask": prefix_block_mask(batch["cu_seq_lens"], prefix, total, device)}
+    return {"shared_prefix_len": prefix, "shared_prefix_cu": batch["cu_seq_lens"]}
+
+
 def loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """Summed next-token loss of a collated batch, or None if nothing in it is labelled.
 
     The batch may be on the CPU: it is moved to the model's device here, after
     the labelled positions are found (so no host sync on the GPU). Packed rows
-    (position_ids, no attention_mask, batch of one) compute logits only at
-    positions whose next token is labelled (logits_to_keep), which spares the
-    vocabulary projection on prompts and tool outputs, and pass the lesson
-    boundaries to varlen attention. Padded batches (attention_mask) compute
-    all logits: that is the reference path.
+    (position_ids, no attention_mask, batch of one) run the decoder, then gather the
+    hidden states of positions whose next token is labelled and compute the loss
+    from them in chunks (chunked_loss_sum): no logits for prompts and tool outputs,
+    never logits of the whole row at once. collate_packed rows pass the lesson
+    boundaries to varlen attention; collate_shared_prefix rows (predict_at, targets)
+    pass the prefix to shared_prefix_attention and need VARLEN_ATTENTION. Padded
+    batches (attention_mask) compute all logits: that is the reference path.
     """
     device = next(model.parameters()).device
-    targets = batch["labels"][:, 1:]
     if "attention_mask" in batch:
+        targets = batch["labels"][:, 1:]
         logits = model(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
@@ -634,20 +708,30 @@ def loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
         return token_loss_sum(logits[:, :-1], targets.to(device))
     if batch["input_ids"].shape[0] != 1:
         raise ValueError("packed batches hold exactly one row")
-    keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    if "predict_at" in batch:
+        if not uses_shared_prefix(model):
+            raise ValueError(f"shared-prefix rows need the {VARLEN_ATTENTION} attention implementation")
+        keep, targets = batch["predict_at"], batch["targets"]
+        attention = _shared_prefix_kwargs(batch, device)
+    else:
+        shifted = batch["labels"][0, 1:]
+        keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = shifted[keep]
+        attention = _varlen_kwargs(model, batch, device)
     if keep.numel() == 0:
         return None
-    logits = model(
+    decoder, _ = _decoder_and_head(model)
+    hidden = decoder(
         input_ids=batch["input_ids"].to(device, non_blocking=True),
         position_ids=batch["position_ids"].to(device, non_blocking=True),
         use_cache=False,
-        logits_to_keep=keep.to(device, non_blocking=True),
-        **_varlen_kwargs(model, batch, device),
-    ).logits
-    return token_loss_sum(logits[0], targets[0, keep].to(device, non_blocking=True))
+        **attention,
+    ).last_hidden_state[0]
+    return chunked_loss_sum(model, hidden.index_select(0, keep.to(device, non_blocking=True)),
+                            targets.to(device, non_blocking=True))
 
 
-def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[int]]]) -> str:
+def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[int]]], prefix_len: int = 0) -> str:
     """Hash of what decides the training trajectory: data, model, LoRA and optimizer settings.
 
     A checkpoint is resumed only when its fingerprint matches, so a retry with a
@@ -667,6 +751,8 @@ def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[i
     trajectory["warmup"] = "from-zero-rounded"  # lr_factor, warmup_steps: older checkpoints had another schedule
     if spec.base_precision == "nf4":  # another base: a bf16 checkpoint is not resumed on it (nor the reverse)
         trajectory["base_precision"] = "nf4"
+    if prefix_len:  # shared-prefix rows: another packing plan
+        trajectory["shared_prefix"] = prefix_len
     modules = spec.target_modules
     trajectory["target_modules"] = modules if isinstance(modules, str) else list(modules)
     digest.update(json.dumps(trajectory, sort_keys=True).encode())
@@ -766,6 +852,24 @@ def _eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+def shared_prefix_length(requested: str, examples: Sequence[Mapping[str, Sequence[int]]]) -> int:
+    """The prefix all examples share, when TrainSpec.shared_prefix ('auto' or 'off') lets it be
+    held once per row: at least MIN_SHARED_PREFIX tokens, else 0 (today's packing)."""
+    if requested not in ("auto", "off"):
+        raise TrainError(f"unknown shared_prefix {requested!r} (auto or off)")
+    if requested == "off":
+        return 0
+    length = common_prefix_length([e["input_ids"] for e in examples])
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def use_shared_prefix_attention(model: torch.nn.Module) -> None:
+    """Switch a loaded model to VARLEN_ATTENTION, which also computes shared-prefix rows."""
+    register_varlen_attention()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(VARLEN_ATTENTION)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -777,14 +881,21 @@ def evaluate(
     """Mean loss per labelled token over examples (None when nothing is labelled).
 
     compute_dtype: autocast dtype of the forward passes (the recipe's adapter compute).
+    Examples that share a prefix are evaluated in shared-prefix rows when the model's
+    attention computes them (uses_shared_prefix): the prefix's keys and values are
+    computed once per row and every held-out lesson's tokens attend to them.
     """
     if not examples:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for group in pack([len(e["input_ids"]) for e in examples], tokens_per_batch):
-        batch = collate_packed([examples[i] for i in group])
+    lengths = [len(e["input_ids"]) for e in examples]
+    prefix = shared_prefix_length("auto", examples) if uses_shared_prefix(model) else 0
+    groups = pack_shared_prefix(lengths, prefix, tokens_per_batch) if prefix else pack(lengths, tokens_per_batch)
+    for group in groups:
+        rows = [examples[i] for i in group]
+        batch = collate_shared_prefix(rows) if prefix else collate_packed(rows)
         with compute_context(device, compute_dtype), _eager():
             summed = loss_sum(model, batch)
         if summed is not None:
@@ -842,11 +953,17 @@ class LoRARecipe:
         if not self.train_rows:
             raise TrainError(f"dataset at {spec.dataset_dir} has no training examples")
         spec = self._apply_memory_plan()
+        self.prefix_len = shared_prefix_length(spec.shared_prefix, self.train_rows)
+        if self.prefix_len and self.attention != VARLEN_ATTENTION:
+            if spec.attention == "auto":  # the CPU's sdpa: VARLEN_ATTENTION computes shared-prefix rows
+                self.attention = choose_attention(VARLEN_ATTENTION, self.device)
+            else:
+                self.prefix_len = 0
         self.steps = plan_steps(
             [len(row["input_ids"]) for row in self.train_rows],
-            spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed,
+            spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed, self.prefix_len,
         )
-        self.fingerprint = data_fingerprint(spec, self.train_rows)
+        self.fingerprint = data_fingerprint(spec, self.train_rows, self.prefix_len)
         self.model = self._load_model()
         self.optimizer = self._build_optimizer()
         warmup = warmup_steps(spec.warmup_ratio, len(self.steps))
@@ -857,7 +974,7 @@ class LoRARecipe:
             "train_setup", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             attention=self.attention, adapter_compute=self._adapter_compute_name(),
             gradient_checkpointing=self.checkpointing, compiled=self.compiled,
-            fused_kernels=self.fused_kernels, torch=torch.__version__,
+            fused_kernels=self.fused_kernels, shared_prefix=self.prefix_len, torch=torch.__version__,
             gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             train_examples=len(self.train_rows),
             heldout_examples=len(self.heldout_rows), truncated=self.truncated,
@@ -911,8 +1028,9 @@ class LoRARecipe:
 
     def _largest_micro_batch(self) -> int:
         """Tokens of the largest packed micro-batch of the run."""
-        lengths = [len(row["input_ids"]) for row in self.train_rows]
-        return max(sum(lengths[i] for i in group) for step in self.steps for group in step.micro_batches)
+        lengths = [len(row["input_ids"]) - self.prefix_len for row in self.train_rows]
+        return max(self.prefix_len + sum(lengths[i] for i in group)
+                   for step in self.steps for group in step.micro_batches)
 
     def _load_base(self) -> torch.nn.Module:
         """The base model from spec.base_dir on the chosen device, dtype and attention."""
@@ -1088,6 +1206,13 @@ class LoRARecipe:
         log.info("train_plan_calibration", expected_gib=round(self.plan.expected_peak / 2**30, 2),
                  measured_gib=round(measured / 2**30, 2), ratio=round(measured / max(self.plan.expected_peak, 1), 3))
 
+    def _collate(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        """One micro-batch row: shared-prefix when the run shares one (padded to FlexAttention's
+        128-token blocks on CUDA, so few distinct shapes are compiled), else today's packing."""
+        if not self.prefix_len:
+            return collate_packed(rows)
+        return collate_shared_prefix(rows, pad_to_multiple=128 if self.device.type == "cuda" else 1)
+
     def _optimizer_step(self, planned: PlannedStep) -> tuple[float | None, int, int]:
         """Forward/backward every micro-batch of one step, then clip and step.
 
@@ -1095,9 +1220,9 @@ class LoRARecipe:
         whole step, so the gradient is that of the mean over the step's tokens.
         Returns (mean loss or None, trained tokens, labelled tokens).
         """
-        batches = [collate_packed([self.train_rows[i] for i in group]) for group in planned.micro_batches]
+        batches = [self._collate([self.train_rows[i] for i in group]) for group in planned.micro_batches]
         labelled = sum(labelled_token_count(b) for b in batches)
-        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        tokens = sum(lesson_token_count(b) for b in batches)
         self.optimizer.zero_grad(set_to_none=True)
         summed = torch.zeros((), device=self.device)
         for batch in batches:
@@ -1169,6 +1294,8 @@ class LoRARecipe:
             peak_gpu_memory_gib=peak,
             base_precision=self.precision,
             plan=self.plan.to_dict() if self.plan else None,
+
+            shared_prefix=self.prefix_len,
         )
         out = Path(spec.out_dir)
         tmp = out.with_name(f".tmp-{out.name}")
