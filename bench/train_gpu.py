@@ -136,6 +136,14 @@ VARIANTS |= {
     "lacd-same-fast-d05": ("the textbook's own batches as steps, dropout 0.05, torch.compile", COMPILED | dict(
         lora_dropout=0.05, tokens_per_batch=4096, **{SAME_BATCHES: True})),
 }
+# Issue 14: lessons that carry the agent's system prompt (--system-prompt), trained with today's
+# packing (every lesson computes its own copy) and with shared-prefix packing (once per row).
+VARIANTS |= {
+    "lacd-noprefix": ("the defaults, today's packing (the prompt in every lesson)", dict(shared_prefix="off")),
+    "lacd-prefix": ("the defaults, shared-prefix packing (the prompt once per row)", dict(shared_prefix="auto")),
+}
+SYSTEM_PROMPT_TOKENS = 788  # the agent's system prompt as the format stage renders it (SmolLM2's tokenizer)
+SYSTEM_PROMPT_OWN_MEDIAN = 90  # median own tokens of those lessons (240 generated: median 879 in all)
 for _seed in (2, 3, 4):
     VARIANTS[f"lacd-d05-seed{_seed}"] = (f"lacd-d05, data order and LoRA init of seed {_seed}",
                                          LIGER | dict(lora_dropout=0.05, seed=_seed))
@@ -189,6 +197,15 @@ def make_lessons(count: int, seed: int, vocab: int, median: int, max_len: int) -
             ids.append(token)
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     return rows
+
+
+def with_system_prompt(lessons: list[dict], prompt_tokens: int, vocab: int, seed: int) -> list[dict]:
+    """The lessons with one fixed prompt of prompt_tokens tokens in front (unlabelled), as every
+    lesson of a run carries the agent's system prompt; the speed depends on its length, not its text."""
+    rng = random.Random(seed + 2)
+    prompt = [3 + rng.randrange(min(vocab - 3, 2000)) for _ in range(prompt_tokens)]
+    return [{"input_ids": prompt + r["input_ids"], "labels": [IGNORE_INDEX] * prompt_tokens + r["labels"]}
+            for r in lessons]
 
 
 def write_dataset(folder: Path, train: list[dict], heldout: list[dict]) -> Path:
@@ -518,6 +535,25 @@ def check_attention(base: torch.nn.Module, lessons: list[dict], device: torch.de
     return dict(losses=losses, relative_difference=abs(values[-1] - values[0]) / abs(values[0]))
 
 
+def check_shared_prefix(base: torch.nn.Module, lessons: list[dict], device: torch.device, dtype: torch.dtype) -> dict:
+    """Loss of 8 lessons as one row of today's packing and as one shared-prefix row (FlexAttention on
+    CUDA: autograd on, as in training), under the train stage's varlen attention."""
+    from lacd.pipeline.packing import collate_packed, collate_shared_prefix
+    from lacd.pipeline.train import choose_attention, compute_context, loss_sum
+
+    from lacd.pipeline.packing import VARLEN_ATTENTION
+
+    base.set_attn_implementation(choose_attention(VARLEN_ATTENTION, device))
+    losses = {}
+    for name, batch in (("packed", collate_packed(lessons[:8])),
+                        ("shared_prefix", collate_shared_prefix(lessons[:8], pad_to_multiple=128))):
+        with compute_context(device, dtype if device.type == "cuda" else None):
+            losses[name] = float(loss_sum(base, batch).detach())
+    base.set_attn_implementation("sdpa")
+    base.zero_grad(set_to_none=True)
+    return dict(losses=losses, relative_difference=abs(losses["packed"] - losses["shared_prefix"]) / losses["packed"])
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -578,6 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--textbook-lessons", type=int, default=48)
     parser.add_argument("--caps", default="7B@6,7B@8,13B@12,34B@24")
     parser.add_argument("--cap-lessons", type=int, default=14)
+
+    parser.add_argument("--system-prompt", type=int, nargs="?", const=SYSTEM_PROMPT_TOKENS, default=0,
+                        metavar="TOKENS", help="put a system prompt of TOKENS tokens (default "
+                        f"{SYSTEM_PROMPT_TOKENS}) in front of every lesson, whose own tokens then have median "
+                        f"{SYSTEM_PROMPT_OWN_MEDIAN} (issue 14: compare lacd-noprefix with lacd-prefix)")
     args = parser.parse_args(argv)
     if args.nf4:
         return nf4_main(args)
@@ -593,7 +634,13 @@ def main(argv: list[str] | None = None) -> int:
     shape, median, max_len = (TINY, 60, 256) if args.tiny else (CODELLAMA_7B, 600, 4096)
     if args.tiny:
         torch.set_num_threads(2)
+    if args.system_prompt:
+        median = min(median, SYSTEM_PROMPT_OWN_MEDIAN)
+        max_len -= args.system_prompt
     lessons = make_lessons(args.lessons + args.heldout, args.seed, shape["vocab_size"], median, max_len)
+    if args.system_prompt:
+        lessons = with_system_prompt(lessons, args.system_prompt, shape["vocab_size"], args.seed)
+        max_len += args.system_prompt
     train, heldout = lessons[: args.lessons], lessons[args.lessons:]
     lengths = [len(r["input_ids"]) for r in train]
     print(f"lessons: {len(train)} train ({sum(lengths)} tokens, median {sorted(lengths)[len(lengths) // 2]}, "
@@ -604,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"base model built in {time.perf_counter() - started:.1f} s: {n_params / 1e9:.3f} B non-embedding "
           f"parameters, {sum(p.numel() for p in base.parameters()) / 1e9:.3f} B in all", flush=True)
     print(f"attention check (packed row of 4 lessons): {check_attention(base, train, device, dtype)}", flush=True)
+    if args.system_prompt:
+        print(f"shared-prefix check: {check_shared_prefix(base, train, device, dtype)}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="lacd-train-bench-"))
     results: list[dict] = []
     quantized = None
@@ -629,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
                 reset_base(base)
                 free_memory()
             result["wall_s"] = round(time.perf_counter() - t0, 1)
+            if "tokens_per_s" in result:  # the same lessons in every variant: lessons/s in proportion
+                result["lessons_per_s"] = round(result["tokens_per_s"] * len(train) / sum(lengths), 2)
             results.append(result)
             brief = {k: v for k, v in result.items() if k not in ("records", "batches")}
             print(json.dumps(brief), flush=True)

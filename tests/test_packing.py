@@ -225,3 +225,23 @@ def test_chunked_loss_equals_one_cross_entropy_and_its_gradient(tiny_dir, monkey
     (got,) = torch.autograd.grad(chunked, hidden)
     assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_flex_attention_path_computes_what_the_cpu_path_does(tiny_dir):
+    """The GPU path (FlexAttention with the row's block mask; eager and forward-only on the CPU,
+    where FlexAttention has no backward) gives the hidden states of the per-lesson sdpa path."""
+    from lacd.pipeline.train import _decoder_and_head
+
+    torch.set_num_threads(1)
+    model = tiny_lora_model(tiny_dir)
+    use_shared_prefix_attention(model)
+    batch = collate_shared_prefix(prefixed_lessons(), pad_to_multiple=128)
+    decoder, _ = _decoder_and_head(model)
+    common = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    block_mask = prefix_block_mask(batch["cu_seq_lens"], int(batch["prefix_len"]), batch["input_ids"].shape[1],
+                                   torch.device("cpu"))
+    with torch.no_grad():
+        flex = decoder(**common, prefix_block_mask=block_mask).last_hidden_state
+        sdpa = decoder(**common, shared_prefix_len=int(batch["prefix_len"]),
+                       shared_prefix_cu=batch["cu_seq_lens"]).last_hidden_state
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-4)

@@ -310,8 +310,9 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, adapter_upcast:
 def needs_checkpointing(
     requested: bool | str, device: torch.device, tokens: int, bytes_per_token: int, vocab: int
 ) -> bool:
-    """Whether to turn gradient checkpointing on: as requested, or for 'auto' only on CUDA when
-    the largest micro-batch's activations and logits would not fit in free GPU memory."""
+    """Whether to turn gradient checkpointing on: as requested, or for 'auto' on CUDA when the
+    largest micro-batch's activations and logits would not fit in free GPU memory, on the CPU
+    when its fp32 activations would pass CPU_ACTIVATION_BUDGET (cpu_needs_checkpointing)."""
     if isinstance(requested, bool):
         return requested
     if requested in ("on", "off", OFFLOAD):
@@ -319,7 +320,7 @@ def needs_checkpointing(
     if requested != "auto":
         raise TrainError(f"unknown gradient_checkpointing {requested!r} (auto, on, off or offload)")
     if device.type != "cuda":
-        return False
+        return cpu_needs_checkpointing(tokens, bytes_per_token)
     free, _ = torch.cuda.mem_get_info(device)
     logits = tokens * vocab * 4 * 3  # bf16 logits, their fp32 copy and its gradient
     margin = 2 << 30
@@ -387,6 +388,19 @@ def _require_nf4() -> None:
         nf4_tensor_class()
     except NF4Unavailable as exc:
         raise TrainError(str(exc)) from None
+
+# Host memory the activations of one CPU micro-batch may take before gradient checkpointing
+# turns on: SmolLM2-135M keeps ~1.7 MB a token in fp32, 7 GB at the default 4096 tokens (most
+# of the 12.1 GB the train child peaked at); checkpointed it keeps one layer's worth plus each
+# layer's input and stays under 2 GB (bench/train_prefix.py measures the peak RSS).
+CPU_ACTIVATION_BUDGET = 1 << 30
+
+
+def cpu_needs_checkpointing(tokens: int, bytes_per_token: int) -> bool:
+    """Whether a CPU micro-batch of `tokens` tokens needs gradient checkpointing to keep its
+    activations within CPU_ACTIVATION_BUDGET (bytes_per_token is the bf16 estimate; the CPU
+    trains in fp32, twice that)."""
+    return tokens * bytes_per_token * 2 > CPU_ACTIVATION_BUDGET
 
 
 def apply_fused_kernels(model: torch.nn.Module, requested: str, device: torch.device, compiling: bool) -> str:
