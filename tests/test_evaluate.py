@@ -239,6 +239,24 @@ def merged_greedy(base, adapter, cases, max_tokens: int) -> list[tuple[str, bool
     return out
 
 
+def test_generation_reuses_the_system_prompts_cache_and_generates_the_same(tiny, monkeypatch):
+    """Issue 14: the prompts' shared prefix (the system prompt) is computed once and its key/value
+    cache reused, with the greedy tokens of computing every prompt whole, batched or not."""
+    from lacd.pipeline import evaluate as evaluate_mod
+
+    model, tokenizer = evaluate_mod.load_for_generation(tiny["base"])
+    cases = tiny["cases"]
+    prompts = [tokenizer(c.prompt, add_special_tokens=True)["input_ids"] for c in cases]
+    length, cache = evaluate_mod._prefix_cache(model, prompts, torch.device("cpu"))
+    assert length >= 16 and cache.get_seq_length() == length
+    assert SYSTEM in tokenizer.decode(prompts[0][:length])  # the system prompt is in the shared part
+    shared = {size: generate_transformers(model, cases, 6, "chatml", tokenizer=tokenizer, batch_size=size)
+              for size in (1, 4)}
+    monkeypatch.setattr(evaluate_mod, "_prefix_cache", lambda *args: (0, None))
+    whole = generate_transformers(model, cases, 6, "chatml", tokenizer=tokenizer, batch_size=1)
+    assert shared[1] == whole and shared[4] == whole
+
+
 @needs_go
 def test_ollama_generation_matches_transformers_on_the_merged_model(tiny, tmp_path):
     from lacd.pipeline import register

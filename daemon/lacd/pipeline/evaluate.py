@@ -23,6 +23,7 @@ model uses what it has and the result says "mixed". The result names the generat
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -234,7 +235,9 @@ def generate_transformers(
 
     model: a ``.gguf`` file (dequantized by transformers), an HF model folder, or an already
     loaded model (then pass its tokenizer). Prompts are tokenized as llama.cpp tokenizes them
-    (the tokenizer's BOS added), batched with left padding, shortest first.
+    (the tokenizer's BOS added), batched with left padding, shortest first. The prefix all prompts
+    share (the agent's system prompt) is computed once and its key/value cache reused by every
+    batch (_prefix_cache).
     """
     import torch
 
@@ -252,19 +255,49 @@ def generate_transformers(
     results: dict[int, Generation] = {}
     was_training = model.training
     model.eval()
+    tokens = [list(tokenizer(case.prompt, add_special_tokens=True)["input_ids"]) for case in cases]
+    prefix, cache = _prefix_cache(model, tokens, device)
     for start in range(0, len(order), max(1, batch_size)):
         group = order[start : start + max(1, batch_size)]
-        encoded = [list(tokenizer(cases[i].prompt, add_special_tokens=True)["input_ids"]) for i in group]
+        encoded = [tokens[i][prefix:] for i in group]
         width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        shared = tokens[group[0]][:prefix]
+        input_ids = torch.tensor([shared + [pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        mask = torch.tensor([[1] * prefix + [0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
+                            device=device)
+        options = {}
+        if cache is not None:
+            options["past_key_values"] = copy.deepcopy(cache)
+            options["past_key_values"].batch_repeat_interleave(len(group))
         with torch.no_grad():
             output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=int(max_tokens),
-                                    do_sample=False, eos_token_id=stop_ids, pad_token_id=pad)  # fmt: skip
+                                    do_sample=False, eos_token_id=stop_ids, pad_token_id=pad, **options)  # fmt: skip
         for row, index in enumerate(group):
-            results[index] = _finish(tokenizer, output[row, width:].tolist(), stop_ids, stops, int(max_tokens))
+            results[index] = _finish(tokenizer, output[row, prefix + width:].tolist(), stop_ids, stops,
+                                     int(max_tokens))
     model.train(was_training)
     return [results[i] for i in range(len(cases))]
+
+
+def _prefix_cache(model: Any, prompts: Sequence[Sequence[int]], device: Any) -> tuple[int, Any]:
+    """(length, key/value cache) of the token prefix every prompt shares (the system prompt), computed
+    once for all prompts; (0, None) when they share fewer than the train stage's MIN_SHARED_PREFIX
+    tokens. Each prompt keeps at least one token of its own for generate to start from. Prompts are
+    then laid out as [prefix | left padding | own tokens]: the attention mask hides the padding and
+    generate's position ids (the mask's running count) continue from the prefix, as unpadded."""
+    import torch
+
+    from lacd.pipeline.packing import common_prefix_length
+    from lacd.pipeline.train import MIN_SHARED_PREFIX
+
+    if len(prompts) < 2:
+        return 0, None
+    length = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    if length < MIN_SHARED_PREFIX:
+        return 0, None
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([list(prompts[0][:length])], device=device), use_cache=True)
+    return length, out.past_key_values
 
 
 def load_for_generation(
@@ -510,15 +543,24 @@ def _measure(
 
 
 def heldout_loss(model: Any, spec: EvalSpec) -> float | None:
-    """Mean loss per assistant token of the held-out split (None when it has no labelled token)."""
-    from lacd.pipeline.train import TrainError, evaluate, load_examples
+    """Mean loss per assistant token of the held-out split (None when it has no labelled token).
+
+    The model is switched to the train stage's varlen attention, so held-out lessons that share
+    the system prompt are evaluated in shared-prefix rows: the prompt's keys and values computed
+    once per row (train.evaluate), the loss computed in chunks on the assistant's tokens only.
+    """
+    from lacd.pipeline.train import TrainError, evaluate, load_examples, use_shared_prefix_attention
 
     try:
         rows, _ = load_examples(spec.dataset_dir, "heldout", spec.max_seq_len)
     except TrainError as exc:
         raise EvaluateError(str(exc)) from exc
     device = next(model.parameters()).device
-    return evaluate(model, rows, spec.tokens_per_batch, device)
+    previous = use_shared_prefix_attention(model)
+    try:
+        return evaluate(model, rows, spec.tokens_per_batch, device)
+    finally:  # generation follows on the same model: it needs the attention it was loaded with
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(previous)
 
 
 def _free_memory() -> None:

@@ -877,11 +877,14 @@ def shared_prefix_length(requested: str, examples: Sequence[Mapping[str, Sequenc
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def use_shared_prefix_attention(model: torch.nn.Module) -> None:
-    """Switch a loaded model to VARLEN_ATTENTION, which also computes shared-prefix rows."""
+def use_shared_prefix_attention(model: torch.nn.Module) -> str:
+    """Switch a loaded model to VARLEN_ATTENTION, which also computes shared-prefix rows (packed
+    rows only: generation needs the attention it had). Returns the implementation it had."""
     register_varlen_attention()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
     base.set_attn_implementation(VARLEN_ATTENTION)
+    return previous
 
 
 @torch.no_grad()
