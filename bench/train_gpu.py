@@ -141,6 +141,8 @@ VARIANTS |= {
 VARIANTS |= {
     "lacd-noprefix": ("the defaults, today's packing (the prompt in every lesson)", dict(shared_prefix="off")),
     "lacd-prefix": ("the defaults, shared-prefix packing (the prompt once per row)", dict(shared_prefix="auto")),
+    "lacd-prefix-same-steps": ("shared-prefix rows, today's steps lesson for lesson",
+                               dict(shared_prefix="same-steps")),
 }
 SYSTEM_PROMPT_TOKENS = 788  # the agent's system prompt as the format stage renders it (SmolLM2's tokenizer)
 SYSTEM_PROMPT_OWN_MEDIAN = 90  # median own tokens of those lessons (240 generated: median 879 in all)
@@ -551,6 +553,7 @@ def check_shared_prefix(base: torch.nn.Module, lessons: list[dict], device: torc
             losses[name] = float(loss_sum(base, batch).detach())
     base.set_attn_implementation("sdpa")
     base.zero_grad(set_to_none=True)
+    free_memory()  # the graph's blocks stay reserved otherwise, and the first variant would see less free memory
     return dict(losses=losses, relative_difference=abs(losses["packed"] - losses["shared_prefix"]) / losses["packed"])
 
 

@@ -123,7 +123,10 @@ class TrainSpec:
     compile: 'auto' (torch.compile of the layers on CUDA from COMPILE_MIN_TOKENS tokens), 'on', 'off';
     fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off';
     shared_prefix: 'auto' (lessons that share a prefix of at least MIN_SHARED_PREFIX tokens are
-    packed with that prefix once per row, see packing.collate_shared_prefix) or 'off'.
+    packed with that prefix once per row, see packing.collate_shared_prefix, and the token budget
+    counts it once: each step holds several times more lessons, so a run takes fewer, larger
+    steps), 'same-steps' (the optimizer steps of today's packing, lesson for lesson, each
+    micro-batch computed as one shared-prefix row: the same trajectory, less speed-up) or 'off'.
     lora_dropout defaults to 0.05 (the daemon's [train] default and the issue's LoRA config):
     fuse_lora_dropout keeps a 1-byte mask per adapter input instead of a dropped copy, so it costs
     about 4 GiB at 4096 tokens on CodeLlama-7B eager (nothing measurable when compiled) instead of 8.
@@ -765,7 +768,7 @@ def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[i
     trajectory["warmup"] = "from-zero-rounded"  # lr_factor, warmup_steps: older checkpoints had another schedule
     if spec.base_precision == "nf4":  # another base: a bf16 checkpoint is not resumed on it (nor the reverse)
         trajectory["base_precision"] = "nf4"
-    if prefix_len:  # shared-prefix rows: another packing plan
+    if prefix_len and spec.shared_prefix == "auto":  # the prefix counted once: another packing plan
         trajectory["shared_prefix"] = prefix_len
     modules = spec.target_modules
     trajectory["target_modules"] = modules if isinstance(modules, str) else list(modules)
@@ -866,11 +869,14 @@ def _eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+SHARED_PREFIX_MODES = ("auto", "same-steps", "off")
+
+
 def shared_prefix_length(requested: str, examples: Sequence[Mapping[str, Sequence[int]]]) -> int:
-    """The prefix all examples share, when TrainSpec.shared_prefix ('auto' or 'off') lets it be
+    """The prefix all examples share, when TrainSpec.shared_prefix (SHARED_PREFIX_MODES) lets it be
     held once per row: at least MIN_SHARED_PREFIX tokens, else 0 (today's packing)."""
-    if requested not in ("auto", "off"):
-        raise TrainError(f"unknown shared_prefix {requested!r} (auto or off)")
+    if requested not in SHARED_PREFIX_MODES:
+        raise TrainError(f"unknown shared_prefix {requested!r} ({', '.join(SHARED_PREFIX_MODES)})")
     if requested == "off":
         return 0
     length = common_prefix_length([e["input_ids"] for e in examples])
@@ -978,7 +984,8 @@ class LoRARecipe:
                 self.prefix_len = 0
         self.steps = plan_steps(
             [len(row["input_ids"]) for row in self.train_rows],
-            spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed, self.prefix_len,
+            spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed,
+            self.prefix_len if spec.shared_prefix == "auto" else 0,
         )
         self.fingerprint = data_fingerprint(spec, self.train_rows, self.prefix_len)
         self.model = self._load_model()
@@ -1045,8 +1052,9 @@ class LoRARecipe:
 
     def _largest_micro_batch(self) -> int:
         """Tokens of the largest packed micro-batch of the run."""
-        lengths = [len(row["input_ids"]) - self.prefix_len for row in self.train_rows]
-        return max(self.prefix_len + sum(lengths[i] for i in group)
+        shared = self.prefix_len if self.spec.shared_prefix == "auto" else 0
+        lengths = [len(row["input_ids"]) - shared for row in self.train_rows]
+        return max(shared + sum(lengths[i] for i in group)
                    for step in self.steps for group in step.micro_batches)
 
     def _load_base(self) -> torch.nn.Module:
