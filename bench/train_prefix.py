@@ -73,7 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lessons", type=int, default=24, help="generated lessons (10%% held out)")
     parser.add_argument("--threads", type=int, default=2, help="[train] threads")
-    parser.add_argument("--modes", default="auto,off", help="shared_prefix modes, in order")
+    parser.add_argument("--modes", default="auto,same-steps,off", help="shared_prefix modes, in order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lacd-bench-smollm2"))
     parser.add_argument("--work", help=argparse.SUPPRESS)
