@@ -609,7 +609,9 @@ def evaluate_in_child(
         "parent_pid": os.getpid(),
     }  # fmt: skip
     _write_json(request, payload)
-    env = dict(os.environ)
+    from lacd.pipeline.train import child_malloc_env
+
+    env = dict(os.environ) | child_malloc_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_path = out_path.with_name("evaluate.log")
     try:

@@ -1500,6 +1500,14 @@ def _read_tail(path: Path, limit: int = 4000) -> str:
         return handle.read().decode("utf-8", errors="replace")
 
 
+def child_malloc_env() -> dict[str, str]:
+    """Environment for a training or evaluation child: glibc serves allocations of 64 KiB and more
+    with mmap, so the activation buffers freed after each layer go back to the system instead of
+    piling up in the heap. Measured on SmolLM2-135M (a 1,665-token checkpointed forward): peak RSS
+    1.23 GB instead of 2.39. A value already in the environment is kept."""
+    return {} if "MALLOC_MMAP_THRESHOLD_" in os.environ else {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def _run_child(
     spec: TrainSpec,
     python: str,
@@ -1515,7 +1523,7 @@ def _run_child(
     spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "child.log"
     spec_path.write_text(spec.to_json(), encoding="utf-8")
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ)
+    env = dict(os.environ) | child_malloc_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_source_root()), env.get("PYTHONPATH")]))
     env["LACD_TRAIN_PARENT_PID"] = str(os.getpid())
     env["LACD_TRAIN_PAUSE_PIPE"] = "1"
