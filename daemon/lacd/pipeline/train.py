@@ -1319,7 +1319,6 @@ class LoRARecipe:
             peak_gpu_memory_gib=peak,
             base_precision=self.precision,
             plan=self.plan.to_dict() if self.plan else None,
-
             shared_prefix=self.prefix_len,
         )
         out = Path(spec.out_dir)
