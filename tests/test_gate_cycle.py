@@ -33,7 +33,7 @@ from lacd.pipeline import register, stages
 from lacd.samples import generate_lines
 from lacd.service import catch_up
 from ollama_standin import StandIn
-from tiny import make_tiny_llama
+from tiny import make_confident_tiny_llama
 
 N_LESSONS = 12
 SYSTEM = "You are a coding agent. Call tools in <tool_code> blocks."
@@ -46,14 +46,8 @@ def tiny_base(tmp_path_factory):
     With the default tiny model, the final RMSNorm bounds every logit near zero: no amount of
     training moves held-out loss far from ln(vocab), and a good and a broken candidate look alike.
     """
-    from safetensors.torch import load_file, save_file
-
     torch.set_num_threads(1)
-    base = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", tokenizer="bpe")
-    weights = load_file(base / "model.safetensors")
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 10
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    return base
+    return make_confident_tiny_llama(tmp_path_factory.mktemp("tiny") / "base")
 
 
 def gate_env(root: Path, base: Path, host: str, **extra) -> dict[str, str]:

@@ -32,7 +32,7 @@ from lacd.pipeline import stages
 from lacd.service import catch_up
 from ollama_standin import StandIn
 from test_gate_cycle import cli_json, look
-from tiny import make_tiny_llama
+from tiny import make_confident_tiny_llama
 
 CALL = "read_file('main.py')"
 
@@ -50,14 +50,8 @@ def lesson_line(i: int) -> str:
 def caller_base(tmp_path_factory):
     """The tiny random Llama with its final norm scaled up, so LoRA can make it confident (see
     test_gate_cycle.tiny_base)."""
-    from safetensors.torch import load_file, save_file
-
     torch.set_num_threads(1)
-    base = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", tokenizer="bpe")
-    weights = load_file(base / "model.safetensors")
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 10
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    return base
+    return make_confident_tiny_llama(tmp_path_factory.mktemp("tiny") / "base")
 
 
 def metric_env(root: Path, base: Path, host: str) -> dict[str, str]:

@@ -3,29 +3,13 @@ active run's (executor with stand-in stages, as in tests/test_worker.py)."""
 
 from __future__ import annotations
 
-import threading
-
-from sqlalchemy import insert
-
-from lacd import config, db
-from lacd.models import Lesson, Source
-from lacd.runs import RunStore
 from lacd.worker import RunExecutor
 from test_worker import fake_stages
+from test_worker import make_executor as worker_executor
 
 
 def make_executor(tmp_path, keep_runs: int) -> RunExecutor:
-    s = config.load(env={"LACD_STATE_DIR": str(tmp_path / "state"), "LACD_RUN_RETRIES": "1",
-                         "LACD_RUN_KEEP_RUNS": str(keep_runs)})
-    engine = db.write_engine(s.db_path)
-    db.migrate(engine)
-    with engine.begin() as conn:
-        source = conn.execute(insert(Source).values(path="log", dev=1, inode=1, state="active", created_at=1.0,
-                                                    updated_at=1.0)).inserted_primary_key[0]
-        conn.execute(insert(Lesson), [dict(source_id=source, offset=i, length=1, ingested_at=1.0, format="v1",
-                                           conversation='{"messages": []}', raw="", conv_hash=str(i),
-                                           status="pending") for i in range(3)])
-    return RunExecutor(s, RunStore(engine), threading.Event())
+    return worker_executor(tmp_path, LACD_RUN_KEEP_RUNS=str(keep_runs))
 
 
 def run_folders(executor: RunExecutor) -> list[int]:

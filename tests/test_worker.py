@@ -26,7 +26,12 @@ DECISION = {"promote": False, "reasons": ["exact-call accuracy 0.00 < 1.00 - 0.0
 
 @pytest.fixture
 def executor(tmp_path):
-    s = config.load(env={"LACD_STATE_DIR": str(tmp_path / "state"), "LACD_RUN_RETRIES": "1"})
+    return make_executor(tmp_path)
+
+
+def make_executor(tmp_path, **env: str) -> RunExecutor:
+    """A RunExecutor on a fresh state dir holding three pending lessons; env: more LACD_* settings."""
+    s = config.load(env={"LACD_STATE_DIR": str(tmp_path / "state"), "LACD_RUN_RETRIES": "1", **env})
     engine = db.write_engine(s.db_path)
     db.migrate(engine)
     with engine.begin() as conn:

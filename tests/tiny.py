@@ -95,6 +95,21 @@ def make_tiny_llama(
     return folder
 
 
+def make_confident_tiny_llama(folder: Path) -> Path:
+    """make_tiny_llama (BPE) with its final norm scaled up 10x, so a few LoRA steps can make it confident.
+
+    With the default tiny model the final RMSNorm bounds every logit near zero: no amount of training
+    moves held-out loss far from ln(vocab), and a good and a broken candidate look alike.
+    """
+    from safetensors.torch import load_file, save_file
+
+    base = make_tiny_llama(folder, tokenizer="bpe")
+    weights = load_file(base / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 10
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    return base
+
+
 def make_random_lora(
     base_dir: Path,
     out_dir: Path,
