@@ -227,7 +227,7 @@ def test_training_lowers_heldout_loss_and_writes_adapter_and_progress(tiny_dir, 
     seen = []
     # a random 2-layer model's fixed lm_head caps how confident it can get: train it too
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-    spec = make_spec(tiny_dir, dataset_dir, tmp_path, epochs=3, target_modules=targets)
+    spec = make_spec(tiny_dir, dataset_dir, tmp_path, epochs=3, target_modules=targets, shared_prefix="auto")
     result = run_training(spec, on_progress=seen.append)
     assert result.heldout_loss_after < 0.5 * result.heldout_loss_before
     # the lessons share their system prompt: held once per row, computed by the varlen attention

@@ -122,7 +122,7 @@ class TrainSpec:
     adapter_compute: 'auto' (LoRA in bf16 under autocast on CUDA) or 'float32' (peft's upcast);
     compile: 'auto' (torch.compile of the layers on CUDA from COMPILE_MIN_TOKENS tokens), 'on', 'off';
     fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off';
-    shared_prefix: 'auto' (lessons that share a prefix of at least MIN_SHARED_PREFIX tokens are
+    shared_prefix: 'same-steps' (the default), 'auto' (lessons that share a prefix of at least MIN_SHARED_PREFIX tokens are
     packed with that prefix once per row, see packing.collate_shared_prefix, and the token budget
     counts it once: each step holds several times more lessons, so a run takes fewer, larger
     steps), 'same-steps' (the optimizer steps of today's packing, lesson for lesson, each
@@ -165,7 +165,7 @@ class TrainSpec:
     num_threads: int = 0
     base_precision: str = "auto"
     gpu_memory_gib: float = 0.0
-    shared_prefix: str = "auto"
+    shared_prefix: str = "same-steps"
 
     def to_json(self) -> str:
         """The spec as a JSON object (paths as strings)."""
