@@ -107,7 +107,9 @@ def test_sigkill_during_a_backfill_through_the_worker_pool_loses_and_repeats_not
     """The backfill path (chunks classified in a worker process, committed on a thread) killed with
     its worker at random moments: every line is stored once, in file order."""
     log = tmp_path / "agent_interactions.jsonl"
-    write_log(log, size_bytes=8 << 20, seed=4, noise=0.1)
+    # 32 MB (~30k lines): on a quiet machine a resumed backfill stores ~2,000 lines between two kills,
+    # so the sixth kill still lands inside it (with 8 MB it could finish first)
+    write_log(log, size_bytes=32 << 20, seed=4, noise=0.1)
     script = tmp_path / "backfill.py"
     script.write_text(BACKFILL)
     env = lacd_env(tmp_path, log)
