@@ -67,3 +67,12 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
 
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny, ollama_standin) for tests in subfolders
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A stand-in Ollama (tests/ollama_standin.py) on a free loopback port, its store in tmp_path."""
+    from ollama_standin import StandIn
+
+    with StandIn(tmp_path / "ollama") as standin:
+        yield standin

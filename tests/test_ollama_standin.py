@@ -23,12 +23,6 @@ needs_go = pytest.mark.skipif(shutil.which("go") is None, reason="`go` is not in
 
 
 @pytest.fixture
-def server(tmp_path):
-    with StandIn(tmp_path / "ollama") as standin:
-        yield standin
-
-
-@pytest.fixture
 def client(server):
     return ollama.Client(host=server.host)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lacd.pipeline import register as reg
-from ollama_standin import StandIn, free_port, start_process, stub_gguf
+from ollama_standin import free_port, start_process, stub_gguf
 
 CHATML = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -18,12 +18,6 @@ CHATML = (
 )
 SYSTEM = "You are a helpful AI coding assistant."
 PARAMETERS = {"stop": ["<|im_end|>"], "num_ctx": 2048}
-
-
-@pytest.fixture
-def server(tmp_path):
-    with StandIn(tmp_path / "ollama") as standin:
-        yield standin
 
 
 @pytest.fixture

@@ -18,17 +18,11 @@ from lacd.models import Run
 from lacd.pipeline import register
 from lacd.pipeline.stages import prune_versions
 from lacd.runs import RunStore
-from ollama_standin import StandIn, stub_gguf
+from ollama_standin import stub_gguf
 
 NAME = "lacd-coder"
 METRICS = {"candidate": {"exact_call_accuracy": 0.9, "heldout_loss": 0.8},
            "incumbent": {"exact_call_accuracy": 0.5, "heldout_loss": 1.2}, "generator": "ollama", "n_cases": 4}
-
-
-@pytest.fixture
-def server(tmp_path):
-    with StandIn(tmp_path / "ollama") as standin:
-        yield standin
 
 
 @pytest.fixture

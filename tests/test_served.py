@@ -27,7 +27,6 @@ from lacd.models import Run
 from lacd.pipeline import register
 from lacd.pipeline.stages import RunContext, promote_stage, resolve_base
 from lacd.runs import RunStore
-from ollama_standin import StandIn
 
 NAME = "lacd-coder"
 AGENT = "codellama:latest"  # what local-ai-coder's cli.js asks for ('codellama')
@@ -46,12 +45,6 @@ def ggufs(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("served")
     return [export_gguf(make_tiny_llama(folder / f"hf{seed}", seed=seed), None, folder / f"m{seed}.gguf",
                         outtype="f16").path for seed in range(6)]  # fmt: skip
-
-
-@pytest.fixture
-def server(tmp_path):
-    with StandIn(tmp_path / "ollama") as standin:
-        yield standin
 
 
 @pytest.fixture
