@@ -36,7 +36,8 @@ from lacd.basemodel import resolve_base  # noqa: E402
 from lacd.export import export_gguf  # noqa: E402
 from lacd.pipeline import nf4  # noqa: E402
 from lacd.pipeline.format import FormatSpec, LessonIn, format_lessons  # noqa: E402
-from lacd.pipeline.train import TrainSpec, evaluate, load_examples, run_training  # noqa: E402
+from lacd.pipeline.loss import evaluate  # noqa: E402
+from lacd.pipeline.train import TrainSpec, load_examples, run_training  # noqa: E402
 
 FILES = ["notes", "main", "config", "README", "setup", "utils", "test_app", "server"]
 

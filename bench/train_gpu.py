@@ -80,7 +80,9 @@ sys.path.insert(0, str(ROOT / "daemon"))
 
 from lacd.pipeline.packing import IGNORE_INDEX  # noqa: E402
 from lacd.pipeline.packing import pack  # noqa: E402
-from lacd.pipeline.train import LoRARecipe, PlannedStep, TrainSpec, choose_device, evaluate, plan_steps  # noqa: E402
+from lacd.pipeline.loss import evaluate  # noqa: E402
+from lacd.pipeline.plan import PlannedStep, choose_device, plan_steps  # noqa: E402
+from lacd.pipeline.train import LoRARecipe, TrainSpec  # noqa: E402
 
 H100_BF16_PEAK = 989e12
 CODELLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -524,7 +526,8 @@ def run_textbook(name: str, base: torch.nn.Module, work: Path, train: list[dict]
 def check_attention(base: torch.nn.Module, lessons: list[dict], device: torch.device, dtype: torch.dtype) -> dict:
     """Loss of one packed row under sdpa's block mask and under the train stage's automatic choice."""
     from lacd.pipeline.packing import collate_packed
-    from lacd.pipeline.train import choose_attention, compute_context, loss_sum
+    from lacd.pipeline.loss import loss_sum
+    from lacd.pipeline.plan import choose_attention, compute_context
 
     batch = collate_packed(lessons[:4])
     losses = {}
@@ -541,7 +544,8 @@ def check_shared_prefix(base: torch.nn.Module, lessons: list[dict], device: torc
     """Loss of 8 lessons as one row of today's packing and as one shared-prefix row (FlexAttention on
     CUDA: autograd on, as in training), under the train stage's varlen attention."""
     from lacd.pipeline.packing import collate_packed, collate_shared_prefix
-    from lacd.pipeline.train import choose_attention, compute_context, loss_sum
+    from lacd.pipeline.loss import loss_sum
+    from lacd.pipeline.plan import choose_attention, compute_context
 
     from lacd.pipeline.packing import VARLEN_ATTENTION
 

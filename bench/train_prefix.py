@@ -98,7 +98,7 @@ def main() -> int:
             command = [sys.executable, __file__, "--one", mode, "--work", work, "--cache", str(cache),
                        "--threads", str(args.threads), "--train-lessons", str(train_lessons)]
             load = os.getloadavg()
-            from lacd.pipeline.train import child_malloc_env
+            from lacd.child import child_malloc_env
 
             env = dict(os.environ) | child_malloc_env()  # what the train child gets
             done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)

@@ -13,7 +13,7 @@ import torch
 
 from hf_reference import hf_loss, hf_mean_loss
 from lacd.pipeline.packing import collate_packed, collate_padded, labelled_token_count
-from lacd.pipeline.train import evaluate, loss_sum
+from lacd.pipeline.loss import evaluate, loss_sum
 from test_train import lesson_rows
 from tiny import make_tiny_llama, tiny_lora_model
 

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lacd.pipeline import nf4
 from lacd.pipeline.memplan import GIB, PlanError, Shape, expected_peak, plan
-from lacd.pipeline.train import TrainError, evaluate, load_examples, run_training
+from lacd.pipeline.loss import evaluate
+from lacd.pipeline.train import TrainError, load_examples, run_training
 from test_train import dataset_dir, lesson_rows, make_spec, tiny_dir  # noqa: F401  (fixtures)
 from tiny import LINEAR_MODULES, make_tiny_llama
 
@@ -124,7 +125,7 @@ def test_4bit_training_on_the_cpu_lowers_heldout_loss_and_merges_into_the_full_b
 
 
 def test_a_checkpoint_of_the_full_precision_base_is_not_resumed_on_the_4bit_one(tiny_dir, dataset_dir, tmp_path):
-    from lacd.pipeline.train import data_fingerprint
+    from lacd.pipeline.checkpoint import data_fingerprint
 
     rows, _ = load_examples(dataset_dir, "train", 2048)
     full = make_spec(tiny_dir, dataset_dir, tmp_path)

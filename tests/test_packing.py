@@ -20,7 +20,7 @@ from lacd.pipeline.packing import (
     prefix_block_mask,
     segment_ids,
 )
-from lacd.pipeline.train import chunked_loss_sum, loss_sum, use_shared_prefix_attention
+from lacd.pipeline.loss import chunked_loss_sum, loss_sum, use_shared_prefix_attention
 from tiny import make_tiny_llama, random_lessons, tiny_lora_model
 
 
@@ -171,7 +171,7 @@ def _hf_reference(model, lessons):
 
 def _per_lesson_losses(model, batch, lessons):
     """The shared-prefix row's loss split back into its lessons (targets are in lesson order)."""
-    from lacd.pipeline.train import _decoder_and_head, _shared_prefix_kwargs
+    from lacd.pipeline.loss import _decoder_and_head, _shared_prefix_kwargs
 
     counts = [sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in lessons]
     decoder, _ = _decoder_and_head(model)
@@ -213,14 +213,14 @@ def test_shared_prefix_row_equals_each_lesson_trained_alone(tiny_dir, shared):
 
 def test_chunked_loss_equals_one_cross_entropy_and_its_gradient(tiny_dir, monkeypatch):
     """The loss computed in chunks (recomputed in backward) is the whole-tensor loss."""
-    from lacd.pipeline import train as train_mod
+    from lacd.pipeline import loss as loss_mod
 
     model = tiny_lora_model(tiny_dir)
     hidden = torch.randn(37, model.config.hidden_size, requires_grad=True)
     targets = torch.randint(0, model.config.vocab_size, (37,))
     whole = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden), targets, reduction="sum")
     (expected,) = torch.autograd.grad(whole, hidden)
-    monkeypatch.setattr(train_mod, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 8 chunks
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 8 chunks
     chunked = chunked_loss_sum(model, hidden, targets)
     (got,) = torch.autograd.grad(chunked, hidden)
     assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
@@ -230,7 +230,7 @@ def test_chunked_loss_equals_one_cross_entropy_and_its_gradient(tiny_dir, monkey
 def test_flex_attention_path_computes_what_the_cpu_path_does(tiny_dir):
     """The GPU path (FlexAttention with the row's block mask; eager and forward-only on the CPU,
     where FlexAttention has no backward) gives the hidden states of the per-lesson sdpa path."""
-    from lacd.pipeline.train import _decoder_and_head
+    from lacd.pipeline.loss import _decoder_and_head
 
     torch.set_num_threads(1)
     model = tiny_lora_model(tiny_dir)

@@ -9,9 +9,8 @@ import time
 import pytest
 import torch
 
-from lacd.pipeline.train import (
-    TrainYielded, complete_checkpoints, run_training, train_in_child,
-)
+from lacd.pipeline.checkpoint import complete_checkpoints
+from lacd.pipeline.train import TrainYielded, run_training, train_in_child
 from test_evaluate import tiny  # noqa: F401 - fixture
 from test_train import _one_thread, adapter_weights, dataset_dir, make_spec, tiny_dir  # noqa: F401 - fixtures
 

@@ -29,19 +29,17 @@ from lacd.pipeline.packing import (
     common_prefix_length,
     labelled_token_count,
 )
+from lacd.pipeline.checkpoint import complete_checkpoints
+from lacd.pipeline.loss import loss_sum
+from lacd.pipeline.plan import lr_factor, plan_steps, warmup_steps
 from lacd.pipeline.train import (
     TrainError,
     TrainInterrupted,
     TrainResult,
     TrainSpec,
-    complete_checkpoints,
     halve_micro_batch,
-    loss_sum,
-    lr_factor,
-    plan_steps,
     run_training,
     train_in_child,
-    warmup_steps,
 )
 from tiny import corpus_lines, make_tiny_llama, tiny_lora_model
 

@@ -16,23 +16,19 @@ from transformers import AutoModelForCausalLM
 
 from lacd.pipeline import packing
 from lacd.pipeline.packing import VARLEN_ATTENTION, collate_packed, collate_padded, pack
-from lacd.pipeline.train import (
-    _InputDropoutLinear,
-    TrainError,
-    TrainSpec,
+from lacd.pipeline.lora_kernels import _InputDropoutLinear, apply_fused_kernels, fuse_lora_dropout
+from lacd.pipeline.loss import loss_sum
+from lacd.pipeline.plan import (
+    COMPILE_MIN_TOKENS,
     activation_bytes_per_token,
     choose_adapter_compute,
-    COMPILE_MIN_TOKENS,
-    apply_fused_kernels,
     choose_attention,
     compute_context,
-    fuse_lora_dropout,
-    loss_sum,
     needs_checkpointing,
     plan_steps,
-    run_training,
     should_compile,
 )
+from lacd.pipeline.train import TrainError, TrainSpec, run_training
 from tiny import make_tiny_llama, random_lessons, tiny_lora_model
 
 
@@ -91,7 +87,7 @@ def test_varlen_attention_receives_the_collated_boundaries(tiny_dir, monkeypatch
 def test_bf16_adapters_under_autocast_match_the_fp32_upcast(tiny_dir):
     """lacd's bf16 adapters (peft's upcast off, autocast on) compute the loss and LoRA gradients that
     peft's fp32 upcast computes, within bf16 rounding."""
-    from lacd.pipeline.train import _disable_adapter_upcast
+    from lacd.pipeline.lora_kernels import disable_adapter_upcast
 
     model = tiny_lora_model(tiny_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for _, p in model.named_parameters() if p.requires_grad)
@@ -105,7 +101,7 @@ def test_bf16_adapters_under_autocast_match_the_fp32_upcast(tiny_dir):
         return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     reference, reference_grads = loss_and_grads(None)
-    _disable_adapter_upcast(model)
+    disable_adapter_upcast(model)
     fast, fast_grads = loss_and_grads(torch.bfloat16)
     assert fast == pytest.approx(reference, rel=2e-2)
     for name, grad in reference_grads.items():

@@ -3,7 +3,7 @@
 Two kinds of numbers, for both models:
 
 - held-out loss and perplexity on the assistant's tokens of the held-out split of ``dataset/``
-  (``lacd.pipeline.train.evaluate``, the same function the trainer reports before and after);
+  (``lacd.pipeline.loss.evaluate``, the same function the trainer reports before and after);
 - agent-protocol metrics (``protocol_metrics``) from greedy generations on held-out prompts: for
   each held-out lesson, the conversation up to its first assistant reply is the prompt and that
   reply is the reference.
@@ -288,7 +288,7 @@ def _prefix_cache(model: Any, prompts: Sequence[Sequence[int]], device: Any) -> 
     import torch
 
     from lacd.pipeline.packing import common_prefix_length
-    from lacd.pipeline.train import MIN_SHARED_PREFIX
+    from lacd.pipeline.loss import MIN_SHARED_PREFIX
 
     if len(prompts) < 2:
         return 0, None
@@ -509,7 +509,7 @@ def _measure(
     spec: EvalSpec, cases: Sequence[Case], ref: ModelRef, generator: str, client: Any, known_loss: Any
 ) -> tuple[dict[str, Any], list[CaseScore]]:
     """Loss and protocol metrics of one model; the per-case scores."""
-    from lacd.pipeline.train import choose_device
+    from lacd.pipeline.plan import choose_device
 
     device, _ = choose_device(spec.device)
     needs_local_model = known_loss is _UNKNOWN and (ref.is_base or ref.adapter_dir is not None)
@@ -549,7 +549,8 @@ def heldout_loss(model: Any, spec: EvalSpec) -> float | None:
     the system prompt are evaluated in shared-prefix rows: the prompt's keys and values computed
     once per row (train.evaluate), the loss computed in chunks on the assistant's tokens only.
     """
-    from lacd.pipeline.train import TrainError, evaluate, load_examples, use_shared_prefix_attention
+    from lacd.pipeline.loss import evaluate, use_shared_prefix_attention
+    from lacd.pipeline.train import TrainError, load_examples
 
     try:
         rows, _ = load_examples(spec.dataset_dir, "heldout", spec.max_seq_len)
@@ -609,7 +610,7 @@ def evaluate_in_child(
         "parent_pid": os.getpid(),
     }  # fmt: skip
     _write_json(request, payload)
-    from lacd.pipeline.train import child_malloc_env
+    from lacd.child import child_malloc_env
 
     env = dict(os.environ) | child_malloc_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
@@ -634,7 +635,7 @@ def evaluate_in_child(
 def _wait_child(child: subprocess.Popen, timeout_s: float | None, stop: threading.Event, poll_s: float,
                 log_path: Path, pause: threading.Event | None = None) -> int:
     """The child's exit code; ends it (TERM, then KILL) on a stop request or past the timeout."""
-    from lacd.pipeline.train import stop_child  # the trainer's child is ended the same way
+    from lacd.child import stop_child  # the trainer's child is ended the same way
 
     deadline = None if not timeout_s else time.monotonic() + timeout_s
     while child.poll() is None:

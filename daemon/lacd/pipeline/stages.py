@@ -324,7 +324,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
 
 def _trains_on_gpu(device: str) -> bool:
     """Whether the train stage will hold a GPU (Ollama's models are unloaded only then)."""
-    from lacd.pipeline.train import choose_device
+    from lacd.pipeline.plan import choose_device
 
     return choose_device(device)[0].type == "cuda"
 

@@ -1,0 +1,119 @@
+"""Child processes of the daemon (the train and evaluate children): the parent's side (start with
+the malloc environment and PYTHONPATH, relay progress, ask to pause, stop, read the log's tail)
+and the child's side (die with the parent, watch for a pause request)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+EXIT_ERROR = 2  # a child that cannot do its work (bad input or configuration, parent gone); message on stderr
+PAUSE_REQUEST = threading.Event()  # set in the child by the parent's "pause" line on stdin (watch_pause_requests)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so no orphan keeps training."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_ERROR)
+
+
+def watch_pause_requests(fd: int) -> threading.Thread:
+    """Child side: a thread that sets PAUSE_REQUEST when the parent writes to fd (or closes it).
+
+    A pipe rather than a signal: a Python signal handler runs only between bytecodes, so it would
+    wait for a long forward pass anyway, and a stray SIGUSR1 to an OpenMP thread kills the process.
+    os.read, not sys.stdin: a daemon thread blocked in a buffered reader aborts interpreter exit."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            os.read(fd, 64)
+        PAUSE_REQUEST.set()
+
+    thread = threading.Thread(target=wait, name="lacd-pause", daemon=True)
+    thread.start()
+    return thread
+
+
+def child_malloc_env() -> dict[str, str]:
+    """Environment for a training or evaluation child: glibc serves allocations of 64 KiB and more
+    with mmap, so the activation buffers freed after each layer go back to the system instead of
+    piling up in the heap. Measured on SmolLM2-135M (a 1,665-token checkpointed forward): peak RSS
+    1.23 GB instead of 2.39. A value already in the environment is kept."""
+    return {} if "MALLOC_MMAP_THRESHOLD_" in os.environ else {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def source_root() -> Path:
+    """The folder that holds the lacd package (daemon/ in a checkout)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def read_tail(path: Path, limit: int = 4000) -> str:
+    """The last `limit` characters of a text file ('' if missing)."""
+    if not path.exists():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - limit))
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def wait_any(events: list[threading.Event], timeout: float) -> bool:
+    """True as soon as one of events is set (checked every 50 ms), False after timeout."""
+    deadline = time.monotonic() + timeout
+    while not any(e.is_set() for e in events):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.05, left))
+    return True
+
+
+def yield_child(child: subprocess.Popen, yield_s: float) -> int | None:
+    """Ask the training child to checkpoint at its next step boundary and exit; past yield_s, end it.
+    Returns its exit code."""
+    with contextlib.suppress(OSError, ValueError):
+        child.stdin.write(b"pause\n")
+        child.stdin.flush()
+    try:
+        return child.wait(timeout=yield_s)
+    except subprocess.TimeoutExpired:
+        stop_child(child)
+        return child.returncode
+
+
+def stop_child(child: subprocess.Popen) -> None:
+    """SIGTERM the child, then SIGKILL it if it has not exited within 10 s."""
+    child.terminate()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def relay_progress(path: Path, last_seen: str | None, on_progress: Callable[[dict], None] | None) -> str | None:
+    """Call on_progress with the progress file's content if it changed; returns what was seen."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return last_seen
+    if text != last_seen and on_progress is not None:
+        with contextlib.suppress(ValueError):
+            on_progress(json.loads(text))
+    return text
