@@ -65,6 +65,12 @@ def parse_window(value: str) -> tuple[int, int] | None:
     return minutes[0], minutes[1]
 
 
+def _devices_check(value: str) -> str | None:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return None
+    return "must be auto or a whole number >= 1"
+
+
 def _model_name_check(value: str) -> str | None:
     if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?", value):
         return "must be a model name like codellama or codellama:7b"
@@ -128,6 +134,7 @@ class Train:
     base_precision: str = _key("auto", "base weights while training: auto (on a GPU the memory plan: bf16 where it fits, else 4-bit nf4), bf16, or nf4 (needs torchao: pip install 'lacd[gpu]')", _one_of("auto", "bf16", "nf4"))
     gpu_memory_gb: float = _key(0.0, "GPU memory (GiB) the training plan may use (0: what is free when training starts)", _at_least(0))
     shared_prefix: str = _key("same-steps", "lessons sharing a prefix (the agent's system prompt): same-steps (today's optimizer steps, each row computing the prefix once), auto (also counted once in the token budget: fewer, larger steps, 3-5x the lessons/s, learns less per epoch) or off", _one_of("auto", "same-steps", "off"))
+    devices: str = _key("auto", "processes that train a run: auto (1, or every visible GPU when one card cannot hold the run in bf16 or grad_accum >= 2 gives each one micro-batches: torchrun + FSDP2) or N (on the CPU: N gloo processes)", _devices_check)
 
 
 @dataclass(frozen=True)
@@ -389,6 +396,8 @@ def _convert(kind: type, value: Any, rel: Path) -> Any:
             raise TypeError(value)
         p = Path(value).expanduser()
         return p if p.is_absolute() else (rel / p)
+    if isinstance(value, int) and not isinstance(value, bool):  # devices = 2 as well as "2"
+        return str(value)
     if not isinstance(value, str):
         raise TypeError(value)
     return value

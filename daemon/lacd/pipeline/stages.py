@@ -115,7 +115,7 @@ def train_stage(ctx: RunContext) -> dict:
                      learning_rate=t.learning_rate, epochs=t.epochs, tokens_per_batch=t.tokens_per_batch,
                      grad_accum=t.grad_accum, max_seq_len=t.max_seq_len, seed=t.seed,
                      checkpoint_every=t.checkpoint_every, device=t.device, shared_prefix=t.shared_prefix,
-                     base_precision=t.base_precision, gpu_memory_gib=t.gpu_memory_gb,
+                     base_precision=t.base_precision, gpu_memory_gib=t.gpu_memory_gb, devices=t.devices,
                      num_threads=t.threads or max(1, (os.cpu_count() or 2) // 2))
     result = train_in_child(spec, on_progress=ctx.report, stop=ctx.stop, pause=ctx.pause, yield_s=s.schedule.yield_s)
     return _plain(result)

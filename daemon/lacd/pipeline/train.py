@@ -393,17 +393,50 @@ class LoRARecipe:
         """Restore adapter weights, optimizer, scheduler, RNG and counters from folder."""
         from safetensors.torch import load_file
 
-        weights = load_file(folder / "adapter.safetensors")
-        params = dict(self._trainable())
-        if set(weights) != set(params):
-            raise TrainError(f"checkpoint {folder} does not match the model's LoRA parameters")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        try:
+            self._restore_state(load_file(folder / "adapter.safetensors"),
+                                torch.load(folder / "optimizer.pt", weights_only=True))
+        except TrainError as exc:
+            raise TrainError(f"checkpoint {folder}: {exc}") from None
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
         self.counters = _Counters(**state["counters"])
+
+    def _restore_state(self, weights: Mapping[str, torch.Tensor], optimizer_state: dict) -> None:
+        """Copy a checkpoint's LoRA weights and optimizer state into the model and optimizer."""
+        params = dict(self._trainable())
+        if set(weights) != set(params):
+            raise TrainError("the checkpoint does not match the model's LoRA parameters")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(self._placed(tensor, params[name]))
+        ordered = [p for _, p in self._trainable()]
+        optimizer_state["state"] = {
+            index: {key: value if key == "step" else self._placed(value, ordered[int(index)])
+                    for key, value in values.items()}
+            for index, values in optimizer_state["state"].items()}
+        self.optimizer.load_state_dict(optimizer_state)
+
+    # ---- hooks a recipe over several processes (distributed.ShardedRecipe) replaces
+
+    is_writer = True  # this process writes progress, checkpoints and the adapter
+
+    def _agreed(self, flag: bool) -> bool:
+        """flag, as every process of the run agrees on it (one process: as it is)."""
+        return flag
+
+    def _placed(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's tensor for parameter `like` (load_state_dict moves it to the device)."""
+        return tensor
+
+    def _checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The LoRA weights (on the host) and the optimizer state a checkpoint holds."""
+        weights = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable()}
+        return weights, self.optimizer.state_dict()
+
+    def _save_adapter(self, folder: Path) -> None:
+        """Write the trained adapter (peft's layout) to folder."""
+        self.model.save_pretrained(folder)
 
     # ---- train
 
@@ -436,7 +469,7 @@ class LoRARecipe:
                 self._calibrated = True
                 self._log_calibration()
             every = spec.checkpoint_every
-            overdue = time.monotonic() - last_checkpoint > CHECKPOINT_MAX_S
+            overdue = self._agreed(time.monotonic() - last_checkpoint > CHECKPOINT_MAX_S)
             if (every > 0 and self.counters.step % every == 0) or self.counters.step == total or overdue:
                 self._save_checkpoint()
                 last_checkpoint = time.monotonic()
@@ -444,9 +477,9 @@ class LoRARecipe:
     def _step_aside_if_asked(self, progressed: bool) -> None:
         """At a step boundary: when the parent asked to pause, checkpoint this step (if any was done
         here) and leave; resuming from it is bit-exact like resuming from any checkpoint."""
-        if not PAUSE_REQUEST.is_set():
+        if not self._agreed(PAUSE_REQUEST.is_set()):
             return
-        if progressed and not (Path(self.spec.checkpoint_dir) / f"{CHECKPOINT_PREFIX}{self.counters.step}").is_dir():
+        if progressed and getattr(self, "_checkpointed_step", None) != self.counters.step:
             self._save_checkpoint()
         log.info("train_paused", step=self.counters.step)
         raise TrainPaused(f"paused at step {self.counters.step}")
@@ -502,14 +535,17 @@ class LoRARecipe:
         """Write adapter, optimizer, scheduler, RNG and counters; commit by rename; prune old ones."""
         from safetensors.torch import save_file
 
+        weights, optimizer_state = self._checkpoint_state()
+        self._checkpointed_step = self.counters.step  # every process knows it, whether or not it writes
+        if not self.is_writer:
+            return
         root = Path(self.spec.checkpoint_dir)
         step = self.counters.step
         tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        weights = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable()}
         save_file(weights, tmp / "adapter.safetensors")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         state = {"fingerprint": self.fingerprint, "counters": dataclasses.asdict(self.counters)}
@@ -553,11 +589,12 @@ class LoRARecipe:
             base_precision=self.precision,
             plan=self.plan.to_dict() if self.plan else None,
             shared_prefix=self.prefix_len,
+            devices=getattr(self, "world", 1),
         )
         out = Path(spec.out_dir)
         tmp = out.with_name(f".tmp-{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        self._save_adapter(tmp)
         (tmp / "lacd_train.json").write_text(result.to_json(), encoding="utf-8")
         commit_folder(tmp, out)
         self._report("done", loss=None)
@@ -599,14 +636,20 @@ class LoRARecipe:
             self.on_progress(progress)
 
 
-def run_training(spec: TrainSpec, on_progress: ProgressCallback | None = None) -> TrainResult:
-    """Train a LoRA adapter as spec says, resuming from its newest complete checkpoint."""
-    recipe = LoRARecipe(spec, on_progress)
-    with checkpoint_lock(Path(spec.checkpoint_dir)):
+def run_training(spec: TrainSpec, on_progress: ProgressCallback | None = None) -> TrainResult | None:
+    """Train a LoRA adapter as spec says, resuming from its newest complete checkpoint.
+
+    Inside a torchrun launch of several ranks (spec.devices > 1) the recipe is distributed's
+    ShardedRecipe; rank 0 holds the checkpoint lock and returns the result, the others None."""
+    from lacd.pipeline import distributed
+
+    recipe = distributed.recipe_for(spec, on_progress)
+    lock = checkpoint_lock(Path(spec.checkpoint_dir)) if distributed.rank_and_world()[0] == 0 else contextlib.nullcontext()
+    with lock:
         try:
             recipe.setup()
             recipe.train()
-            if PAUSE_REQUEST.is_set():  # the last checkpoint holds every step; resuming only saves
+            if recipe._agreed(PAUSE_REQUEST.is_set()):  # the last checkpoint holds every step; resuming only saves
                 raise TrainPaused("paused after the last step")
             return recipe.save()
         finally:
@@ -681,6 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lacd train: CUDA out of memory: {exc}", file=sys.stderr)
         return EXIT_OOM
+    if result is None:  # a rank other than 0 of a distributed run
+        return 0
     if args.result is not None:
         write_json_atomic(args.result, json.loads(result.to_json()))
     print(result.to_json())
@@ -707,6 +752,11 @@ def _run_child(
     env["LACD_TRAIN_PARENT_PID"] = str(os.getpid())
     env["LACD_TRAIN_PAUSE_PIPE"] = "1"
     command = [python, "-m", "lacd.pipeline.train", str(spec_path), "--result", str(result_path)]
+    if spec.devices != 1:
+        from lacd.pipeline import distributed
+
+        env |= distributed.child_env(spec)
+        command = distributed.launch_command(python, int(spec.devices), command[3:])
     with open(log_path, "w", encoding="utf-8") as log_file:
         child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, stdin=subprocess.PIPE)
         log.info("train_child_started", pid=child.pid, tokens_per_batch=spec.tokens_per_batch,
@@ -753,7 +803,9 @@ def train_in_child(
     and exit, ends it after `yield_s` seconds if it has not, and raises TrainYielded. The child's
     output is kept in checkpoint_dir/child.log.
     """
-    attempt = spec
+    from lacd.pipeline.distributed import resolve_devices
+
+    attempt = resolve_devices(spec)
     for retry in range(max_oom_retries + 1):
         code, result_path, log_path = _run_child(attempt, python, on_progress, poll_s, stop, pause, yield_s)
         if code == 0 and result_path.is_file():
@@ -781,5 +833,7 @@ def train_in_child(
     raise AssertionError("unreachable")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as lacd.pipeline.train, not __main__: the loss_sum that tests wrap is
+    from lacd.pipeline import train as _module  # the one of the recipe lacd.pipeline.distributed hands back
+
+    sys.exit(_module.main())

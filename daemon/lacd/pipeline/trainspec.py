@@ -54,6 +54,7 @@ class TrainSpec:
     base_precision: 'auto' (on CUDA the memory plan's choice, memplan.py; on the CPU full precision),
     'bf16' (the GPU's dtype) or 'nf4' (frozen linear weights in 4-bit NF4, nf4.py);
     gpu_memory_gib: GPU memory the plan may use (0: what is free when training starts).
+    devices: 'auto' or N processes (N > 1: torchrun + FSDP2, lacd.pipeline.distributed).
     """
 
     base_dir: Path
@@ -87,6 +88,7 @@ class TrainSpec:
     base_precision: str = "auto"
     gpu_memory_gib: float = 0.0
     shared_prefix: str = "same-steps"
+    devices: int | str = 1  # processes training the run: 'auto' or N (distributed.py); the child gets a count
 
     def to_json(self) -> str:
         """The spec as a JSON object (paths as strings)."""
@@ -141,6 +143,7 @@ class TrainResult:
     base_precision: str = "bf16"
     plan: dict | None = None
     shared_prefix: int = 0  # tokens held once per row (0: today's packing)
+    devices: int = 1  # processes that trained it (lacd.pipeline.distributed)
 
     def to_json(self) -> str:
         """The result as a JSON object."""
