@@ -41,6 +41,9 @@ batches as JSON.
 
 --tiny runs the same code on a 2-layer model on the CPU in seconds (a smoke test, not a measurement).
 
+--devices 2,4 [--shapes 7B,34B] (issue 16, several GPUs through torchrun + FSDP2) runs instead
+bench/train_devices.py: each shape on 1 GPU and on each count, same global batch; see its docstring.
+
 --nf4 kernels,caps,card (issue 13, the 4-bit base) runs instead:
   kernels  forward + backward of one CodeLlama-7B MLP projection at 4096 tokens: bf16, torchao's
            linear_nf4, lacd's NF4Linear, bitsandbytes' Linear4bit (the storage choice);
@@ -626,7 +629,15 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="TOKENS", help="put a system prompt of TOKENS tokens (default "
                         f"{SYSTEM_PROMPT_TOKENS}) in front of every lesson, whose own tokens then have median "
                         f"{SYSTEM_PROMPT_OWN_MEDIAN} (issue 14: compare lacd-noprefix with lacd-prefix)")
+    parser.add_argument("--devices", default="", help="issue 16: comma-separated GPU counts to compare with 1 "
+                        "(torchrun + FSDP2; bench/train_devices.py); with --tiny, gloo processes on the CPU")
+    parser.add_argument("--shapes", default="7B,34B", help="with --devices: 7B, 34B")
+    parser.add_argument("--grad-accum", type=int, default=8, help="with --devices: micro-batches per step")
     args = parser.parse_args(argv)
+    if args.devices:
+        import train_devices
+
+        return train_devices.main(args)
     if args.nf4:
         return nf4_main(args)
     globals()["LR"] = args.lr

@@ -178,20 +178,26 @@ def _cause(exc: Any) -> Any:
     return killed[0] if killed else exc.get_first_failure()[1]
 
 
+def launch_config(devices: int) -> Any:
+    """torchrun --standalone's settings for `devices` local ranks: a c10d rendezvous on a free
+    local port, no restarts (a failed attempt is the daemon's to retry). Sets MULTICAST_OFF here,
+    so every rank inherits it."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    os.environ.update(MULTICAST_OFF)
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
+                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+
+
 def launch(devices: int, child_args: Sequence[str], python: str = sys.executable) -> int:
     """Run `devices` train children through torch's elastic launcher (torchrun --standalone's
     settings: a local c10d rendezvous, no restarts). Returns the exit code to exit with."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-    )
     os.environ["LACD_TRAIN_PARENT_PID"] = str(os.getpid())  # each rank dies with this launcher
-    os.environ.update(MULTICAST_OFF)
     try:
-        elastic_launch(config, entrypoint=python)("-m", "lacd.pipeline.train", *child_args)
+        elastic_launch(launch_config(devices), entrypoint=python)("-m", "lacd.pipeline.train", *child_args)
     except ChildFailedError as exc:
         return _exit_code_of(_cause(exc))
     return 0
