@@ -1,7 +1,7 @@
 """Training on several processes (torchrun + FSDP2): devices, the gloo proof, a killed rank.
 
 The CPU proof of issue 16: two gloo processes train the tiny model with the same global batch
-as one process, and the adapter and the GGUF are the same; their checkpoints (gathered, in the
+as one process (paused and resumed on the way), and the adapter and the GGUF are the same; their checkpoints (gathered, in the
 one-device layout) resume on one process; a rank killed by SIGKILL ends the attempt (torchrun
 ends the other rank) and the run resumes from its last checkpoint on two ranks again.
 """
@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from lacd.pipeline import distributed
 from lacd.pipeline import train as train_mod
 from lacd.pipeline.checkpoint import complete_checkpoints
 from lacd.pipeline.train import run_training, train_in_child
-from lacd.pipeline.trainspec import TrainError, TrainResult
+from lacd.pipeline.trainspec import TrainError, TrainResult, TrainYielded
 from test_train import lesson_rows, make_spec
 from tiny import make_tiny_llama
 
@@ -131,15 +132,25 @@ def test_sharded_plan_gives_each_rank_its_share_of_the_base():
 
 
 def test_two_gloo_processes_give_the_one_device_adapter_and_gguf(tiny_dir, dataset_dir, one_device, tmp_path):
+    """Paused midway (both ranks checkpoint the step and exit), resumed, then compared."""
     spec = make_spec(tiny_dir, dataset_dir, tmp_path, devices=2, **SAME_BATCH)
+    pause = threading.Event()
+
+    def pause_at_step_3(progress):
+        if progress["phase"] == "train" and progress["step"] >= 3:
+            pause.set()
+
+    with pytest.raises(TrainYielded, match="checkpointed its last step"):
+        train_in_child(spec, on_progress=pause_at_step_3, pause=pause, poll_s=0.05, yield_s=60)
     result = train_in_child(spec, poll_s=0.05)
+    assert 3 <= result.resumed_from_step < result.steps
     reference = TrainResult.from_json((one_device / "adapter" / "lacd_train.json").read_text())
     assert (result.steps, result.tokens, result.labelled_tokens) == (
         reference.steps, reference.tokens, reference.labelled_tokens)
     assert result.heldout_loss_after == pytest.approx(reference.heldout_loss_after, rel=RTOL)
     assert_same_adapter(one_device / "adapter", spec.out_dir)
     log = (spec.checkpoint_dir / "child.log").read_text()
-    assert log.count('"train_setup"') == 2, "two ranks trained"
+    assert log.count('"train_setup"') == 2 and log.count('"train_resumed"') == 2, "two ranks resumed"
     progress = json.loads(spec.progress_path.read_text())
     assert progress["phase"] == "done" and progress["step"] == reference.steps
     a = export_gguf(tiny_dir, one_device / "adapter", tmp_path / "one.gguf", outtype="f32")
