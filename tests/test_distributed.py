@@ -143,7 +143,7 @@ def test_two_gloo_processes_give_the_one_device_adapter_and_gguf(tiny_dir, datas
     with pytest.raises(TrainYielded, match="checkpointed its last step"):
         train_in_child(spec, on_progress=pause_at_step_3, pause=pause, poll_s=0.05, yield_s=60)
     result = train_in_child(spec, poll_s=0.05)
-    assert 3 <= result.resumed_from_step < result.steps
+    assert 3 <= result.resumed_from_step < result.steps and result.devices == 2
     reference = TrainResult.from_json((one_device / "adapter" / "lacd_train.json").read_text())
     assert (result.steps, result.tokens, result.labelled_tokens) == (
         reference.steps, reference.tokens, reference.labelled_tokens)
