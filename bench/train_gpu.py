@@ -46,9 +46,10 @@ bench/train_devices.py: each shape on 1 GPU and on each count, same global batch
 
 --nf4 kernels,caps,card (issue 13, the 4-bit base) runs instead:
   kernels  forward + backward of one CodeLlama-7B MLP projection at 4096 tokens: bf16, torchao's
-           linear_nf4, lacd's NF4Linear, bitsandbytes' Linear4bit (the storage choice);
-  caps     torch.cuda.set_per_process_memory_fraction caps of 6 and 8 GB (7B), 12 GB (13B), 24 GB (34B,
-           with and without offloading): a random base built straight into NF4 on the GPU, lessons up
+           linear_nf4, lacd's NF4Linear (torchao storage) and BnbNF4Linear (bitsandbytes kernels, what
+           lacd uses on CUDA), bitsandbytes' own Linear4bit (the storage choice);
+  caps     torch.cuda.set_per_process_memory_fraction caps of 6 (offloaded) and 8 GB (7B), 12 GB (13B),
+           24 GB (34B, with and without offloading): a random base built straight into NF4 on the GPU, lessons up
            to 4096 tokens, NF4 + gradient checkpointing; peak, tokens/s, and the plan's expected peak;
   card     on one uncapped card, the 7B shape: bf16 LoRA and NF4 (seeds 0 and 1), NF4 + checkpointing,
            and the textbook QLoRA recipe (HF Trainer + bitsandbytes 4-bit + peft's
@@ -161,7 +162,7 @@ VARIANTS |= {
     "lacd-bf16": ("bf16 base, the defaults", NO_PLAN | dict(base_precision="bf16")),
     "lacd-bf16-seed1": ("bf16 base, seed 1", NO_PLAN | dict(base_precision="bf16", seed=1)),
     "lacd-bf16-seed2": ("bf16 base, seed 2", NO_PLAN | dict(base_precision="bf16", seed=2)),
-    "lacd-nf4": ("NF4 base (torchao storage), the defaults", NO_PLAN | dict(base_precision="nf4")),
+    "lacd-nf4": ("NF4 base (bitsandbytes kernels on CUDA), the defaults", NO_PLAN | dict(base_precision="nf4")),
     "lacd-nf4-seed1": ("NF4 base, seed 1", NO_PLAN | dict(base_precision="nf4", seed=1)),
     "lacd-nf4-gc": ("NF4 base + gradient checkpointing (the small-card plan)", NO_PLAN | dict(
         base_precision="nf4", gradient_checkpointing="on")),
@@ -718,7 +719,7 @@ CODELLAMA_13B = CODELLAMA_7B | dict(hidden_size=5120, intermediate_size=13824, n
                                     num_attention_heads=40, num_key_value_heads=40)
 CODELLAMA_34B = CODELLAMA_7B | dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
                                     num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
-CAPS = (("7B", CODELLAMA_7B, 6, "lacd-nf4-gc"), ("7B", CODELLAMA_7B, 8, "lacd-nf4-gc"),
+CAPS = (("7B", CODELLAMA_7B, 6, "lacd-nf4-offload"), ("7B", CODELLAMA_7B, 8, "lacd-nf4-gc"),
         ("13B", CODELLAMA_13B, 12, "lacd-nf4-gc"), ("34B", CODELLAMA_34B, 24, "lacd-nf4-gc"),
         ("34B", CODELLAMA_34B, 24, "lacd-nf4-offload"))
 
@@ -748,7 +749,9 @@ def kernel_bench(tokens: int = 4096, shape: tuple[int, int] = (11008, 4096)) -> 
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
     layers["torchao linear_nf4"] = lambda v: linear_nf4(v, quantized)
-    layers["lacd NF4Linear"] = nf4.NF4Linear(quantized, None)
+    layers["lacd NF4Linear (torchao storage)"] = nf4.NF4Linear(quantized, None)
+    if nf4.backend(weight.device) == nf4.BITSANDBYTES:
+        layers["lacd BnbNF4Linear (bitsandbytes kernels)"] = nf4.BnbNF4Linear(weight, None)
     try:
         import bitsandbytes as bnb
 
@@ -784,7 +787,7 @@ def nf4_copy(base: torch.nn.Module) -> torch.nn.Module:
         new_layer._modules = dict(layer._modules)
         for part in ("self_attn", "mlp"):
             block = copy.copy(getattr(layer, part))
-            block._modules = {name: nf4.NF4Linear(nf4.to_nf4(m.weight.detach()), None)
+            block._modules = {name: nf4.quantized_linear(m.weight.detach(), None)
                               if type(m) is torch.nn.Linear else m for name, m in block._modules.items()}
             new_layer._modules[part] = block
         model_copy.layers.append(new_layer)
@@ -848,7 +851,7 @@ def build_nf4_base(shape: dict, device: str = "cuda") -> torch.nn.Module:
                 value.normal_(0.0, 0.02)
             if type(module) is torch.nn.Linear and not name.endswith("lm_head"):
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, nf4.NF4Linear(nf4.to_nf4(value), None))
+                setattr(model.get_submodule(parent), child, nf4.quantized_linear(value, None))
                 del value
             else:
                 module._parameters[attribute] = torch.nn.Parameter(value, requires_grad=False)

@@ -1,16 +1,19 @@
-"""The base model's frozen linear weights in 4-bit NF4 (QLoRA), stored with torchao.
+"""The base model's frozen linear weights in 4-bit NF4 (QLoRA): bitsandbytes on CUDA, torchao elsewhere.
 
-torchao's ``NF4Tensor`` (what torchtune's QLoRA recipes use) holds each weight as
-4-bit NormalFloat codes in blocks of 64 with 8-bit double-quantized block scales:
-about 4.13 bits a weight, the format of the QLoRA paper. It is pure PyTorch, so the
-same code runs on the CPU (tests) and on any CUDA GPU; bench/train_gpu.py measured
-it against bitsandbytes' ``Linear4bit`` (README, "4-bit base").
+Both hold each weight as 4-bit NormalFloat codes in blocks of 64 with 8-bit
+double-quantized block scales: about 4.13 bits a weight, the format of the QLoRA paper.
+On CUDA, where bitsandbytes imports, a projection is a ``BnbNF4Linear``: bitsandbytes'
+packed codes and ``QuantState``, its forward ``bnb.matmul_4bit`` (CUDA dequantize kernel,
+then one bf16 matmul; backward dequantizes again and multiplies: nothing but the 4-bit
+weight is kept). bench/train_gpu.py measured it 3x faster per projection than the torchao
+path below (README, "4-bit base"). Without bitsandbytes on CUDA the torchao path is
+used, with one log line (``backend``).
 
-``NF4Linear`` is an ``nn.Linear`` (so peft wraps it like any linear layer) whose
-weight is the NF4 tensor. Its forward dequantizes the weight to the compute dtype for
-one matmul and frees it; backward dequantizes again (nothing but the 4-bit weight is
-kept for backward, as torchao's ``linear_nf4``), with int32 codes instead of
-torchao's int64 ones (half the transient memory, measured faster).
+torchao's ``NF4Tensor`` (what torchtune's QLoRA recipes use) is the CPU path (pure
+PyTorch: the real 4-bit path runs in CPU CI). ``NF4Linear`` is an ``nn.Linear`` (so peft
+wraps it like any linear layer) whose weight is the NF4 tensor. Its forward dequantizes
+the weight to the compute dtype for one matmul and frees it; backward dequantizes again,
+with int32 codes instead of torchao's int64 ones (half the transient memory).
 
 ``load_nf4_base`` builds the model on the meta device and streams the safetensors
 weights one tensor at a time: a linear weight goes to the device, is quantized, and
@@ -20,12 +23,16 @@ host holds one tensor at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 import torch.nn.functional as F
+
+log = structlog.get_logger(__name__)
 
 NF4_BLOCK = 64  # weights per scale (QLoRA's)
 NF4_SCALER_BLOCK = 256  # scales per fp32 factor of the double quantization
@@ -35,6 +42,7 @@ QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time (to_nf4)
 DEQUANTIZE_CHUNK = 1 << 24  # weights dequantized at a time in a matmul (128 MiB of transient in bf16 + codes)
 SKIP = ("lm_head",)  # kept in full precision (as QLoRA and torchtune do)
 INSTALL_HINT = "pip install 'lacd[gpu]' (torchao)"
+BITSANDBYTES, TORCHAO = "bitsandbytes", "torchao"  # the two storages (backend)
 
 
 class NF4Unavailable(RuntimeError):
@@ -162,19 +170,73 @@ class NF4Linear(torch.nn.Linear):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
+def _import_bitsandbytes() -> Any:
+    """The bitsandbytes module, or None where it is not installed or cannot load."""
+    try:
+        import bitsandbytes
+    except Exception:  # noqa: BLE001 - a broken install (no CUDA library) is as good as none
+        return None
+    return bitsandbytes
+
+
+@functools.cache
+def _cuda_backend() -> str:
+    """bitsandbytes where it imports, else torchao with one log line naming the fix."""
+    if _import_bitsandbytes() is not None:
+        return BITSANDBYTES
+    log.warning("nf4_backend_fallback", backend=TORCHAO,
+                reason="bitsandbytes is not installed: 4-bit layers use torchao's slower dequantize "
+                       "(bench/train_gpu.py: ~3x per projection); pip install 'lacd[gpu]'")
+    return TORCHAO
+
+
+def backend(device: torch.device) -> str:
+    """The NF4 storage for weights on device: bitsandbytes' CUDA kernels on CUDA when installed,
+    else torchao (the CPU, and CUDA without bitsandbytes)."""
+    return _cuda_backend() if torch.device(device).type == "cuda" else TORCHAO
+
+
+class BnbNF4Linear(torch.nn.Linear):
+    """A frozen linear layer in bitsandbytes' NF4 (packed codes + QuantState; double-quantized scales,
+    blocks of 64, as NF4Linear). peft wraps it as an nn.Linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        torch.nn.Module.__init__(self)
+        bnb = _import_bitsandbytes()
+        self.out_features, self.in_features = weight.shape
+        packed, self.quant_state = bnb.functional.quantize_4bit(
+            weight.contiguous(), blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
+        self.weight = torch.nn.Parameter(packed, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self._matmul = bnb.matmul_4bit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' 4-bit matmul in the weight's dtype (its backward: dequantize, then matmul)."""
+        out = self._matmul(x.to(self.quant_state.dtype), self.weight, self.quant_state)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """A frozen 4-bit layer of a full-precision weight, in the storage of its device (backend)."""
+    if backend(weight.device) == BITSANDBYTES:
+        return BnbNF4Linear(weight, bias)
+    return NF4Linear(to_nf4(weight), bias)
+
+
 def is_nf4(module: torch.nn.Module) -> bool:
     """True for a layer held in 4 bits."""
-    return isinstance(module, NF4Linear)
+    return isinstance(module, (NF4Linear, BnbNF4Linear))
 
 
 def quantize_linears(model: torch.nn.Module, skip: tuple[str, ...] = SKIP) -> int:
-    """Replace every nn.Linear (not named in skip) by an NF4Linear, in place. Returns how many."""
+    """Replace every nn.Linear (not named in skip) by a 4-bit layer (quantized_linear), in place.
+    Returns how many."""
     count = 0
     for name, module in list(model.named_modules()):
         if type(module) is not torch.nn.Linear or name.split(".")[-1] in skip or not quantizable(module.weight):
             continue
         parent, _, child = name.rpartition(".")
-        replacement = NF4Linear(to_nf4(module.weight.detach()), module.bias)
+        replacement = quantized_linear(module.weight.detach(), module.bias)
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
         count += 1
     return count
@@ -197,7 +259,8 @@ def load_nf4_base(folder: Path, device: torch.device, dtype: torch.dtype, attent
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    nf4_tensor_class()
+    if backend(device) == TORCHAO:
+        nf4_tensor_class()
     files = _weight_files(Path(folder))
     if not files:
         raise FileNotFoundError(f"{folder} holds no *.safetensors weights (4-bit loading reads safetensors)")
@@ -235,7 +298,7 @@ def _place(model: torch.nn.Module, key: str, tensor: torch.Tensor, device: torch
             and quantizable(value)):
         parent, _, child = owner.rpartition(".")
         bias = module.bias if module.bias is not None and module.bias.device.type != "meta" else None
-        replacement = NF4Linear(to_nf4(value), bias)
+        replacement = quantized_linear(value, bias)
         if module.bias is not None and bias is None:
             replacement.bias = module.bias  # still on meta: filled when its tensor comes
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
