@@ -80,6 +80,60 @@ def test_nf4_linear_gradients_match_the_dequantized_linear():
     assert not layer.weight.requires_grad
 
 
+# --------------------------------------------------------------------------- which storage (no CUDA needed)
+
+
+@pytest.fixture
+def bitsandbytes_importable(monkeypatch):
+    """Set whether bitsandbytes imports; the cached CUDA choice is cleared before and after."""
+    def make(importable: bool) -> None:
+        monkeypatch.setattr(nf4, "_import_bitsandbytes", lambda: object() if importable else None)
+        nf4._cuda_backend.cache_clear()
+    yield make
+    nf4._cuda_backend.cache_clear()
+
+
+def test_cuda_uses_bitsandbytes_kernels_and_the_cpu_torchao(bitsandbytes_importable):
+    bitsandbytes_importable(True)
+    assert nf4.backend(torch.device("cuda")) == nf4.BITSANDBYTES
+    assert nf4.backend(torch.device("cuda:1")) == nf4.BITSANDBYTES
+    assert nf4.backend(torch.device("cpu")) == nf4.TORCHAO  # the CPU keeps the pure-PyTorch path
+    layer = nf4.quantized_linear(torch.randn(64, 128), None)  # a CPU weight
+    assert type(layer) is nf4.NF4Linear and nf4.is_nf4(layer)
+
+
+def test_cuda_without_bitsandbytes_falls_back_to_torchao_with_one_log_line(bitsandbytes_importable):
+    from structlog.testing import capture_logs
+
+    bitsandbytes_importable(False)
+    with capture_logs() as logs:
+        choices = {nf4.backend(torch.device("cuda")) for _ in range(3)}
+    assert choices == {nf4.TORCHAO}
+    lines = [entry for entry in logs if entry["event"] == "nf4_backend_fallback"]
+    assert len(lines) == 1 and "pip install 'lacd[gpu]'" in lines[0]["reason"]
+
+
+def test_a_broken_bitsandbytes_counts_as_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+    assert nf4._import_bitsandbytes() is None
+
+
+def test_bitsandbytes_layer_gradients_match_its_dequantized_linear():
+    bnb = pytest.importorskip("bitsandbytes")  # the gpu extra; CPU CI runs the torchao path
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128, dtype=torch.bfloat16)
+    layer = nf4.BnbNF4Linear(weight, None)
+    assert (layer.in_features, layer.out_features, layer.weight.numel()) == (128, 96, 96 * 128 // 2)
+    dense = bnb.functional.dequantize_4bit(layer.weight, layer.quant_state)
+    assert 0.02 < ((dense.float() - weight.float()).abs().mean() / weight.float().abs().mean()) < 0.15
+    x = torch.randn(5, 128, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(reference, dense).float().square().sum().backward()
+    assert torch.allclose(x.grad.float(), reference.grad.float(), rtol=2e-2, atol=1e-2)
+    assert not layer.weight.requires_grad
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_streamed_4bit_base_quantizes_every_projection_and_keeps_lm_head(tmp_path, tied):
     folder = make_tiny_llama(tmp_path / "model", tie_embeddings=tied)
@@ -207,6 +261,47 @@ def test_offloading_the_kept_layer_inputs_is_the_last_resort():
     chosen = plan(shape, int((kept + offloaded) / 2 / 0.92), tokens_per_batch=4096, longest=4096, logit_fraction=0.5)
     assert (chosen.precision, chosen.gradient_checkpointing, chosen.offload) == ("nf4", True, True)
     assert "checkpointing (offloaded)" in chosen.describe()
+
+
+# Peaks measured by bench/train_gpu.py --nf4 caps (H100, bitsandbytes kernels, torch's allocator: the
+# CUDA context is not in them), lessons of which 31% of the positions are labelled, 4 steps (AdamW's
+# moments exist); the planner adds CONTEXT_BYTES on top. README, "4-bit base".
+CODELLAMA_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                            num_attention_heads=40, vocab_size=32016)
+MEASURED_CAPS = [  # (shape, offloaded, measured peak GiB)
+    (CODELLAMA_7B, True, 5.15),
+    (CODELLAMA_7B, False, 5.94),
+    (CODELLAMA_13B, False, 10.07),
+    (CODELLAMA_34B, True, 20.48),
+]
+
+
+@pytest.mark.parametrize("config, offload, measured", MEASURED_CAPS)
+def test_expected_peak_is_within_0_3_gib_of_the_measured_one(config, offload, measured):
+    from lacd.pipeline.memplan import CONTEXT_BYTES
+
+    expected = expected_peak(Shape.of(config), "nf4", True, 4096, 16, 0.05, 1.5 * 0.309, offload)
+    assert abs((expected - CONTEXT_BYTES) / GIB - measured) < 0.3
+
+
+def test_checkpointed_logits_stay_one_loss_chunk_and_never_add_to_the_recomputed_layer():
+    from lacd.pipeline.memplan import LOSS_CHUNK_ELEMENTS, logit_bytes
+
+    shape = Shape.of(CODELLAMA_7B)
+    assert logit_bytes(shape, 4096, 1.0) == logit_bytes(shape, 8192, 0.5) == \
+        (LOSS_CHUNK_ELEMENTS // shape.vocab) * shape.vocab * 12
+    assert logit_bytes(shape, 100, 1.0) == 100 * shape.vocab * 12
+    # with checkpointing the larger of (recomputed layer, loss chunk) counts: labelling more positions
+    # of a 4096-token batch changes nothing once the layer is the larger
+    assert expected_peak(shape, "nf4", True, 4096, 16, 0.05, 0.2) == expected_peak(shape, "nf4", True, 4096, 16, 0.05, 1.0)
+    assert expected_peak(shape, "nf4", False, 4096, 16, 0.05, 0.2) < expected_peak(shape, "nf4", False, 4096, 16, 0.05, 1.0)
+
+
+def test_a_7b_on_an_8gb_card_keeps_its_layer_inputs_on_the_gpu():
+    chosen = plan(Shape.of(CODELLAMA_7B), 8 * GIB, tokens_per_batch=4096, longest=4096, logit_fraction=0.5)
+    assert (chosen.precision, chosen.gradient_checkpointing, chosen.offload) == ("nf4", True, False)
+    assert (chosen.tokens_per_batch, chosen.grad_accum) == (4096, 1)
+    assert 6 * GIB < chosen.expected_peak < 7 * GIB
 
 
 def test_requested_precision_is_kept():

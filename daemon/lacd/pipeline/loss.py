@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from lacd.pipeline.memplan import LOSS_CHUNK_ELEMENTS
 from lacd.pipeline.packing import (
     IGNORE_INDEX,
     VARLEN_ATTENTION,
@@ -55,8 +56,8 @@ def _varlen_kwargs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], de
 
 # Logits are computed LOSS_CHUNK_ELEMENTS at a time (fp32: 128 MiB) and recomputed in backward,
 # so no [tokens x vocab] tensor of a whole micro-batch ever exists: on SmolLM2 (49k vocabulary)
-# that is ~680 labelled positions per chunk.
-LOSS_CHUNK_ELEMENTS = 1 << 25
+# that is ~680 labelled positions per chunk. LOSS_CHUNK_ELEMENTS is declared in memplan, whose
+# memory model counts it.
 # Lessons share a prefix worth holding once per row from this many tokens on (TrainSpec.shared_prefix).
 MIN_SHARED_PREFIX = 16
 

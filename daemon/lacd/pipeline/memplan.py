@@ -15,9 +15,13 @@ checkpointing setting narrows the choice. When nothing fits, ``plan`` raises Pla
 naming how much is needed.
 
 The expected peak is weights + LoRA state (fp32 weights, gradients, AdamW moments) +
-activations kept for backward (``activation_bytes_per_token``, calibrated on the bench's
-CodeLlama-7B) + logits + the transient dequantized weight (NF4) + the CUDA context the
-allocator does not see; the margin covers fragmentation.
+activations kept for backward (``activation_bytes_per_token``) + logits of one loss chunk
+(the train stage computes them LOSS_CHUNK_ELEMENTS at a time) + the transient dequantized
+weight (NF4) + the CUDA context the allocator does not see; the margin covers fragmentation.
+With checkpointing the recomputed layer and the loss chunk are never alive together (the
+loss's backward is done before the last layer is recomputed), so the peak holds the larger
+of the two, not their sum. Calibrated on bench/train_gpu.py's capped runs (README, "4-bit
+base": measured and expected peak side by side).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from lacd.pipeline.nf4 import DEQUANTIZE_CHUNK, NF4_BYTES_PER_WEIGHT
 
 GIB = 1 << 30
 LORA_STATE_BYTES = 16  # per LoRA parameter: fp32 weight, gradient, AdamW's two moments
-DEQUANT_BYTES = 8  # per element of the largest weight while NF4 dequantizes it (int32 codes + bf16 values + result)
+TORCHAO_DEQUANT_BYTES = 8  # per weight of a torchao dequantize chunk (int32 codes + bf16 values + result)
+BNB_DEQUANT_BYTES = 2  # per weight of the largest projection: bitsandbytes dequantizes it whole, to bf16
+LOGIT_BYTES = 12  # per logit of the loss chunk: bf16 logits, their fp32 copy and its gradient
+LOSS_CHUNK_ELEMENTS = 1 << 25  # logits computed at a time by the train stage's loss (chunked_loss_sum)
 CONTEXT_BYTES = GIB // 2  # CUDA context and cuBLAS workspaces (not in torch's own count)
 
 
@@ -116,21 +123,36 @@ def weight_bytes(shape: Shape, precision: str) -> int:
     return 2 * (shape.linear_params() + shape.other_params())
 
 
+def layer_bytes_per_token(shape: Shape, lora_dropout: float) -> int:
+    """Bytes one decoder layer keeps for backward per token (bf16 compute, LoRA in bf16 under
+    autocast): two fp32 RMSNorm inputs (8 h), the normed adapter inputs (4 h), q, k, v and the
+    attention output (8 h), the MLP's gate, up, SiLU and product (8 i), LoRA dropout's 1-byte
+    masks (6 h + i)."""
+    h, i = shape.hidden, shape.intermediate
+    return 20 * h + 8 * i + ((6 * h + i) if lora_dropout > 0 else 0)
+
+
 def activation_bytes_per_token(shape: Shape, lora_dropout: float, checkpointing: bool,
                                offload: bool = False) -> int:
-    """Bytes kept for backward per token (bf16 compute, LoRA in bf16 under autocast).
-
-    Per decoder layer: two fp32 RMSNorm inputs (8 h), the normed adapter inputs (4 h), q, k,
-    v and the attention output (8 h), the MLP's gate, up, SiLU and product (8 i), LoRA
-    dropout's 1-byte masks (6 h + i). With checkpointing only each layer's input (2 h) is
-    kept, plus one layer's activations while it is recomputed; offloaded, those layer inputs
-    are in host memory and only the recomputed layer is on the GPU.
-    """
-    h, i = shape.hidden, shape.intermediate
-    per_layer = 20 * h + 8 * i + ((6 * h + i) if lora_dropout > 0 else 0)
+    """Bytes kept for backward per token: every layer's activations, or with checkpointing each
+    layer's input (2 h; in host memory when offloaded) plus one layer's while it is recomputed."""
+    per_layer = layer_bytes_per_token(shape, lora_dropout)
     if checkpointing:
-        return (0 if offload else shape.layers * 2 * h) + per_layer
+        return (0 if offload else shape.layers * 2 * shape.hidden) + per_layer
     return shape.layers * per_layer
+
+
+def logit_bytes(shape: Shape, tokens: int, logit_fraction: float) -> int:
+    """Bytes of the logits alive at once: the labelled positions, at most one loss chunk of rows."""
+    rows = min(int(tokens * logit_fraction), max(1, LOSS_CHUNK_ELEMENTS // shape.vocab))
+    return rows * shape.vocab * LOGIT_BYTES
+
+
+def dequant_bytes(shape: Shape) -> int:
+    """The transient of an NF4 matmul: the largest projection dequantized whole to bf16 by
+    bitsandbytes (CUDA), or a DEQUANTIZE_CHUNK of it by the torchao path, whichever is more."""
+    largest = max(a * b for a, b in shape.linear_shapes())
+    return max(BNB_DEQUANT_BYTES * largest, TORCHAO_DEQUANT_BYTES * min(largest, DEQUANTIZE_CHUNK))
 
 
 def expected_peak(shape: Shape, precision: str, checkpointing: bool, tokens: int, lora_r: int,
@@ -140,12 +162,15 @@ def expected_peak(shape: Shape, precision: str, checkpointing: bool, tokens: int
     logit_fraction: the share of a micro-batch's positions whose logits are computed (the
     train stage computes them only where the next token is labelled).
     """
-    logits = int(tokens * logit_fraction) * shape.vocab * 4 * 3  # bf16 logits, fp32 copy, its gradient
-    largest = min(max(a * b for a, b in shape.linear_shapes()), DEQUANTIZE_CHUNK)  # nf4 dequantizes in chunks
-    dequant = DEQUANT_BYTES * largest if precision == "nf4" else 0
+    logits = logit_bytes(shape, tokens, logit_fraction)
+    if checkpointing:  # the recomputed layer and the loss chunk are not alive together
+        kept = 0 if offload else shape.layers * 2 * shape.hidden * tokens
+        activations = kept + max(tokens * layer_bytes_per_token(shape, lora_dropout), logits)
+    else:
+        activations = tokens * activation_bytes_per_token(shape, lora_dropout, False) + logits
+    dequant = dequant_bytes(shape) if precision == "nf4" else 0
     return (weight_bytes(shape, precision) + LORA_STATE_BYTES * shape.lora_params(lora_r)
-            + tokens * activation_bytes_per_token(shape, lora_dropout, checkpointing, offload)
-            + logits + dequant + CONTEXT_BYTES)
+            + activations + dequant + CONTEXT_BYTES)
 
 
 def _candidates(precision: str, checkpointing: str, tokens_per_batch: int, grad_accum: int,
