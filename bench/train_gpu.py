@@ -164,6 +164,9 @@ VARIANTS |= {
     "lacd-bf16-seed2": ("bf16 base, seed 2", NO_PLAN | dict(base_precision="bf16", seed=2)),
     "lacd-nf4": ("NF4 base (bitsandbytes kernels on CUDA), the defaults", NO_PLAN | dict(base_precision="nf4")),
     "lacd-nf4-seed1": ("NF4 base, seed 1", NO_PLAN | dict(base_precision="nf4", seed=1)),
+    "lacd-bf16-gc": ("bf16 base + gradient checkpointing", NO_PLAN | dict(base_precision="bf16",
+                                                                        gradient_checkpointing="on")),
+    "lacd-nf4-compiled": ("NF4 base, decoder layers compiled", NO_PLAN | dict(base_precision="nf4", compile="on")),
     "lacd-nf4-gc": ("NF4 base + gradient checkpointing (the small-card plan)", NO_PLAN | dict(
         base_precision="nf4", gradient_checkpointing="on")),
     "lacd-nf4-offload": ("NF4 base + checkpointing, kept layer inputs offloaded to host memory", NO_PLAN | dict(
