@@ -80,6 +80,7 @@ from lacd.child import (
     watch_pause_requests,
     yield_child,
 )
+from lacd.pipeline import nf4
 from lacd.pipeline.checkpoint import (
     CHECKPOINT_PREFIX,
     COMPLETE_MARKER,
@@ -325,9 +326,10 @@ class LoRARecipe:
         model.config.use_cache = False
         planned = sum(len(self.train_rows[i]["input_ids"])
                       for step in self.steps for group in step.micro_batches for i in group)
-        # compiling the layers around NF4's autograd function was not measured: 'auto' stays eager there
+        # an NF4 base compiles under 'auto' on bitsandbytes' kernels (bench/train_gpu.py, 7B, H100: 13,693
+        # trained tok/s against 10,534 eager); the torchao fallback was not measured compiled: eager there
         compiling = should_compile(spec.compile, self.device, planned) and not (
-            spec.compile == "auto" and self.precision == "nf4")
+            spec.compile == "auto" and self.precision == "nf4" and nf4.backend(self.device) != nf4.BITSANDBYTES)
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
         per_token = activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None)
         self.offload = spec.gradient_checkpointing == OFFLOAD and self.device.type == "cuda"
