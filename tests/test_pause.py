@@ -48,7 +48,7 @@ def test_a_child_that_does_not_reach_a_step_boundary_is_ended_after_yield_s(tiny
     pause = threading.Event()
     threading.Timer(0.3, pause.set).start()
     started = time.monotonic()
-    with pytest.raises(TrainYielded, match="no step boundary within 1 s"):
+    with pytest.raises(TrainYielded, match="no step boundary within 0.8 s"):
         train_in_child(make_spec(tiny_dir, dataset_dir, tmp_path), python=str(sleeper), poll_s=0.05,
                        pause=pause, yield_s=1)
     assert time.monotonic() - started < 30
@@ -81,3 +81,34 @@ def test_slow_steps_are_checkpointed_by_time_so_an_ended_child_loses_little(tiny
     monkeypatch.setattr(train_mod, "CHECKPOINT_MAX_S", 3600.0)
     again = make_spec(tiny_dir, dataset_dir, tmp_path / "steps", checkpoint_every=1000, epochs=1)
     assert [s for s, _ in complete_checkpoints(run_training(again) and again.checkpoint_dir)] == [result.steps]
+
+
+def test_a_step_longer_than_yield_s_is_ended_and_loses_only_that_step(tiny_dir, dataset_dir, tmp_path, monkeypatch):
+    """Steps of 3 s against yield_s = 1 s: the child checkpoints after every such long step, the pause
+    cannot wait for the step in flight, so the child is SIGKILLed; the newest checkpoint is the last
+    finished step, and resuming from it ends with the uninterrupted run's adapter, bit for bit."""
+    from lacd.pipeline import train as train_mod
+
+    straight = run_training(make_spec(tiny_dir, dataset_dir, tmp_path / "straight", checkpoint_every=1000))
+    spec = make_spec(tiny_dir, dataset_dir, tmp_path / "long", checkpoint_every=1000)
+    monkeypatch.setenv(train_mod.TEST_SLOW_STEP_ENV, "3")
+    pause = threading.Event()
+    finished = []
+
+    def on_progress(progress):
+        if progress.get("phase") == "train":
+            finished.append(progress["step"])
+            if progress["step"] >= 2:
+                pause.set()  # the child is now writing step 2's checkpoint or 3 s away from step 3's end
+
+    with pytest.raises(TrainYielded, match="no step boundary within 0.8 s"):
+        train_in_child(spec, on_progress, poll_s=0.05, pause=pause, yield_s=1)
+    steps = [s for s, _ in complete_checkpoints(spec.checkpoint_dir)]
+    assert steps and steps[-1] == max(finished) == 2, (steps, finished)  # every finished step is kept
+
+    monkeypatch.delenv(train_mod.TEST_SLOW_STEP_ENV)
+    resumed = train_in_child(spec, poll_s=0.05)
+    assert resumed.resumed_from_step == 2
+    a, b = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(spec.out_dir)
+    assert a.keys() == b.keys() and straight.steps == resumed.steps
+    assert all(torch.equal(a[name], b[name]) for name in a)

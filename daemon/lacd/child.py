@@ -18,6 +18,10 @@ from typing import Callable
 
 EXIT_ERROR = 2  # a child that cannot do its work (bad input or configuration, parent gone); message on stderr
 PAUSE_REQUEST = threading.Event()  # set in the child by the parent's "pause" line on stdin (watch_pause_requests)
+YIELD_SHARE = 0.75  # of yield_s, the time a paused child gets to reach a step boundary; the rest is the
+# idle watch's poll (at most yield_s / 4 or 1 s) and the release of the child's memory after it exits
+YIELD_BUDGET_ENV = "LACD_TRAIN_YIELD_BUDGET_S"  # that time, told to the child: a step longer than half of it
+# is followed by a checkpoint, so a child ended mid-step loses that one step and nothing before it
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -84,17 +88,25 @@ def wait_any(events: list[threading.Event], timeout: float) -> bool:
     return True
 
 
+def yield_budget_s() -> float | None:
+    """Child side: seconds it has to step aside once asked (YIELD_BUDGET_ENV), None when not told."""
+    value = os.environ.get(YIELD_BUDGET_ENV)
+    return float(value) if value else None
+
+
 def yield_child(child: subprocess.Popen, yield_s: float) -> int | None:
-    """Ask the training child to checkpoint at its next step boundary and exit; past yield_s, end it.
-    Returns its exit code."""
+    """Ask the training child to checkpoint at its next step boundary and exit; if it has not within
+    YIELD_SHARE of yield_s, SIGKILL it: its checkpoints are committed by rename and a step longer than
+    half that time was checkpointed when it ended, so it loses at most the step in flight. Returns
+    its exit code."""
     with contextlib.suppress(OSError, ValueError):
         child.stdin.write(b"pause\n")
         child.stdin.flush()
     try:
-        return child.wait(timeout=yield_s)
+        return child.wait(timeout=yield_s * YIELD_SHARE)
     except subprocess.TimeoutExpired:
-        stop_child(child)
-        return child.returncode
+        child.kill()
+        return child.wait()
 
 
 def stop_child(child: subprocess.Popen) -> None:

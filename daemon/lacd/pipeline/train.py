@@ -70,6 +70,8 @@ from lacd.artifacts import commit_folder, write_json_atomic
 from lacd.child import (
     EXIT_ERROR,
     PAUSE_REQUEST,
+    YIELD_BUDGET_ENV,
+    YIELD_SHARE,
     child_malloc_env,
     die_with_parent,
     read_tail,
@@ -78,6 +80,7 @@ from lacd.child import (
     stop_child,
     wait_any,
     watch_pause_requests,
+    yield_budget_s,
     yield_child,
 )
 from lacd.pipeline import nf4
@@ -129,8 +132,7 @@ from lacd.pipeline.trainspec import (
 log = structlog.get_logger(__name__)
 
 
-CHECKPOINT_MAX_S = 300.0  # also checkpoint at the first step boundary this long after the last one: a
-# paused child whose step outlasts yield_s is ended, and loses at most this much (slow CPU steps)
+CHECKPOINT_MAX_S = 300.0  # also checkpoint at the first step boundary this long after the last one
 EXIT_OOM = 75  # CUDA out of memory: retry with a smaller micro-batch
 EXIT_PAUSED = 76  # asked to step aside: a checkpoint of the last finished step is written, then exit
 _ERROR_PREFIX = "lacd train: error: "
@@ -450,14 +452,17 @@ class LoRARecipe:
         total = len(self.steps)
         first = self.counters.step
         last_checkpoint = time.monotonic()
+        budget = yield_budget_s()
+        saving_s = 0.0  # how long the last checkpoint took to write
         for index in range(first, total):
             self._step_aside_if_asked(index > first)
             step_started = time.monotonic()
             loss, tokens, labelled = self._optimizer_step(self.steps[index])
+            step_s = time.monotonic() - step_started
             self.counters.step = index + 1
             self.counters.tokens += tokens
             self.counters.labelled_tokens += labelled
-            self.counters.seconds += time.monotonic() - step_started
+            self.counters.seconds += step_s
             tokens_here += tokens
             elapsed = max(time.monotonic() - started, 1e-9)
             done_here = index + 1 - (self.resumed_from_step or 0)
@@ -472,9 +477,12 @@ class LoRARecipe:
                 self._log_calibration()
             every = spec.checkpoint_every
             overdue = self._agreed(time.monotonic() - last_checkpoint > CHECKPOINT_MAX_S)
-            if (every > 0 and self.counters.step % every == 0) or self.counters.step == total or overdue:
+            long_step = self._agreed(budget is not None and step_s + saving_s > budget / 2)  # see YIELD_BUDGET_ENV
+            if (every > 0 and self.counters.step % every == 0) or self.counters.step == total or overdue or long_step:
+                saving_started = time.monotonic()
                 self._save_checkpoint()
                 last_checkpoint = time.monotonic()
+                saving_s = last_checkpoint - saving_started
 
     def _step_aside_if_asked(self, progressed: bool) -> None:
         """At a step boundary: when the parent asked to pause, checkpoint this step (if any was done
@@ -698,6 +706,22 @@ def _inject_oom_for_tests(limit: str | None) -> None:
     globals()["loss_sum"] = loss_sum_with_a_memory_cap  # the recipe's
 
 
+TEST_SLOW_STEP_ENV = "TEST_LACD_STEP_SLEEP_S"  # tests, bench: every step takes this much longer (not LACD_: the daemon rejects those)
+
+
+def _inject_slow_steps_for_tests(seconds: str | None) -> None:
+    """Make every optimizer step sleep `seconds` first (see TEST_SLOW_STEP_ENV); the maths is unchanged."""
+    if not seconds:
+        return
+    real = LoRARecipe._optimizer_step
+
+    def slow_optimizer_step(self, planned):
+        time.sleep(float(seconds))
+        return real(self, planned)
+
+    LoRARecipe._optimizer_step = slow_optimizer_step
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Child entry point: python -m lacd.pipeline.train SPEC.json [--result RESULT.json]."""
     parser = argparse.ArgumentParser(prog="python -m lacd.pipeline.train")
@@ -709,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.setup(level=args.log_level, fmt="json", stream=sys.stderr)
     _inject_oom_for_tests(os.environ.get(TEST_OOM_ENV))
+    _inject_slow_steps_for_tests(os.environ.get(TEST_SLOW_STEP_ENV))
     parent = os.environ.get("LACD_TRAIN_PARENT_PID")
     die_with_parent(int(parent) if parent else None)
     if os.environ.get("LACD_TRAIN_PAUSE_PIPE"):
@@ -753,6 +778,7 @@ def _run_child(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_root()), env.get("PYTHONPATH")]))
     env["LACD_TRAIN_PARENT_PID"] = str(os.getpid())
     env["LACD_TRAIN_PAUSE_PIPE"] = "1"
+    env[YIELD_BUDGET_ENV] = str(yield_s * YIELD_SHARE)
     command = [python, "-m", "lacd.pipeline.train", str(spec_path), "--result", str(result_path)]
     if spec.devices != 1:
         from lacd.pipeline import distributed
@@ -781,7 +807,7 @@ def _run_child(
 def _yielded(code: int | None, yield_s: float) -> TrainYielded:
     if code == EXIT_PAUSED:
         return TrainYielded("training stepped aside for the agent: it checkpointed its last step and exited")
-    return TrainYielded(f"training stepped aside for the agent: no step boundary within {yield_s:.0f} s, so it "
+    return TrainYielded(f"training stepped aside for the agent: no step boundary within {yield_s * YIELD_SHARE:.1f} s, so it "
                         f"was stopped; it resumes from its last checkpoint")
 
 
