@@ -82,9 +82,11 @@ def run_state(db: Path) -> dict:
     return {"status": row[0], **json.loads(row[1] or "{}")} if row else {}
 
 
-def wait_for(predicate, timeout: float, every: float = 0.1):
+def wait_for(predicate, timeout: float, every: float = 0.1, daemon: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if daemon is not None and daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with {daemon.returncode}: see its daemon.log")
         value = predicate()
         if value:
             return value
@@ -101,14 +103,30 @@ def start_daemon(env: dict[str, str], work: Path, log: Path, lessons: int) -> su
     return subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stdout=out, stderr=out)
 
 
-def training(db: Path, timeout: float = 900) -> dict:
-    state = wait_for(lambda: (s := run_state(db)).get("phase") == "train" and s.get("step", 0) >= 1 and s, timeout, 0.5)
+def training(db: Path, timeout: float = 900, daemon: subprocess.Popen | None = None) -> dict:
+    state = wait_for(lambda: (s := run_state(db)).get("phase") == "train" and s.get("step", 0) >= 1 and s, timeout, 0.5,
+                     daemon)
     if not state:
         raise SystemExit(f"the run did not start training: {run_state(db)}")
     return state
 
 
+def train_children(daemon_pid: int) -> list:
+    """The daemon's training child processes (python -m lacd.pipeline.train)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(daemon_pid).children(recursive=True):
+        try:
+            if "lacd.pipeline.train" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
 def lacd_gpu_mb(daemon_pid: int) -> float:
+    """GPU memory (MiB) that NVML sees held by the daemon and its children."""
     import psutil
     import pynvml
 
@@ -120,25 +138,118 @@ def lacd_gpu_mb(daemon_pid: int) -> float:
     return used / 2**20
 
 
-def gpu_release(args, work: Path) -> None:
-    import pynvml
+SHAPES = {  # LlamaConfig fields; vocab 32016 and rope_theta 1e6 as CodeLlama-7B ships them
+    "codellama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
 
-    pynvml.nvmlInit()
-    state, log = work / "state", work / "agent_interactions.jsonl"
-    env = daemon_env(state, log, args.base, "cuda", args.yield_s)
-    daemon = start_daemon(env, work, log, args.lessons)
+
+def build_base(folder: Path, shape: str) -> None:
+    """A random-initialised Llama of `shape` as a bf16 safetensors HF folder, with the SentencePiece
+    tokenizer tests/tiny.py trains in-process (no download). Built on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from tiny import _write_spm_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = _write_spm_tokenizer(folder)
+    config = LlamaConfig(vocab_size=32016, max_position_embeddings=16384, rope_theta=1e6, rms_norm_eps=1e-5,
+                         bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"], **SHAPES[shape])
+    torch.manual_seed(0)
+    started = time.monotonic()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    print(json.dumps({"built": str(folder), "shape": shape, "parameters": sum(p.numel() for p in model.parameters()),
+                      "seconds": round(time.monotonic() - started, 1)}))
+
+
+def resumed_from(state: Path) -> int | None:
+    """The step the newest training child resumed from (its train_resumed log line), if any."""
+    step = None
+    for path in state.glob("**/child.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"train_resumed"' in line:
+                step = json.loads(line).get("step")
+    return step
+
+
+def one_pause(daemon: subprocess.Popen, db: Path, log: Path, fraction: float, nvml: bool) -> dict:
+    """Wait for training on the GPU, time one step, append a log line `fraction` of a step after a
+    step boundary, and time: run paused, training child gone, lacd's GPU memory 0, training again."""
+    def training_step() -> int:
+        s = run_state(db)
+        return s.get("step", 0) if s.get("status") == "running" and s.get("phase") == "train" else 0
+
+    held = wait_for(lambda: train_children(daemon.pid) and training_step() and (not nvml or lacd_gpu_mb(daemon.pid)), 900, 0.1, daemon)
+    if not held:
+        raise SystemExit(f"no training to pause: {run_state(db)}")
+    first = training_step()
+    wait_for(lambda: training_step() > first, 300, 0.01, daemon)
+    boundary, second = time.monotonic(), training_step()
+    wait_for(lambda: training_step() > second, 300, 0.01, daemon)
+    step_s = time.monotonic() - boundary
+    time.sleep(step_s * fraction)
+    with open(log, "a") as fh:
+        fh.write(json.dumps({"user_prompt": "bench", "ai_responses": ["ok"], "tool_executions": []}) + "\n")
+    asked = time.monotonic()
+    since = lambda: round(time.monotonic() - asked, 2)  # noqa: E731
+    out = {"step_s": round(step_s, 2), "line_at_fraction_of_step": fraction, "gpu_mb_before": held if nvml else None}
+    watched = {"paused_s": lambda: run_state(db).get("status") == "paused",
+               "child_gone_s": lambda: not train_children(daemon.pid)}
+    if nvml:
+        watched["released_s"] = lambda: lacd_gpu_mb(daemon.pid) == 0
+    while watched:
+        for key, done in list(watched.items()):
+            if done():
+                out[key] = since()
+                del watched[key]
+        if since() > 120:
+            raise SystemExit(f"not released after 120 s: {out} {run_state(db)}")
+        time.sleep(0.02)
+    out["step_at_pause"] = paused = run_state(db).get("step") or 0
+    if not wait_for(lambda: training_step() > paused, 900, 0.05, daemon):  # a step done by the resumed child
+        raise SystemExit(f"did not resume: {run_state(db)}")
+    out["resumed_after_s"] = since()
+    out["resumed_from_step"] = resumed_from(db.parent)
+    return out
+
+
+def gpu_release(args, work: Path) -> None:
+    """Pause a training run args.pauses times at different points of a step; each pause's timings."""
     try:
-        training(state / "lacd.db")
-        held = wait_for(lambda: lacd_gpu_mb(daemon.pid) > 0 and lacd_gpu_mb(daemon.pid), 120)
-        with open(log, "a") as fh:
-            fh.write(json.dumps({"user_prompt": "bench", "ai_responses": ["ok"], "tool_executions": []}) + "\n")
-        asked = time.monotonic()
-        wait_for(lambda: lacd_gpu_mb(daemon.pid) == 0, 120, 0.05)
-        print(json.dumps({"gpu_mb_before": held, "seconds_to_release": round(time.monotonic() - asked, 2),
-                          "paused": run_state(state / "lacd.db").get("paused")}))
+        import pynvml
+
+        pynvml.nvmlInit()
+        nvml = True
+    except Exception:  # noqa: BLE001 - no NVIDIA: time the pause and the child's exit only (a CPU dry run)
+        nvml = False
+    state, log = work / "state", work / "agent_interactions.jsonl"
+    env = daemon_env(state, log, args.base, args.device, args.yield_s)
+    env.update(LACD_SCHEDULE_IDLE_MINUTES=str(args.idle_s / 60), LACD_TRAIN_TOKENS_PER_BATCH=str(args.tokens_per_batch))
+    if args.slow_step_s:  # every step made longer than yield_s: the pause path that ends the child
+        from lacd.pipeline.train import TEST_SLOW_STEP_ENV
+
+        env[TEST_SLOW_STEP_ENV] = str(args.slow_step_s)
+    daemon = start_daemon(env, work, log, args.lessons)
+    pauses = []
+    try:
+        training(state / "lacd.db", daemon=daemon)
+        for i in range(args.pauses):
+            pauses.append(one_pause(daemon, state / "lacd.db", log, i / args.pauses, nvml))
+            print(json.dumps(pauses[-1]), flush=True)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
+    key = "released_s" if nvml else "child_gone_s"
+    times = sorted(p[key] for p in pauses)
+    print(json.dumps({"device": args.device, "yield_s": args.yield_s, "slow_step_s": args.slow_step_s, "measured": key,
+                      "min": times[0], "median": times[len(times) // 2], "max": times[-1],
+                      "within_yield_s": all(t <= args.yield_s for t in times),
+                      "steps_lost": [p["step_at_pause"] - (p["resumed_from_step"] or 0) for p in pauses]}))
 
 
 def main() -> None:
@@ -150,10 +261,18 @@ def main() -> None:
     parser.add_argument("--lessons", type=int, default=24)
     parser.add_argument("--base", default="smollm2-135m", help="lacd's base model")
     parser.add_argument("--gpu-release", action="store_true", help="CUDA: seconds from a log line to lacd's GPU memory released")
+    parser.add_argument("--build-base", choices=sorted(SHAPES), help="write a random-initialised model of this shape to --base, then exit")
+    parser.add_argument("--device", default="cuda", help="--gpu-release: lacd's [train] device (cpu: a dry run without NVML)")
+    parser.add_argument("--pauses", type=int, default=3, help="--gpu-release: pauses, at 0, 1/N, ... of a step")
+    parser.add_argument("--idle-s", type=float, default=5, help="--gpu-release: [schedule] idle_minutes, in seconds")
+    parser.add_argument("--tokens-per-batch", type=int, default=1024)
+    parser.add_argument("--slow-step-s", type=float, default=0, help="--gpu-release: add this to every step (a step longer than yield_s)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lacd-share-"))
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if args.build_base:
+        return build_base(Path(args.base), args.build_base)
     if args.gpu_release:
         return gpu_release(args, work)
     result: dict = {"load_average_before": os.getloadavg(), "cores": os.cpu_count(), "agent_threads": args.threads}
