@@ -87,6 +87,8 @@ def wait_for(predicate, timeout: float, every: float = 0.1, daemon: subprocess.P
     while time.monotonic() < deadline:
         if daemon is not None and daemon.poll() is not None:
             raise SystemExit(f"the daemon exited with {daemon.returncode}: see its daemon.log")
+        if daemon is not None and '"stage_failed"' in Path(daemon.log_path).read_text(errors="replace"):
+            raise SystemExit(f"a stage failed: see {daemon.log_path}")
         value = predicate()
         if value:
             return value
@@ -100,7 +102,9 @@ def start_daemon(env: dict[str, str], work: Path, log: Path, lessons: int) -> su
             fh.write(line + "\n")
     os.utime(log, (time.time() - 3600, time.time() - 3600))  # the agent last wrote an hour ago
     out = open(work / "daemon.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stdout=out, stderr=out)
+    daemon = subprocess.Popen([sys.executable, "-m", "lacd", "run"], env=env, stdout=out, stderr=out)
+    daemon.log_path = work / "daemon.log"  # wait_for reads it: a failed stage ends the bench at once
+    return daemon
 
 
 def training(db: Path, timeout: float = 900, daemon: subprocess.Popen | None = None) -> dict:
@@ -211,6 +215,7 @@ def one_pause(daemon: subprocess.Popen, db: Path, log: Path, fraction: float, nv
             raise SystemExit(f"not released after 120 s: {out} {run_state(db)}")
         time.sleep(0.02)
     out["step_at_pause"] = paused = run_state(db).get("step") or 0
+    print(json.dumps({"released": out}), flush=True)  # kept even if the resume below runs out of time
     if not wait_for(lambda: training_step() > paused, 900, 0.05, daemon):  # a step done by the resumed child
         raise SystemExit(f"did not resume: {run_state(db)}")
     out["resumed_after_s"] = since()
