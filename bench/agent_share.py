@@ -19,8 +19,11 @@ before the daemon starts and the log is back-dated, so the run starts at once):
                 that start after yield_s. Also: seconds from that line to the run being paused with
                 its training child gone.
 
---gpu-release (CUDA + nvidia-ml-py): the daemon trains --base on the GPU; a log line is appended
-and the bench prints the seconds until no process of lacd's holds GPU memory (target <= 10 s).
+--build-base codellama-7b --base DIR writes a random-initialised CodeLlama-7B-shaped model (no download).
+--gpu-release (CUDA + nvidia-ml-py): the daemon trains --base on the GPU; --pauses times a log line
+appended at 0, 1/N, ... of a step, and prints for each the seconds to the run paused, the training
+child gone, no GPU memory of lacd's (target <= 10 s) and training resumed, and the steps lost.
+--slow-step-s makes every step longer (the kill path); --device cpu is a dry run without NVML.
 """
 
 from __future__ import annotations
