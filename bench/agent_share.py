@@ -277,6 +277,7 @@ def main() -> None:
     parser.add_argument("--slow-step-s", type=float, default=0, help="--gpu-release: add this to every step (a step longer than yield_s)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends the bench: its finally stops the daemon
     work = args.work or Path(tempfile.mkdtemp(prefix="lacd-share-"))
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     if args.build_base:
