@@ -22,18 +22,31 @@ YIELD_SHARE = 0.75  # of yield_s, the time a paused child gets to reach a step b
 # idle watch's poll (at most yield_s / 4 or 1 s) and the release of the child's memory after it exits
 YIELD_BUDGET_ENV = "LACD_TRAIN_YIELD_BUDGET_S"  # that time, told to the child: a step longer than half of it
 # is followed by a checkpoint, so a child ended mid-step loses that one step and nothing before it
+PARENT_PID_ENV = "LACD_PARENT_PID"  # the parent's pid, set by child_env, read by die_with_parent
 
 
-def die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so no orphan keeps training."""
-    if parent_pid is None or not sys.platform.startswith("linux"):
+def child_env() -> dict[str, str]:
+    """The environment of a child: the parent's, with child_malloc_env, the lacd package first on
+    PYTHONPATH (source_root) and the parent's pid for die_with_parent."""
+    env = dict(os.environ) | child_malloc_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_root()), env.get("PYTHONPATH")]))
+    env[PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (PARENT_PID_ENV) dies, so no orphan keeps
+    training or holding models; exit at once if the parent died before the request took effect.
+    Nothing when the variable is unset (a child started by hand)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:
+    if os.getppid() != int(parent):
         os._exit(EXIT_ERROR)
 
 
@@ -75,6 +88,12 @@ def read_tail(path: Path, limit: int = 4000) -> str:
         handle.seek(0, os.SEEK_END)
         handle.seek(max(0, handle.tell() - limit))
         return handle.read().decode("utf-8", errors="replace")
+
+
+def error_from_log(tail: str, prefix: str) -> str | None:
+    """The child's own one-line error: the last line of tail that starts with prefix, without it."""
+    messages = [line for line in tail.splitlines() if line.startswith(prefix)]
+    return messages[-1].removeprefix(prefix) if messages else None
 
 
 def wait_any(events: list[threading.Event], timeout: float) -> bool:

@@ -53,7 +53,7 @@ from typing import Any, Mapping, Sequence
 import structlog
 import torch
 
-from lacd.child import die_with_parent
+from lacd.child import PARENT_PID_ENV, die_with_parent
 from lacd.pipeline import train
 from lacd.pipeline.loss import _decoder_and_head, evaluate
 from lacd.pipeline.packing import labelled_token_count, lesson_token_count
@@ -195,7 +195,7 @@ def launch(devices: int, child_args: Sequence[str], python: str = sys.executable
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    os.environ["LACD_TRAIN_PARENT_PID"] = str(os.getpid())  # each rank dies with this launcher
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # each rank dies with this launcher
     try:
         elastic_launch(launch_config(devices), entrypoint=python)("-m", "lacd.pipeline.train", *child_args)
     except ChildFailedError as exc:
@@ -208,8 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lacd.pipeline.distributed")
     parser.add_argument("--devices", type=int, required=True)
     args, child_args = parser.parse_known_args(argv)
-    parent = os.environ.get("LACD_TRAIN_PARENT_PID")
-    die_with_parent(int(parent) if parent else None)
+    die_with_parent()
     return launch(args.devices, child_args)
 
 

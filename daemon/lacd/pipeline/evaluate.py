@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import structlog
 
+from lacd.child import EXIT_ERROR, child_env, die_with_parent, error_from_log, read_tail, stop_child, wait_any
 from lacd.pipeline import template as tpl
 from lacd.protocol import FABRICATED_MARKERS, TOOLS, ToolCall, check_call, format_call, parse_tool_calls
 
@@ -607,39 +608,32 @@ def evaluate_in_child(
                  "tools": {k: list(v) for k, v in spec.tools.items()}},
         "cases": [asdict(c) for c in cases], "candidate": candidate.to_dict(), "incumbent": incumbent.to_dict(),
         "ollama_host": ollama_host, "known_losses": dict(known_losses or {}), "out_path": str(out_path),
-        "parent_pid": os.getpid(),
     }  # fmt: skip
     _write_json(request, payload)
-    from lacd.child import child_malloc_env
-
-    env = dict(os.environ) | child_malloc_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_path = out_path.with_name("evaluate.log")
     try:
         with open(log_path, "w", encoding="utf-8") as log_file:
             child = subprocess.Popen([python, "-m", "lacd.pipeline.evaluate", str(request)], stdout=log_file,
-                                     stderr=subprocess.STDOUT, env=env)  # fmt: skip
-            code = _wait_child(child, timeout_s, stop or threading.Event(), poll_s, log_path, pause)
+                                     stderr=subprocess.STDOUT, env=child_env())  # fmt: skip
+            code = _wait_child(child, timeout_s, stop, poll_s, log_path, pause)
     finally:
         request.unlink(missing_ok=True)  # it holds the held-out prompts in clear text
     if code != 0 or not out_path.is_file():
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        messages = [line for line in tail.splitlines() if line.startswith(_ERROR_PREFIX)]
-        raise EvaluateError(messages[-1].removeprefix(_ERROR_PREFIX) if messages
-                            else f"evaluation process exited with code {code}\n{tail}")  # fmt: skip
+        tail = read_tail(log_path)
+        reason = error_from_log(tail, _ERROR_PREFIX) or f"evaluation process exited with code {code}\n{tail}"
+        raise EvaluateError(reason)
     result = json.loads(out_path.read_text(encoding="utf-8"))
     result.pop("cases", None)
     return result
 
 
-def _wait_child(child: subprocess.Popen, timeout_s: float | None, stop: threading.Event, poll_s: float,
+def _wait_child(child: subprocess.Popen, timeout_s: float | None, stop: threading.Event | None, poll_s: float,
                 log_path: Path, pause: threading.Event | None = None) -> int:
-    """The child's exit code; ends it (TERM, then KILL) on a stop request or past the timeout."""
-    from lacd.child import stop_child  # the trainer's child is ended the same way
-
+    """The child's exit code; ends it (TERM, then KILL) on a stop or pause request or past the timeout."""
     deadline = None if not timeout_s else time.monotonic() + timeout_s
+    asked = [e for e in (stop, pause) if e is not None]
     while child.poll() is None:
-        if stop.wait(poll_s) or (pause is not None and pause.is_set()):
+        if wait_any(asked, poll_s):
             stop_child(child)
             raise EvaluateInterrupted("evaluation stopped on request; it is redone at the next start")
         if deadline is not None and time.monotonic() > deadline:
@@ -681,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.setup(level="info", fmt="json", stream=sys.stderr)
     request = json.loads(args.request.read_text(encoding="utf-8"))
-    _die_with_parent(request.get("parent_pid"))
+    die_with_parent()
     raw = request["spec"]
     spec = EvalSpec(**{**raw, "base_dir": Path(raw["base_dir"]), "dataset_dir": Path(raw["dataset_dir"]),
                        "tools": {k: tuple(v) for k, v in raw["tools"].items()}})  # fmt: skip
@@ -697,24 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            known_losses=request.get("known_losses"), out_path=Path(request["out_path"]))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         print(f"{_ERROR_PREFIX}{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     return 0
-
-
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGKILL this process when the daemon dies, so no orphan keeps two models loaded."""
-    if parent_pid is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(2)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:

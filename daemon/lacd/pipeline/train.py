@@ -72,11 +72,11 @@ from lacd.child import (
     PAUSE_REQUEST,
     YIELD_BUDGET_ENV,
     YIELD_SHARE,
-    child_malloc_env,
+    child_env,
     die_with_parent,
+    error_from_log,
     read_tail,
     relay_progress,
-    source_root,
     stop_child,
     wait_any,
     watch_pause_requests,
@@ -734,8 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(level=args.log_level, fmt="json", stream=sys.stderr)
     _inject_oom_for_tests(os.environ.get(TEST_OOM_ENV))
     _inject_slow_steps_for_tests(os.environ.get(TEST_SLOW_STEP_ENV))
-    parent = os.environ.get("LACD_TRAIN_PARENT_PID")
-    die_with_parent(int(parent) if parent else None)
+    die_with_parent()
     if os.environ.get("LACD_TRAIN_PAUSE_PIPE"):
         watch_pause_requests(sys.stdin.fileno())
     try:
@@ -759,6 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def child_command(python: str, spec_path: Path, result_path: Path) -> list[str]:
+    """The command line of one training child (the entry point main)."""
+    return [python, "-m", "lacd.pipeline.train", str(spec_path), "--result", str(result_path)]
+
+
 def _run_child(
     spec: TrainSpec,
     python: str,
@@ -774,12 +778,10 @@ def _run_child(
     spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "child.log"
     spec_path.write_text(spec.to_json(), encoding="utf-8")
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ) | child_malloc_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_root()), env.get("PYTHONPATH")]))
-    env["LACD_TRAIN_PARENT_PID"] = str(os.getpid())
+    env = child_env()
     env["LACD_TRAIN_PAUSE_PIPE"] = "1"
     env[YIELD_BUDGET_ENV] = str(yield_s * YIELD_SHARE)
-    command = [python, "-m", "lacd.pipeline.train", str(spec_path), "--result", str(result_path)]
+    command = child_command(python, spec_path, result_path)
     if spec.devices != 1:
         from lacd.pipeline import distributed
 
@@ -851,9 +853,7 @@ def train_in_child(
             attempt = smaller
             continue
         if code == EXIT_ERROR:
-            messages = [line for line in tail.splitlines() if line.startswith(_ERROR_PREFIX)]
-            reason = messages[-1].removeprefix(_ERROR_PREFIX) if messages else f"training failed\n{tail}"
-            raise TrainError(reason)
+            raise TrainError(error_from_log(tail, _ERROR_PREFIX) or f"training failed\n{tail}")
         if code < 0:
             name = signal.Signals(-code).name
             raise TrainError(f"training process killed by {name} (out of host memory?)\n{tail}")

@@ -1,0 +1,63 @@
+"""lacd.child: the code the train and evaluate children share, with real processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from lacd.child import EXIT_ERROR, PARENT_PID_ENV, child_env, error_from_log, read_tail
+
+SLEEPER = "from lacd.child import die_with_parent; import time; die_with_parent(); print('ready', flush=True); time.sleep(60)"
+PARENT = f"""
+import subprocess, sys, time
+from lacd.child import child_env
+child = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}], env=child_env())
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_child_dies_with_its_parent_when_the_parent_is_sigkilled():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        lines = {parent.stdout.readline().strip() for _ in range(2)}  # the child's pid, and its 'ready'
+        assert "ready" in lines  # past die_with_parent
+        (pid,) = (int(line) for line in lines - {"ready"})
+        assert not _gone(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid), "the child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_child_whose_parent_is_already_gone_exits_at_once():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    env = child_env() | {PARENT_PID_ENV: str(dead.pid)}  # a parent that died before the child looked
+    done = subprocess.run([sys.executable, "-c", SLEEPER], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == EXIT_ERROR and "ready" not in done.stdout
+
+
+def test_the_error_line_is_read_from_the_log_tail(tmp_path):
+    log = tmp_path / "child.log"
+    log.write_text("x" * 10_000 + "\nlacd train: error: first\nnoise\nlacd train: error: the last one\nmore noise\n")
+    tail = read_tail(log)
+    assert len(tail) == 4000 and tail.endswith("more noise\n")
+    assert error_from_log(tail, "lacd train: error: ") == "the last one"
+    assert error_from_log(tail, "lacd evaluate: error: ") is None
+    assert read_tail(tmp_path / "missing.log") == ""
