@@ -69,7 +69,7 @@ def test_gguf_file_is_converted_once(tiny_gguf, tmp_path):
     converted = resolve_base(str(gguf_file), state)
     assert converted.parent == state / "models" and converted.name.startswith("gguf-tiny-q8-")
     assert (converted / "model.safetensors").is_file() and (converted / "lacd_source.json").is_file()
-    assert not [p for p in converted.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in converted.parent.iterdir() if p.name.endswith(".tmp")]
     same_as_gguf(converted, gguf_file)
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
     assert resolve_base(str(gguf_file), state) == converted

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_reference import labelled_texts
+from lacd.artifacts import temporary_sibling
 from lacd.ingest.lessons import canonical
 from lacd.pipeline import format as fmt
 from lacd.pipeline import template as tpl
@@ -201,7 +202,7 @@ def test_unrenderable_lessons_are_dropped_with_their_reason(bases, tmp_path):
 
 def test_format_json_is_the_result_and_the_folder_appears_complete(bases, tmp_path):
     out = tmp_path / "dataset"
-    stale = tmp_path / "dataset.tmp"
+    stale = temporary_sibling(out)  # a half-written folder of an earlier attempt under this pid
     stale.mkdir()
     (stale / "junk").write_text("half-written", encoding="utf-8")
     result = run(bases["bpe"], out, lessons(5))

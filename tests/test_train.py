@@ -29,6 +29,7 @@ from lacd.pipeline.packing import (
     common_prefix_length,
     labelled_token_count,
 )
+from lacd.artifacts import sweep_leftovers
 from lacd.pipeline.checkpoint import complete_checkpoints
 from lacd.pipeline.loss import loss_sum
 from lacd.pipeline.plan import lr_factor, plan_steps, warmup_steps
@@ -274,11 +275,14 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tiny_dir, dataset_dir
     partial = spec.checkpoint_dir / "checkpoint-6"
     partial.mkdir()
     (partial / "adapter.safetensors").write_bytes(b"half")
-    (spec.checkpoint_dir / ".tmp-checkpoint-6").mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftover = spec.checkpoint_dir / f".checkpoint-6.{gone.pid}.tmp"  # a killed child's half checkpoint
+    leftover.mkdir()
 
     resumed = run_training(spec)
     assert resumed.resumed_from_step == 4
-    assert not (spec.checkpoint_dir / ".tmp-checkpoint-6").exists()
+    assert sweep_leftovers(spec.checkpoint_dir) == [leftover]  # what a run's start removes
     assert resumed.steps == straight.steps
     assert resumed.heldout_loss_before == straight.heldout_loss_before
     assert resumed.heldout_loss_after == pytest.approx(straight.heldout_loss_after, rel=1e-5)

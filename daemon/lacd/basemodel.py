@@ -31,11 +31,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+
+from lacd.artifacts import atomic_folder
 
 log = structlog.get_logger(__name__)
 
@@ -171,20 +172,15 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
     if (dest / "config.json").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("base_model_converting", gguf=str(gguf_path), dest=str(dest))
     try:
-        _write_hf_folder(gguf_path, tmp)
-        os.rename(tmp, dest)
+        with atomic_folder(dest, replace=False) as tmp:
+            _write_hf_folder(gguf_path, tmp)
     except OSError:
         if (dest / "config.json").is_file():  # another process converted it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
             return dest
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise BaseModelError(f"cannot convert GGUF {gguf_path} into a model folder: {exc}") from exc
     log.info("base_model_converted", dest=str(dest))
     return dest
@@ -203,7 +199,7 @@ def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
     config = type(config).from_dict(settings)
     config.dtype = "bfloat16"
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]  # as save_pretrained writes it
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     _stream_tensors(gguf_path, config, folder)
     config.save_pretrained(folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)

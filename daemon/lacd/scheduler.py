@@ -8,8 +8,6 @@ idle signals it read (shown by `lacd status`).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +17,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from lacd import forget, listings
+from lacd.artifacts import write_json_atomic
 from lacd.config import Settings, parse_window
 from lacd.runs import RunStore
 
@@ -108,6 +107,4 @@ class Scheduler:
         return f"run #{run_id} started: retrain without forgotten lessons", run_id
 
     def _record(self, decision: str) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"decision": decision, "at": time.time(), "idle": self.idle}))
-        os.replace(tmp, self.state_file)
+        write_json_atomic(self.state_file, {"decision": decision, "at": time.time(), "idle": self.idle})

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import structlog
 
+from lacd.artifacts import sweep_leftovers
 from lacd.config import Settings
 from lacd.pipeline.stages import STAGE_FUNCTIONS, STAGES, RunContext
 from lacd.runs import RunStore
@@ -56,7 +57,9 @@ class RunExecutor:
         return path
 
     def execute(self, run_id: int, until: str | None = None) -> str:
-        """Run the stages not done yet (up to and including `until`); returns the run's status."""
+        """Run the stages not done yet (up to and including `until`); returns the run's status.
+        First removes what killed writers left under temporary names (artifacts.sweep_leftovers)."""
+        sweep_leftovers(self.settings.state.dir)
         done = {name for name, row in self.store.stages(run_id).items() if row.status == "done"}
         for stage in STAGES:
             if stage not in done:

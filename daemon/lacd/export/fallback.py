@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import gguf
 import structlog
 
-from lacd.artifacts import fsync_path
+from lacd.artifacts import fsync_dir, fsync_path, temporary_folder
 from lacd.export.result import ExportResult
 
 log = structlog.get_logger(__name__)
@@ -41,7 +40,7 @@ def export_with_llama_cpp(
     if not convert_script.is_file():
         raise FileNotFoundError(f"[export] llama_cpp_convert: {convert_script} does not exist")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as scratch:
+    with temporary_folder(out_path) as scratch:
         model_dir = base_dir
         merged = 0
         if adapter_dir is not None:
@@ -51,6 +50,7 @@ def export_with_llama_cpp(
         run_converter(convert_script, model_dir, tmp_out, outtype)
         fsync_path(tmp_out)
         os.replace(tmp_out, out_path)
+        fsync_dir(out_path.parent)
     n_tensors = len(gguf.GGUFReader(out_path).tensors)
     result = ExportResult(out_path, n_tensors, out_path.stat().st_size, time.perf_counter() - started, merged)
     log.info("export.done", path=str(out_path), converter="llama.cpp", tensors=n_tensors,

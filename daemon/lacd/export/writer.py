@@ -13,7 +13,6 @@ renamed over it, so a crash never leaves a partial file under the final name.
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 from collections import deque
@@ -27,7 +26,7 @@ import gguf
 import numpy as np
 import torch
 
-from lacd.artifacts import fsync_dir, temporary_sibling
+from lacd.artifacts import fsync_dir, sweep_leftovers, temporary_sibling
 from lacd.export.merge import LoraPair, merge_rows
 
 QT = gguf.GGMLQuantizationType
@@ -95,8 +94,7 @@ def write_gguf(
     The jobs must already be declared (declare_tensors) and all keys added.
     """
     out_path = Path(out_path)
-    for stale in out_path.parent.glob(f".{glob.escape(out_path.name)}.*.tmp"):  # left by an export that was killed
-        stale.unlink(missing_ok=True)
+    sweep_leftovers(out_path.parent, name=out_path.name)  # a killed export's, also outside a run (lacd export)
     tmp_path = temporary_sibling(out_path)
     try:
         _write_to(writer, jobs, tmp_path, progress)

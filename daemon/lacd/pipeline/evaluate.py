@@ -27,7 +27,6 @@ import copy
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import structlog
 
+from lacd.artifacts import write_text_atomic
 from lacd.child import EXIT_ERROR, child_env, die_with_parent, error_from_log, read_tail, stop_child, wait_any
 from lacd.pipeline import template as tpl
 from lacd.protocol import FABRICATED_MARKERS, TOOLS, ToolCall, check_call, format_call, parse_tool_calls
@@ -696,11 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON (indented, keys sorted) atomically and durably."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ as Ollama will prompt the model (lacd.pipeline.template), tokenized piece by pie
 
 The output folder holds a DatasetDict (splits ``train`` and ``heldout``; columns ``input_ids``,
 ``labels``, ``lesson_id``: token ids only, no lesson text) and ``format.json`` (the FormatResult).
-It is written under ``<out_dir>.tmp`` and renamed, so it is either complete or absent.
+It is written under a temporary name and renamed (artifacts.atomic_folder), so it is either complete or absent.
 
 Held-out split: a lesson is held out when ``int(conv_hash[:8], 16) % 10000 < heldout_pct * 100``,
 so its split depends on nothing but its own conversation and never changes as lessons arrive.
@@ -16,8 +16,6 @@ When that leaves no training example, the held-out example nearest the threshold
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -26,6 +24,7 @@ from typing import Any, Iterable
 
 import structlog
 
+from lacd.artifacts import atomic_folder
 from lacd.pipeline import template as tpl
 
 log = structlog.get_logger(__name__)
@@ -217,20 +216,14 @@ def _nothing_trainable(n_lessons: int, n_train: int, counts: Counter, min_train:
 
 
 def _write(train: list[_Example], heldout: list[_Example], result: FormatResult, out_dir: Path) -> None:
-    """Save both splits and format.json under <out_dir>.tmp, then rename it to out_dir."""
+    """Save both splits and format.json in a temporary folder, then rename it to out_dir (replacing a
+    previous attempt's complete output)."""
     from datasets import DatasetDict
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         splits = DatasetDict({"train": _dataset(train), "heldout": _dataset(heldout)})
         splits.save_to_disk(str(tmp), num_shards={"train": 1, "heldout": 1})  # an empty split needs its shard
         (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(out_dir, ignore_errors=True)  # a previous attempt's complete output
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dataset(examples: list[_Example]) -> Any:

@@ -66,7 +66,7 @@ from typing import Any, Mapping, Sequence
 import structlog
 import torch
 
-from lacd.artifacts import commit_folder, write_json_atomic
+from lacd.artifacts import atomic_folder, write_json_atomic, write_text_atomic
 from lacd.child import (
     EXIT_ERROR,
     PAUSE_REQUEST,
@@ -378,10 +378,9 @@ class LoRARecipe:
     def _resume(self) -> bool:
         """Load the newest complete checkpoint of this trajectory, if any. True if resumed.
 
-        Half-written checkpoints (temporary folders of a killed run) are removed first.
+        Half-written checkpoints (temporary folders of a killed run) are never read; the run's start
+        removes them (artifacts.sweep_leftovers).
         """
-        for stale in Path(self.spec.checkpoint_dir).glob(f".tmp-{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
         for step, folder in reversed(complete_checkpoints(self.spec.checkpoint_dir)):
             state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
             if state.get("fingerprint") != self.fingerprint:
@@ -551,17 +550,14 @@ class LoRARecipe:
             return
         root = Path(self.spec.checkpoint_dir)
         step = self.counters.step
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, tmp / "adapter.safetensors")
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        state = {"fingerprint": self.fingerprint, "counters": dataclasses.asdict(self.counters)}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
-        commit_folder(tmp, root / f"{CHECKPOINT_PREFIX}{step}")
+        with atomic_folder(root / f"{CHECKPOINT_PREFIX}{step}") as tmp:
+            save_file(weights, tmp / "adapter.safetensors")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            state = {"fingerprint": self.fingerprint, "counters": dataclasses.asdict(self.counters)}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+            (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
         for _, old in complete_checkpoints(root)[: -max(self.spec.keep_checkpoints, 1)]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint_saved", step=step)
@@ -601,12 +597,9 @@ class LoRARecipe:
             shared_prefix=self.prefix_len,
             devices=getattr(self, "world", 1),
         )
-        out = Path(spec.out_dir)
-        tmp = out.with_name(f".tmp-{out.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._save_adapter(tmp)
-        (tmp / "lacd_train.json").write_text(result.to_json(), encoding="utf-8")
-        commit_folder(tmp, out)
+        with atomic_folder(Path(spec.out_dir)) as tmp:
+            self._save_adapter(tmp)
+            (tmp / "lacd_train.json").write_text(result.to_json(), encoding="utf-8")
         self._report("done", loss=None)
         log.info(
             "train_done", steps=result.steps, tokens=result.tokens, seconds=result.seconds,
@@ -776,7 +769,7 @@ def _run_child(
     workdir = Path(spec.checkpoint_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "child.log"
-    spec_path.write_text(spec.to_json(), encoding="utf-8")
+    write_text_atomic(spec_path, spec.to_json())
     result_path.unlink(missing_ok=True)
     env = child_env()
     env["LACD_TRAIN_PAUSE_PIPE"] = "1"
