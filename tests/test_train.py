@@ -30,7 +30,7 @@ from lacd.pipeline.packing import (
     labelled_token_count,
 )
 from lacd.artifacts import sweep_leftovers
-from lacd.pipeline.checkpoint import complete_checkpoints
+from lacd.pipeline.checkpoint import checkpoint_lock, complete_checkpoints
 from lacd.pipeline.loss import loss_sum
 from lacd.pipeline.plan import lr_factor, plan_steps, warmup_steps
 from lacd.pipeline.train import (
@@ -416,3 +416,19 @@ def test_stop_terminates_the_child_and_raises_interrupted(tiny_dir, dataset_dir,
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_second_trainer_on_one_checkpoint_folder_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lacd.pipeline.checkpoint import "
+         "checkpoint_lock\nwith checkpoint_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainError, match="another training process holds"), checkpoint_lock(tmp_path, timeout_s=0.3):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with checkpoint_lock(tmp_path, timeout_s=0.3):  # free again once its holder is gone
+        pass

@@ -5,10 +5,25 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from typing import Any
 
 
 class LockHeld(Exception):
     """Another lacd daemon already runs on this state dir."""
+
+
+def flock_within(fd: Any, wait: float, poll: float) -> bool:
+    """Take an exclusive flock on fd (a descriptor or an open file), retrying every poll seconds
+    for up to wait seconds. False when another process still holds it then."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
 
 class StateLock:
@@ -19,17 +34,10 @@ class StateLock:
     def acquire(self, wait: float = 2.0) -> None:
         """Take the lock, retrying briefly (a `lacd status` probe holds it for microseconds)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    pid = holder(self.path)
-                    raise LockHeld(f"another lacd daemon (pid {pid}) already runs on this state dir ({os.path.dirname(self.path)})") from None
-                time.sleep(0.05)
+        if not flock_within(fd, wait, poll=0.05):
+            os.close(fd)
+            pid = holder(self.path)
+            raise LockHeld(f"another lacd daemon (pid {pid}) already runs on this state dir ({os.path.dirname(self.path)})")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd

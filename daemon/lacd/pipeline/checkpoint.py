@@ -8,12 +8,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from lacd.lock import flock_within
 from lacd.pipeline.trainspec import TrainError, TrainSpec
 
 
@@ -69,17 +69,8 @@ def checkpoint_lock(checkpoint_dir: Path, timeout_s: float = 60.0) -> Iterator[N
     """Hold an exclusive lock on the checkpoint folder, so two trainers never share it."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     with open(checkpoint_dir / ".lock", "w") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TrainError(
-                        f"another training process holds {checkpoint_dir}; not starting a second one"
-                    ) from None
-                time.sleep(0.2)
+        if not flock_within(handle, timeout_s, poll=0.2):
+            raise TrainError(f"another training process holds {checkpoint_dir}; not starting a second one")
         try:
             yield
         finally:
