@@ -61,3 +61,13 @@ def test_the_error_line_is_read_from_the_log_tail(tmp_path):
     assert error_from_log(tail, "lacd train: error: ") == "the last one"
     assert error_from_log(tail, "lacd evaluate: error: ") is None
     assert read_tail(tmp_path / "missing.log") == ""
+
+
+def test_children_get_the_allocator_settings_unless_the_user_chose_their_own(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = child_env()
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

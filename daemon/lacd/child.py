@@ -71,8 +71,13 @@ def child_malloc_env() -> dict[str, str]:
     """Environment for a training or evaluation child: glibc serves allocations of 64 KiB and more
     with mmap, so the activation buffers freed after each layer go back to the system instead of
     piling up in the heap. Measured on SmolLM2-135M (a 1,665-token checkpointed forward): peak RSS
-    1.23 GB instead of 2.39. A value already in the environment is kept."""
-    return {} if "MALLOC_MMAP_THRESHOLD_" in os.environ else {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    1.23 GB instead of 2.39. On CUDA, PyTorch's caching allocator grows expandable segments:
+    bitsandbytes dequantizes a whole frozen weight per layer (344 MiB on 34B), and with fixed
+    segments a 34B NF4 run in a 24 GB cap ran out of memory with 1.99 GiB reserved but unused
+    (bench/train_gpu.py, H100); the memory plan's margins assume it. A value already in the
+    environment is kept."""
+    wanted = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    return {name: value for name, value in wanted.items() if name not in os.environ}
 
 
 def source_root() -> Path:
