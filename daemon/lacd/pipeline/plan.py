@@ -128,7 +128,8 @@ def gpu_memory_available(device: torch.device, configured_gib: float) -> int:
         return int(configured_gib * 2**30)
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device) if hasattr(
+    index = device.index if device.index is not None else torch.cuda.current_device()  # it wants an index
+    fraction = torch.cuda.get_per_process_memory_fraction(index) if hasattr(
         torch.cuda, "get_per_process_memory_fraction") else 1.0
     return int(min(free, fraction * total))
 
