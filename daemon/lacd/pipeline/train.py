@@ -287,8 +287,8 @@ class LoRARecipe:
         return "float32" if self.compute_dtype is None else str(self.compute_dtype).removeprefix("torch.")
 
     def _largest_micro_batch(self) -> int:
-        """Tokens of the largest packed micro-batch of the run."""
-        shared = self.prefix_len if self.spec.shared_prefix == "auto" else 0
+        """Tokens of the largest packed micro-batch of the run (a shared prefix counted once per row)."""
+        shared = self.prefix_len
         lengths = [len(row["input_ids"]) - shared for row in self.train_rows]
         return max(shared + sum(lengths[i] for i in group)
                    for step in self.steps for group in step.micro_batches)
