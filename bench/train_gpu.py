@@ -150,6 +150,16 @@ VARIANTS |= {
     "lacd-prefix-same-steps": ("shared-prefix rows, today's steps lesson for lesson",
                                dict(shared_prefix="same-steps")),
 }
+AUTO_LR = "_auto_lr_exponent"  # bench-only override: plan.AUTO_LR_EXPONENT (auto's learning-rate rule)
+# Smaller rows than auto's 4096 tokens: more, smaller steps, each learning rate given outright (today's
+# 61 steps of the 240-lesson bench at 2e-4; 2048: 26 steps, 2560: 18).
+for _budget, _lr in ((2048, 3.06e-4), (2048, 4.7e-4), (2560, 3.68e-4), (2560, 6.8e-4)):
+    VARIANTS[f"lacd-prefix-b{_budget}-lr{_lr:g}"] = (f"shared prefix (auto), {_budget} tokens per step, lr {_lr:g}",
+                                                   dict(shared_prefix="auto", tokens_per_batch=_budget,
+                                                        learning_rate=_lr, **{AUTO_LR: 0.0}))
+for _exponent, _tag in ((0.0, "lr0"), (0.5, "lr05"), (1.0, "lr1")):
+    VARIANTS[f"lacd-prefix-{_tag}"] = (f"shared prefix (auto), learning rate x (today's steps / steps) ** {_exponent}",
+                                       dict(shared_prefix="auto", **{AUTO_LR: _exponent}))
 SYSTEM_PROMPT_TOKENS = 788  # the agent's system prompt as the format stage renders it (SmolLM2's tokenizer)
 SYSTEM_PROMPT_OWN_MEDIAN = 90  # median own tokens of those lessons (240 generated: median 879 in all)
 for _seed in (2, 3, 4):
@@ -377,6 +387,7 @@ def run_lacd(name: str, base: torch.nn.Module, work: Path, dataset: Path, overri
     overrides = dict(overrides)
     peft_dropout = overrides.pop(PEFT_DROPOUT, False)
     same_batches = overrides.pop(SAME_BATCHES, False)
+    auto_lr = overrides.pop(AUTO_LR, None)
     if same_batches and not TEXTBOOK_BATCHES:
         raise RuntimeError("the same-batches variants need the textbook variant to run first")
     spec = TrainSpec(
@@ -406,6 +417,10 @@ def run_lacd(name: str, base: torch.nn.Module, work: Path, dataset: Path, overri
     patches = contextlib.ExitStack()
     if peft_dropout:
         patches.enter_context(unittest.mock.patch.object(train_module, "fuse_lora_dropout", lambda model: 0))
+    if auto_lr is not None:
+        from lacd.pipeline import plan
+
+        patches.enter_context(unittest.mock.patch.object(plan, "AUTO_LR_EXPONENT", auto_lr))
     if same_batches:
         steps = textbook_steps(lengths, spec.tokens_per_batch)
         patches.enter_context(unittest.mock.patch.object(train_module, "plan_steps", lambda *args: steps))

@@ -32,7 +32,7 @@ from lacd.pipeline.packing import (
 from lacd.artifacts import sweep_leftovers
 from lacd.pipeline.checkpoint import checkpoint_lock, complete_checkpoints
 from lacd.pipeline.loss import loss_sum
-from lacd.pipeline.plan import lr_factor, plan_steps, warmup_steps
+from lacd.pipeline.plan import auto_lr_scale, lr_factor, plan_steps, warmup_steps
 from lacd.pipeline.train import (
     TrainError,
     TrainInterrupted,
@@ -144,6 +144,23 @@ def test_plan_visits_every_example_once_per_epoch_and_is_deterministic():
         seen = [i for s in steps if s.epoch == epoch for mb in s.micro_batches for i in mb]
         assert sorted(seen) == list(range(40))
     assert all(1 <= len(s.micro_batches) <= 3 for s in steps)
+
+
+def test_auto_shared_prefix_raises_the_learning_rate_by_the_steps_it_saves(tmp_path):
+    """shared_prefix 'auto' counts the 788-token prompt once, so an epoch takes fewer steps; its
+    learning rate grows by (today's steps / auto's) ** AUTO_LR_EXPONENT; other modes keep theirs."""
+    from lacd.pipeline import plan
+
+    lengths = [788 + random.Random(i).randint(20, 200) for i in range(60)]
+    spec = TrainSpec(tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "p.json", tokens_per_batch=4096,
+                     epochs=2, shared_prefix="auto")
+    today, auto = len(plan_steps(lengths, 4096, 1, 2, 0)), len(plan_steps(lengths, 4096, 1, 2, 0, 788))
+    assert today > 4 * auto
+    assert auto_lr_scale(lengths, spec, 788, auto) == pytest.approx((today / auto) ** plan.AUTO_LR_EXPONENT)
+    assert auto_lr_scale(lengths, spec, 788, auto) > 1.5
+    assert auto_lr_scale(lengths, spec, 0, today) == 1.0  # no shared prefix: today's packing
+    same = dataclasses.replace(spec, shared_prefix="same-steps")
+    assert auto_lr_scale(lengths, same, 788, today) == 1.0
 
 
 def test_spec_json_round_trip_and_unknown_keys(tmp_path):

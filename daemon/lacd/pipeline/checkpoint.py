@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from lacd.lock import flock_within
+from lacd.pipeline import plan
 from lacd.pipeline.trainspec import TrainError, TrainSpec
 
 
@@ -43,6 +44,7 @@ def data_fingerprint(spec: TrainSpec, examples: Sequence[Mapping[str, Sequence[i
         trajectory["base_precision"] = "nf4"
     if prefix_len and spec.shared_prefix == "auto":  # the prefix counted once: another packing plan
         trajectory["shared_prefix"] = prefix_len
+        trajectory["auto_lr_exponent"] = plan.AUTO_LR_EXPONENT  # and another learning rate (plan.auto_lr_scale)
     modules = spec.target_modules
     trajectory["target_modules"] = modules if isinstance(modules, str) else list(modules)
     digest.update(json.dumps(trajectory, sort_keys=True).encode())

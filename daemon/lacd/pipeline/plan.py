@@ -282,3 +282,19 @@ def plan_steps(
             group = batches[start : start + grad_accum]
             steps.append(PlannedStep(epoch=epoch, micro_batches=group))
     return steps
+
+
+# shared_prefix 'auto' counts the prefix once in the token budget, so a step holds several times
+# the lessons of today's packing and an epoch takes that many times fewer steps; the learning
+# rate is multiplied by (today's steps / auto's steps) ** AUTO_LR_EXPONENT (auto_lr_scale). The
+# square root learned most at auto's 10 steps of the 240-lesson bench (README, shared-prefix training).
+AUTO_LR_EXPONENT = 0.5
+
+
+def auto_lr_scale(lengths: Sequence[int], spec: TrainSpec, prefix_len: int, steps: int) -> float:
+    """The learning-rate multiplier of a shared_prefix 'auto' run of `steps` optimizer steps:
+    (steps today's packing would take / steps) ** AUTO_LR_EXPONENT; 1.0 for any other run."""
+    if spec.shared_prefix != "auto" or not prefix_len or steps < 1:
+        return 1.0
+    today = len(plan_steps(lengths, spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed))
+    return (today / steps) ** AUTO_LR_EXPONENT

@@ -107,6 +107,7 @@ from lacd.pipeline.plan import (
     OFFLOAD,
     PlannedStep,
     activation_bytes_per_token,
+    auto_lr_scale,
     choose_adapter_compute,
     choose_attention,
     choose_device,
@@ -218,11 +219,10 @@ class LoRARecipe:
                 self.attention = choose_attention(VARLEN_ATTENTION, self.device)
             else:
                 self.prefix_len = 0
-        self.steps = plan_steps(
-            [len(row["input_ids"]) for row in self.train_rows],
-            spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed,
-            self.prefix_len if spec.shared_prefix == "auto" else 0,
-        )
+        lengths = [len(row["input_ids"]) for row in self.train_rows]
+        self.steps = plan_steps(lengths, spec.tokens_per_batch, spec.grad_accum, spec.epochs, spec.seed,
+                                self.prefix_len if spec.shared_prefix == "auto" else 0)
+        self.learning_rate = spec.learning_rate * auto_lr_scale(lengths, spec, self.prefix_len, len(self.steps))
         self.fingerprint = data_fingerprint(spec, self.train_rows, self.prefix_len)
         self.model = self._load_model()
         self.optimizer = self._build_optimizer()
@@ -234,8 +234,8 @@ class LoRARecipe:
             "train_setup", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             attention=self.attention, adapter_compute=self._adapter_compute_name(),
             gradient_checkpointing=self.checkpointing, compiled=self.compiled,
-            fused_kernels=self.fused_kernels, shared_prefix=self.prefix_len, torch=torch.__version__,
-            gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            fused_kernels=self.fused_kernels, shared_prefix=self.prefix_len, learning_rate=self.learning_rate,
+            torch=torch.__version__, gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             train_examples=len(self.train_rows),
             heldout_examples=len(self.heldout_rows), truncated=self.truncated,
             total_steps=len(self.steps), tokens_per_batch=spec.tokens_per_batch,
@@ -371,7 +371,7 @@ class LoRARecipe:
         """AdamW over the LoRA parameters; the fused kernel on CUDA."""
         params = [p for _, p in self._trainable()]
         return torch.optim.AdamW(
-            params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay,
+            params, lr=self.learning_rate, weight_decay=self.spec.weight_decay,
             fused=self.device.type == "cuda",
         )
 
