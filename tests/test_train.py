@@ -271,6 +271,22 @@ def test_training_lowers_heldout_loss_and_writes_adapter_and_progress(tiny_dir, 
     assert len(kept) == 2 and kept[-1] == result.steps
 
 
+def test_auto_run_trains_at_its_scaled_learning_rate_and_same_steps_at_the_configured_one(
+        tiny_dir, dataset_dir, tmp_path):
+    from lacd.pipeline.train import LoRARecipe
+
+    rates = {}
+    for mode in ("auto", "same-steps"):
+        recipe = LoRARecipe(make_spec(tiny_dir, dataset_dir, tmp_path / mode, shared_prefix=mode))
+        recipe.setup()
+        lengths = [len(row["input_ids"]) for row in recipe.train_rows]
+        scale = auto_lr_scale(lengths, recipe.spec, recipe.prefix_len, len(recipe.steps))
+        rates[mode] = (recipe.optimizer.param_groups[0]["initial_lr"], 1e-2 * scale, len(recipe.steps))
+        recipe.cleanup()
+    assert rates["auto"][0] == pytest.approx(rates["auto"][1]) and rates["auto"][0] > 1e-2
+    assert rates["same-steps"][0] == 1e-2 and rates["auto"][2] < rates["same-steps"][2]
+
+
 class Crash(Exception):
     pass
 
