@@ -21,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
 from lacd import config
@@ -31,8 +30,7 @@ from lacd.pipeline import train as train_mod
 from lacd.pipeline.checkpoint import complete_checkpoints
 from lacd.pipeline.train import run_training, train_in_child
 from lacd.pipeline.trainspec import TrainError, TrainResult, TrainYielded
-from test_train import lesson_rows, make_spec
-from tiny import make_tiny_llama
+from test_train import dataset_dir, make_spec, tiny_dir  # noqa: F401  (module-scoped fixtures, shared)
 
 # dropout 0: a rank draws its own dropout masks, so only then are the runs the same maths;
 # three micro-batches a step: rank 0 takes two, rank 1 one and a zero-weighted pass
@@ -40,21 +38,6 @@ SAME_BATCH = dict(lora_dropout=0.0, tokens_per_batch=80, grad_accum=3)
 # the gradients are summed in the one-device order ((g1 + g2) + g3), so in practice the adapters
 # are bit-identical; the tolerance allows fp32 rounding of a different reduction order
 ATOL, RTOL = 1e-6, 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tiny_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data") / "dataset"
-    DatasetDict(
-        train=Dataset.from_list(lesson_rows(tiny_dir, 24)),
-        heldout=Dataset.from_list(lesson_rows(tiny_dir, 6, offset=100)),
-    ).save_to_disk(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")
