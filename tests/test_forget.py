@@ -17,6 +17,7 @@ from conftest import agent_line, lacd_env, run_cli
 from lacd import config, db
 from lacd.forget import ForgetError, forget
 from lacd.runs import RunStore
+from lacd.versions import VersionStore
 from lacd.scheduler import Scheduler
 from lacd.service import catch_up
 from lacd.worker import RunExecutor
@@ -42,8 +43,8 @@ def promote_run_over_all_lessons(settings: config.Settings) -> int:
     """A finished run whose model is the active one (what a promoted cycle leaves)."""
     store = RunStore(db.write_engine(settings.db_path))
     run_id = store.create("threshold", 100)
-    store.version_for(run_id, "lacd-coder", 8)
-    store.mark_version(run_id, "promoted", active=True)
+    versions = VersionStore(store.engine)
+    versions.activate("lacd-coder", versions.allocate(run_id, "lacd-coder", 8))
     store.succeed(run_id)
     return run_id
 

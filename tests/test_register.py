@@ -265,7 +265,9 @@ def test_register_stage_quantizes_for_a_quantized_base_and_evaluation_sees_the_s
     from lacd.models import Run
     from lacd.pipeline.evaluate import Case, choose_generators, generate_ollama
     from lacd.pipeline.stages import RunContext, _compared_models, register_stage
+    from lacd.pipeline.results import FormatResult
     from lacd.runs import RunStore
+    from lacd.versions import VersionStore
 
     settings = config.load(env=lacd_env(tmp_path, tmp_path / "agent.jsonl", LACD_OLLAMA_HOST=server.host,
                                         LACD_OLLAMA_QUANTIZE=setting))  # fmt: skip
@@ -275,32 +277,32 @@ def test_register_stage_quantizes_for_a_quantized_base_and_evaluation_sees_the_s
         run_id = conn.execute(insert(Run).values(status="running", created_at=1.0, lesson_count=1,
                                                  reason="threshold")).inserted_primary_key[0]  # fmt: skip
     store.begin_stage(run_id, "format")
-    store.finish_stage(run_id, "format", {"base_dir": str(_base_from(tmp_path, 2)), "family": "chatml"})
+    store.finish_stage(run_id, "format", FormatResult(base_dir=str(_base_from(tmp_path, 2)), family="chatml"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(tiny_gguf, run_dir / "model.gguf")
-    ctx = RunContext(run_id, run_dir, settings, store, lambda _p: None, threading.Event())
+    ctx = RunContext(run_id, run_dir, settings, store, VersionStore(store.engine), lambda _p: None, threading.Event())
 
     store.begin_stage(run_id, "register")
     result = register_stage(ctx)
     store.finish_stage(run_id, "register", result)  # as the executor records it
     [sent] = [r["body"] for r in server.requests if r["path"] == "/api/create"]
-    served = Path(client.show(result["tag"]).modelfile.split("\nFROM ", 1)[1].split("\n", 1)[0])
+    served = Path(client.show(result.tag).modelfile.split("\nFROM ", 1)[1].split("\n", 1)[0])
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(served).tensors}
     if setting == "":
-        assert result["quantize"] == sent["quantize"] == "q4_K_M"
-        assert client.show(result["tag"]).details.quantization_level == "Q4_K_M"
+        assert result.quantize == sent["quantize"] == "q4_K_M"
+        assert client.show(result.tag).details.quantization_level == "Q4_K_M"
         assert "F16" not in kinds and served.stat().st_size < tiny_gguf.stat().st_size / 2.2  # 4-6 bit blocks
     else:
-        assert result["quantize"] is None and "quantize" not in sent
+        assert result.quantize is None and "quantize" not in sent
         assert served.read_bytes() == tiny_gguf.read_bytes()
 
     candidate, incumbent = _compared_models(ctx)  # what the evaluate stage measures next
     generators = choose_generators(candidate, incumbent, ollama_reachable=True)
     if setting == "":  # the served, quantized file through Ollama; the base (not served) with transformers
-        assert (candidate.gguf, candidate.adapter_dir, candidate.ollama_tag) == (None, None, result["tag"])
+        assert (candidate.gguf, candidate.adapter_dir, candidate.ollama_tag) == (None, None, result.tag)
         assert generators == {"candidate": "ollama", "incumbent": "transformers"}
     else:  # full precision: the exported file is what Ollama serves
         assert candidate.gguf == run_dir / "model.gguf" and generators["candidate"] == "transformers"
-    generate_ollama(client, result["tag"], [Case(1, "", [{"role": "user", "content": "hi"}], "")], 2)
+    generate_ollama(client, result.tag, [Case(1, "", [{"role": "user", "content": "hi"}], "")], 2)
     assert server.completions[-1]["blob"] == f"sha256:{served.name.removeprefix('sha256-')}"

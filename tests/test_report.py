@@ -103,6 +103,7 @@ def test_report_into_a_missing_folder_is_a_clear_error(tmp_path):
 def test_lacd_report_finds_or_writes_a_runs_report_and_says_why_when_it_cannot(tmp_path):
     from lacd import config, db
     from lacd.report import report_path
+    from lacd.pipeline.results import RESULTS
     from lacd.runs import RunStore
     from sqlalchemy import insert
 
@@ -125,7 +126,7 @@ def test_lacd_report_finds_or_writes_a_runs_report_and_says_why_when_it_cannot(t
                           ("promote", {"promoted": False, "decision": decide(EVALUATION["candidate"],
                                                                               {"exact_call_accuracy": 0.9}).to_dict()})):
         store.begin_stage(rejected, stage)
-        store.finish_stage(rejected, stage, result)
+        store.finish_stage(rejected, stage, RESULTS[stage].from_dict(result))
     with engine.begin() as conn:  # begin_stage marked it running
         conn.execute(Run.__table__.update().where(Run.id == rejected).values(status="rejected"))
     with pytest.raises(ReportError, match=f"run #{running} is still running"):

@@ -17,7 +17,7 @@ from lacd.cycle import RollbackError, rollback
 from lacd.models import Run
 from lacd.pipeline import register
 from lacd.pipeline.stages import prune_versions
-from lacd.runs import RunStore
+from lacd.versions import VersionStore
 from ollama_standin import stub_gguf
 
 NAME = "lacd-coder"
@@ -34,22 +34,25 @@ def env(tmp_path, server):
 def store(env):
     engine = db.write_engine(config.load(env=env).db_path)
     db.migrate(engine)
-    return RunStore(engine)
+    return VersionStore(engine)
 
 
-def add_version(store: RunStore, client, tmp_path, status_: str) -> int:
+def add_version(store: VersionStore, client, tmp_path, status_: str) -> int:
     """A finished run whose version v<N> is registered in Ollama; promoted ones become latest."""
     with store.engine.begin() as conn:
         run_id = conn.execute(insert(Run).values(status="done" if status_ != "rejected" else "rejected",
                                                  created_at=1.0e9, lesson_count=10, reason="threshold")).inserted_primary_key[0]
-    version = store.version_for(run_id, NAME, 10)
+    version = store.allocate(run_id, NAME, 10)
     gguf = stub_gguf(tmp_path / f"v{version}.gguf", name=f"run-{run_id}")
     tag = register.create_version(client, NAME, version, gguf, "{{ .Prompt }}", "", {})
     note = "promoted: exact-call accuracy 0.90 >= 0.50 - 0.02" if status_ == "promoted" else \
         "rejected by gate: exact-call accuracy 0.10 < 0.90 - 0.02"
     if status_ == "promoted":
         register.promote(client, NAME, tag)
-    store.mark_version(run_id, status_, metrics=METRICS, note=note, active=status_ == "promoted")
+    if status_ == "promoted":
+        store.activate(NAME, version, metrics=METRICS, note=note)
+    else:
+        store.mark(run_id, status_, metrics=METRICS, note=note)
     return version
 
 
@@ -59,8 +62,8 @@ def serving(client) -> int | None:
     return next((n for n, digest in register.list_versions(client, NAME).items() if digest == latest), None)
 
 
-def active_in_db(store: RunStore) -> int | None:
-    row = store.active_version(NAME)
+def active_in_db(store: VersionStore) -> int | None:
+    row = store.active(NAME)
     return row.version if row else None
 
 
@@ -78,7 +81,7 @@ def test_rollback_goes_to_the_previous_promoted_version_skipping_rejected_ones(e
     done = rollback(config.load(env=env))
     assert (done.from_tag, done.to_tag, done.note) == ("lacd-coder:v3", "lacd-coder:v1", None)
     assert serving(three) == 1 == active_in_db(store)
-    v3 = next(v for v in store.versions(NAME) if v.version == 3)
+    v3 = next(v for v in store.all(NAME) if v.version == 3)
     assert v3.status == "promoted" and not v3.active
     assert v3.note.startswith("promoted: exact-call accuracy 0.90") and "; rolled back to lacd-coder:v1 at " in v3.note
     with pytest.raises(RollbackError, match="lacd-coder:v1 is the only promoted version still in Ollama"):
@@ -135,7 +138,7 @@ def test_pruning_keeps_the_newest_and_the_active_one_and_marks_the_rest_removed(
     add_version(store, three, tmp_path, "rejected")  # v4
     assert prune_versions(store, three, NAME, keep=2) == ["lacd-coder:v2"]
     assert set(register.list_versions(three, NAME)) == {1, 3, 4}
-    assert {v.version: v.status for v in store.versions(NAME)} == {4: "rejected", 3: "promoted", 2: "removed",
+    assert {v.version: v.status for v in store.all(NAME)} == {4: "rejected", 3: "promoted", 2: "removed",
                                                                   1: "promoted"}
     with pytest.raises(RollbackError, match="lacd-coder:v2 was removed from Ollama"):
         rollback(config.load(env=env), 2)

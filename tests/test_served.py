@@ -26,7 +26,9 @@ from lacd.cycle import RollbackError, rollback, rollback_original
 from lacd.models import Run
 from lacd.pipeline import register
 from lacd.pipeline.stages import RunContext, promote_stage, resolve_base
+from lacd.pipeline.results import EvaluateResult
 from lacd.runs import RunStore
+from lacd.versions import VersionStore
 
 NAME = "lacd-coder"
 AGENT = "codellama:latest"  # what local-ai-coder's cli.js asks for ('codellama')
@@ -80,16 +82,17 @@ def run_promote(store: RunStore, client, settings, gguf: Path, accuracy: float, 
     with store.engine.begin() as conn:
         run_id = conn.execute(insert(Run).values(status="running", created_at=1.0e9, lesson_count=10,
                                                  reason="threshold")).inserted_primary_key[0]  # fmt: skip
-    version = store.version_for(run_id, NAME, 10)
+    versions = VersionStore(store.engine)
+    version = versions.allocate(run_id, NAME, 10)
     tag = register.create_version(client, NAME, version, gguf, "{{ .Prompt }}", "", {})
-    store.mark_version(run_id, "registered", digest=register.file_digest(gguf))
+    versions.mark(run_id, "registered", digest=register.file_digest(gguf))
     store.begin_stage(run_id, "evaluate")
-    store.finish_stage(run_id, "evaluate", {"candidate": {"exact_call_accuracy": accuracy},
-                                            "incumbent": {"exact_call_accuracy": 0.5}, "n_cases": 4})
+    store.finish_stage(run_id, "evaluate", EvaluateResult(candidate={"exact_call_accuracy": accuracy},
+                                                          incumbent={"exact_call_accuracy": 0.5}, n_cases=4))
     run_dir = tmp_path / "runs" / str(run_id)
     run_dir.mkdir(parents=True)
-    ctx = RunContext(run_id, run_dir, settings, store, lambda _p: None, threading.Event())
-    assert promote_stage(ctx)["promoted"] == (accuracy >= 0.5)
+    ctx = RunContext(run_id, run_dir, settings, store, versions, lambda _p: None, threading.Event())
+    assert promote_stage(ctx).promoted == (accuracy >= 0.5)
     return tag
 
 

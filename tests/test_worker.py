@@ -13,6 +13,7 @@ from lacd import config, db
 from lacd.models import Lesson, Source
 from lacd.pipeline import stages
 from lacd.pipeline.evaluate import EvaluateInterrupted
+from lacd.pipeline.results import RESULTS
 from lacd.runs import RunStore
 from lacd.worker import RunExecutor
 
@@ -49,7 +50,7 @@ def fake_stages(monkeypatch, **behaviour):
                "export": {}, "register": {"tag": "lacd-coder:v1"}, "evaluate": EVALUATION,
                "promote": {"promoted": False, "tag": "lacd-coder:v1", "decision": DECISION}}
     for name in stages.STAGES:
-        action = behaviour.get(name, lambda ctx, name=name: dict(results[name]))
+        action = behaviour.get(name, lambda ctx, name=name: RESULTS[name].from_dict(results[name]))
         monkeypatch.setitem(stages.STAGE_FUNCTIONS, name, action)
 
 

@@ -15,6 +15,7 @@ from lacd.config import ConfigError
 from lacd.db import DatabaseError
 from lacd.ingest.lessons import REASONS
 from lacd.lock import LockHeld
+from lacd.runs import RunOutcome
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from lacd.cycle import NothingToTrain, RollbackError
@@ -368,11 +369,11 @@ def _print_outcome(s, outcome) -> None:
     if snap["active_model"] and snap["active_model"]["run"] == outcome.run_id:
         click.echo(f"registered with Ollama at {s.ollama.host} as {snap['active_model']['tag']} "
                    f"and {s.model.name}:latest")
-    elif outcome.status.startswith("stopped after export"):
+    elif outcome.status is RunOutcome.STOPPED_AFTER_EXPORT:
         run_dir = s.runs_dir / str(outcome.run_id)
         click.echo(f"no Ollama at {s.ollama.host}: the model is {run_dir / 'model.gguf'}\n"
                    f"register it with:  cd {run_dir} && ollama create {s.model.name}:latest -f Modelfile")
-    elif outcome.status == "rejected" and run:
+    elif outcome.status is RunOutcome.REJECTED and run:
         latest = snap["active_model"]["tag"] if snap["active_model"] else "none yet"
         click.echo(f"{(run.get('gate') or {}).get('summary', 'rejected by gate')}\n"
                    f"{run.get('tag')} stays registered; {s.model.name}:latest is unchanged ({latest})")

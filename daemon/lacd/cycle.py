@@ -14,8 +14,9 @@ from typing import Callable
 
 from lacd import db, lock
 from lacd.config import Settings
-from lacd.runs import RunStore
+from lacd.runs import RunOutcome, RunStore
 from lacd.service import prepare_state_dir
+from lacd.versions import VersionRow, VersionStore
 from lacd.worker import RunExecutor
 
 
@@ -26,7 +27,7 @@ class NothingToTrain(Exception):
 @dataclass(frozen=True)
 class Outcome:
     run_id: int
-    status: str  # done | rejected | failed | waiting | queued (handed to the daemon) | stopped after export (no Ollama)
+    status: RunOutcome  # done | rejected | failed | waiting | queued (handed to the daemon) | stopped after export (no Ollama)
     via_daemon: bool = False
 
 
@@ -45,7 +46,7 @@ def request_run(settings: Settings) -> Outcome | None:
     if lock.holder(settings.lock_path) is None:
         return None
     store = RunStore(db.write_engine(settings.db_path))
-    return Outcome(_new_or_active(store, "manual", settings.queue.max_lessons), "queued", via_daemon=True)
+    return Outcome(_new_or_active(store, "manual", settings.queue.max_lessons), RunOutcome.QUEUED, via_daemon=True)
 
 
 def run_foreground(settings: Settings, on_progress: Callable[[str, dict], None] | None = None,
@@ -62,7 +63,7 @@ def run_foreground(settings: Settings, on_progress: Callable[[str, dict], None] 
         executor = RunExecutor(settings, store, threading.Event(), on_progress=on_progress)
         until = None if register else "export"
         status = executor.execute(run_id, until)
-        while status == "waiting":  # a retry with backoff, as the daemon would do it
+        while status is RunOutcome.WAITING:  # a retry with backoff, as the daemon would do it
             time.sleep(max(0.0, (store.get(run_id).next_try_at or 0) - time.time()))
             status = executor.execute(run_id, until)
         return Outcome(run_id, status)
@@ -93,20 +94,21 @@ def rollback(settings: Settings, version: int | None = None) -> Rollback:
 
     name = settings.model.name
     db.require_schema(db.read_engine(settings.db_path), "model_versions")  # no database: a clear error
-    store = RunStore(db.write_engine(settings.db_path))
-    active = store.active_version(name)
+    engine = db.write_engine(settings.db_path)
+    versions, runs = VersionStore(engine), RunStore(engine)
+    active = versions.active(name)
     if active is None:
         raise RollbackError(f"no version of {name} has been promoted yet: there is nothing to roll back")
-    lagging = _served_elsewhere(settings, store, active.tag) if version == active.version else None
+    lagging = _served_elsewhere(settings, engine, active.tag) if version == active.version else None
     if lagging:  # after `rollback --original`, or a follow that failed: the agent's name catches up
         client = register.make_client(settings.ollama.host, timeout_s=60)
-        return Rollback(name, active.tag, active.tag, None, _follow(settings, store, client, active.tag))
-    target = _rollback_target(store.versions(name), active, version, name)
-    forgotten = store.forgotten_in_run(target.run_id) if target.run_id is not None else 0
+        return Rollback(name, active.tag, active.tag, None, _follow(settings, engine, client, active.tag))
+    target = _rollback_target(versions.all(name), active, version, name)
+    forgotten = runs.forgotten_in_run(target.run_id) if target.run_id is not None else 0
     if forgotten:
         raise RollbackError(f"{target.tag} was trained on {forgotten} lessons that `lacd forget` erased: "
                             f"it must not be served again; nothing changed")
-    running = store.active()
+    running = runs.active()
     if running is not None and running.stage == "promote":
         raise RollbackError(f"run #{running.id} is deciding on a new version right now; try again in a moment")
     client = register.make_client(settings.ollama.host, timeout_s=60)
@@ -116,12 +118,13 @@ def rollback(settings: Settings, version: int | None = None) -> Rollback:
         register.promote(client, name, target.tag)
     except register.OllamaError as exc:
         raise RollbackError(f"{exc}; nothing changed") from exc
-    store.activate(name, target.version, f"rolled back to {target.tag} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    served = _follow(settings, store, client, target.tag)
+    versions.activate(name, target.version,
+                      replaced_note=f"rolled back to {target.tag} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    served = _follow(settings, engine, client, target.tag)
     return Rollback(name, active.tag, target.tag, target.note if target.status == "rejected" else None, served)
 
 
-def _rollback_target(versions: list, active, version: int | None, name: str):
+def _rollback_target(versions: list[VersionRow], active: VersionRow, version: int | None, name: str) -> VersionRow:
     """The version row to make active (see rollback)."""
     if version is None:
         older = [v for v in versions if v.status == "promoted" and v.version < active.version]
@@ -141,13 +144,13 @@ def _rollback_target(versions: list, active, version: int | None, name: str):
     return target
 
 
-def _follow(settings: Settings, store: RunStore, client, tag: str) -> str | None:
+def _follow(settings: Settings, engine, client, tag: str) -> str | None:
     """Point the agent's own name ([model] serve_as) where latest now points."""
     from lacd import served
     from lacd.pipeline import register
 
     try:
-        row = served.follow(settings, store.engine, client, tag)
+        row = served.follow(settings, engine, client, tag)
         return served.describe(row.to_dict()) if row else None
     except (register.OllamaError, served.ServeError) as exc:
         raise RollbackError(f"{settings.model.name}:latest now points at {tag}, but {settings.model.serve_as} "
@@ -170,11 +173,11 @@ def rollback_original(settings: Settings, for_good: bool = False):
         raise RollbackError(str(exc)) from exc
 
 
-def _served_elsewhere(settings: Settings, store: RunStore, tag: str) -> str | None:
+def _served_elsewhere(settings: Settings, engine, tag: str) -> str | None:
     """What the agent's name serves when it is not tag (and lacd still serves under it), else None."""
     from lacd import served
 
-    row = served.get(store.engine, settings.model.serve_as) if settings.model.serve_as else None
+    row = served.get(engine, settings.model.serve_as) if settings.model.serve_as else None
     if row is None or row.state != "serving" or row.serving == served.label(tag):
         return None
     return row.serving

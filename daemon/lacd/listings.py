@@ -21,18 +21,23 @@ def pending_count(conn: Connection) -> int:
 def counts(conn: Connection) -> dict:
     """Totals by status, exclusions by reason, and the number of rejected lines."""
     by_status = dict(conn.execute(select(Lesson.status, func.count()).group_by(Lesson.status)).all())
-    excluded = dict(conn.execute(
-        select(Lesson.reason, func.count()).where(Lesson.status == "excluded").group_by(Lesson.reason)).all())
     rejected = conn.execute(select(func.count()).select_from(Reject)).scalar_one()
     return {
         "lessons_total": sum(by_status.values()),
         "pending": by_status.get("pending", 0),
         "trained": by_status.get("trained", 0),
-        "excluded": excluded,
+        "excluded": excluded_counts(conn),
         "rejected": rejected,
         "forgotten": by_status.get("forgotten", 0),
         **secret_counts(conn),
     }
+
+
+def excluded_counts(conn: Connection) -> dict[str, int]:
+    """Lessons excluded at ingestion, by curation reason (a run's report shows them)."""
+    rows = conn.execute(select(Lesson.reason, func.count()).where(Lesson.status == "excluded")
+                        .group_by(Lesson.reason)).all()
+    return {reason or "unknown": n for reason, n in rows}
 
 
 def secret_counts(conn: Connection) -> dict:

@@ -169,19 +169,27 @@ def write_run_report(run_dir: Path, store: Any, run_id: int) -> Path:
     store: a lacd.runs.RunStore (reading only). Works at any point after the train stage; what is
     missing (no evaluation yet, a pruned dataset) is shown as missing.
     """
+    from lacd.listings import excluded_counts
+    from lacd.pipeline.results import EvaluateResult, FormatResult, PromoteResult, TrainResult
+    from lacd.versions import VersionStore
+
     run_dir = Path(run_dir)
     row = store.get(run_id)
-    version = store.version_of(run_id)
+    version = VersionStore(store.engine).of_run(run_id)
     run = {"id": row.id, "status": row.status, "reason": row.reason, "lesson_count": row.lesson_count,
            "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
            "tag": version.tag if version is not None else None}  # fmt: skip
     format_path = run_dir / "dataset" / "format.json"
+    results = {kind: store.result(run_id, kind) for kind in (FormatResult, TrainResult, EvaluateResult, PromoteResult)}
+    stored = {kind: r.to_dict() if r is not None else {} for kind, r in results.items()}
     format_result = (json.loads(format_path.read_text(encoding="utf-8")) if format_path.is_file()
-                     else store.stage_result(run_id, "format"))  # fmt: skip
-    decision = store.stage_result(run_id, "promote").get("decision") or {}
-    return write_report(run_dir, run, format_result, store.stage_result(run_id, "train"),
-                        load_progress_history(run_dir), store.stage_result(run_id, "evaluate"), decision,
-                        curation=store.excluded_counts(), pauses=load_pauses(run_dir))  # fmt: skip
+                     else stored[FormatResult])  # fmt: skip
+    promote = results[PromoteResult]
+    with store.engine.connect() as conn:
+        curation = excluded_counts(conn)
+    return write_report(run_dir, run, format_result, stored[TrainResult], load_progress_history(run_dir),
+                        stored[EvaluateResult], (promote.decision if promote else None) or {},
+                        curation=curation, pauses=load_pauses(run_dir))  # fmt: skip
 
 
 def report_path(settings: Any, run_id: int | None = None) -> Path:
@@ -193,6 +201,7 @@ def report_path(settings: Any, run_id: int | None = None) -> Path:
     from sqlalchemy.exc import NoResultFound
 
     from lacd import db
+    from lacd.pipeline.results import TrainResult
     from lacd.runs import ACTIVE, RunStore
 
     engine = db.read_engine(settings.db_path)
@@ -210,7 +219,7 @@ def report_path(settings: Any, run_id: int | None = None) -> Path:
         return path
     if row.status in ACTIVE:
         raise ReportError(f"run #{run_id} is still {row.status} (at {row.stage}); its report is written when it ends")
-    if not store.stage_result(run_id, "train"):
+    if store.result(run_id, TrainResult) is None:
         raise ReportError(f"run #{run_id} {row.status} before training: no report (`lacd status` shows why)")
     if not path.parent.is_dir():
         raise ReportError(f"run #{run_id}'s folder was removed ([run] keep_runs keeps the newest)")

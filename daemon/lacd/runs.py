@@ -1,6 +1,8 @@
 """Runs in the database: create one with its lesson snapshot, move it through its stages, end it.
 
-The only module that writes the runs, run_stages, run_lessons and model_versions tables. Every
+The only module that writes the runs, run_stages and run_lessons tables (model versions:
+lacd.versions). Rows are returned as frozen dataclasses (RunRow, StageRow), a stage's result as
+its typed lacd.pipeline.results class, and a run's outcome as a RunOutcome. Every
 state change is one short BEGIN IMMEDIATE transaction, so `lacd status` always sees a consistent
 run and a killed daemon finds exactly where it stopped.
 """
@@ -9,13 +11,88 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from lacd.models import Lesson, ModelVersion, Run, RunLesson, RunStage
+from lacd.models import Lesson, Run, RunLesson, RunStage
+from lacd.pipeline.results import PromoteResult, StageResult
 
-ACTIVE = ("queued", "running", "waiting", "paused")
+R = TypeVar("R", bound=StageResult)
+T = TypeVar("T")
+
+
+class RunOutcome(str, Enum):
+    """A run's status as stored in runs.status (the first seven), or what RunExecutor.execute
+    returned when it stopped before the run ended (interrupted, stopped after a stage)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    PAUSED = "paused"
+    DONE = "done"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    STOPPED_AFTER_FORMAT = "stopped after format"
+    STOPPED_AFTER_TRAIN = "stopped after train"
+    STOPPED_AFTER_EXPORT = "stopped after export"
+    STOPPED_AFTER_REGISTER = "stopped after register"
+    STOPPED_AFTER_EVALUATE = "stopped after evaluate"
+    STOPPED_AFTER_PROMOTE = "stopped after promote"
+
+    def __str__(self) -> str:  # the stored text, also in f-strings on every Python version
+        return self.value
+
+    @classmethod
+    def stopped_after(cls, stage: str) -> "RunOutcome":
+        return cls(f"stopped after {stage}")
+
+
+ACTIVE = tuple(o.value for o in (RunOutcome.QUEUED, RunOutcome.RUNNING, RunOutcome.WAITING, RunOutcome.PAUSED))
+
+
+def frozen_row(cls: type[T], row: Any) -> T:
+    """A database row (a select of a whole table) as the frozen dataclass cls with the same column names."""
+    values = row._mapping
+    return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One runs row; progress is the JSON text the worker stored (progress_dict() reads it)."""
+
+    id: int
+    status: str  # a RunOutcome value
+    stage: str | None
+    created_at: float
+    finished_at: float | None
+    lesson_count: int
+    error: str | None
+    progress: str | None
+    reason: str
+    started_at: float | None
+    next_try_at: float | None
+    waiting_for: str | None
+
+    def progress_dict(self) -> dict:
+        return json.loads(self.progress) if self.progress else {}
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One run_stages row; result is the stored JSON text (RunStore.result reads it typed)."""
+
+    run_id: int
+    stage: str
+    status: str  # running | done | failed | paused
+    attempts: int
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    result: str | None
 
 
 @dataclass(frozen=True)
@@ -41,24 +118,25 @@ class RunStore:
                                     .order_by(Lesson.id.desc()).limit(max_lessons)).scalars())
             if not ids:
                 return None
-            run_id = conn.execute(insert(Run).values(status="queued", created_at=self.clock(), lesson_count=len(ids),
-                                                     reason=reason)).inserted_primary_key[0]
+            run_id = conn.execute(insert(Run).values(status=RunOutcome.QUEUED.value, created_at=self.clock(),
+                                                     lesson_count=len(ids), reason=reason)).inserted_primary_key[0]
             conn.execute(insert(RunLesson), [{"run_id": run_id, "lesson_id": i} for i in ids])
         return run_id
 
     # -- reading --------------------------------------------------------------------------------
 
-    def get(self, run_id: int):
+    def get(self, run_id: int) -> RunRow:
         with self.engine.connect() as conn:
-            return conn.execute(select(Run).where(Run.id == run_id)).one()
+            return frozen_row(RunRow, conn.execute(select(Run).where(Run.id == run_id)).one())
 
     def newest_id(self) -> int | None:
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(Run.id))).scalar()
 
-    def active(self):
+    def active(self) -> RunRow | None:
         with self.engine.connect() as conn:
-            return conn.execute(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.id)).first()
+            row = conn.execute(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.id)).first()
+        return frozen_row(RunRow, row) if row is not None else None
 
     def runnable(self) -> int | None:
         """The active run whose next try is due, if any."""
@@ -71,14 +149,15 @@ class RunStore:
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(Run.finished_at))).scalar()
 
-    def stages(self, run_id: int) -> dict[str, object]:
+    def stages(self, run_id: int) -> dict[str, StageRow]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(RunStage).where(RunStage.run_id == run_id)).all()
-        return {r.stage: r for r in rows}
+        return {r.stage: frozen_row(StageRow, r) for r in rows}
 
-    def stage_result(self, run_id: int, stage: str) -> dict:
-        row = self.stages(run_id).get(stage)
-        return json.loads(row.result) if row is not None and row.result else {}
+    def result(self, run_id: int, kind: type[R]) -> R | None:
+        """The stored result of the run's stage kind.STAGE (None before that stage is done)."""
+        row = self.stages(run_id).get(kind.STAGE)
+        return kind.from_dict(json.loads(row.result)) if row is not None and row.result else None
 
     def lessons(self, run_id: int) -> list[SnapshotLesson]:
         """The run's lessons, newest first."""
@@ -103,14 +182,14 @@ class RunStore:
                 conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)
                              .values(status="running", attempts=attempts, started_at=now, error=None))
             conn.execute(update(Run).where(Run.id == run_id).values(
-                status="running", stage=stage, next_try_at=None, waiting_for=None,
+                status=RunOutcome.RUNNING.value, stage=stage, next_try_at=None, waiting_for=None,
                 started_at=func.coalesce(Run.started_at, now)))
         return attempts
 
-    def finish_stage(self, run_id: int, stage: str, result: dict) -> None:
+    def finish_stage(self, run_id: int, stage: str, result: StageResult) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)
-                         .values(status="done", finished_at=self.clock(), error=None, result=json.dumps(result)))
+                         .values(status="done", finished_at=self.clock(), error=None, result=json.dumps(result.to_dict())))
             conn.execute(update(Run).where(Run.id == run_id).values(progress=None))
 
     def wait(self, run_id: int, stage: str, error: str, retry_in: float, waiting_for: str | None) -> None:
@@ -119,7 +198,7 @@ class RunStore:
             conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)
                          .values(status="failed", error=error))
             conn.execute(update(Run).where(Run.id == run_id).values(
-                status="waiting", next_try_at=self.clock() + retry_in, waiting_for=waiting_for or f"retry of {stage}",
+                status=RunOutcome.WAITING.value, next_try_at=self.clock() + retry_in, waiting_for=waiting_for or f"retry of {stage}",
                 error=error))
 
     def pause(self, run_id: int, stage: str, since: float, reason: str) -> bool:
@@ -128,14 +207,14 @@ class RunStore:
         with self.engine.begin() as conn:
             run = conn.execute(select(Run).where(Run.id == run_id)).one()
             progress = json.loads(run.progress) if run.progress else {}
-            if run.status == "paused" and progress.get("paused"):
+            if run.status == RunOutcome.PAUSED and progress.get("paused"):
                 return False
             progress["paused"] = {"since": since, "reason": reason, "stage": stage}
             conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage,
                                                 RunStage.status == "running")
                          .values(status="paused", attempts=RunStage.attempts - 1))
             conn.execute(update(Run).where(Run.id == run_id).values(
-                status="paused", stage=stage, next_try_at=None, waiting_for="the agent to be idle",
+                status=RunOutcome.PAUSED.value, stage=stage, next_try_at=None, waiting_for="the agent to be idle",
                 progress=json.dumps(progress)))
         return True
 
@@ -143,94 +222,26 @@ class RunStore:
         with self.engine.begin() as conn:
             conn.execute(update(Run).where(Run.id == run_id).values(progress=json.dumps(progress)))
 
-    def succeed(self, run_id: int, status: str = "done") -> None:
+    def succeed(self, run_id: int, status: RunOutcome = RunOutcome.DONE) -> None:
         """End the run; its lessons count as trained (later lessons stay pending)."""
         with self.engine.begin() as conn:
             snapshot = select(RunLesson.lesson_id).where(RunLesson.run_id == run_id)
             conn.execute(update(Lesson).where(Lesson.id.in_(snapshot), Lesson.status == "pending")
                          .values(status="trained", trained_run_id=run_id))
             conn.execute(update(Run).where(Run.id == run_id).values(
-                status=status, finished_at=self.clock(), next_try_at=None, waiting_for=None, error=None, progress=None))
+                status=status.value, finished_at=self.clock(), next_try_at=None, waiting_for=None, error=None, progress=None))
 
     def fail(self, run_id: int, error: str) -> None:
         """End the run as failed; its lessons stay pending for the next run."""
         with self.engine.begin() as conn:
             conn.execute(update(Run).where(Run.id == run_id).values(
-                status="failed", finished_at=self.clock(), error=error, next_try_at=None, waiting_for=None))
-
-    # -- model versions -------------------------------------------------------------------------
-
-    def version_for(self, run_id: int, name: str, lesson_count: int) -> int:
-        """The version number this run registers as: allocated once, the same on every retry."""
-        with self.engine.begin() as conn:
-            row = conn.execute(select(ModelVersion).where(ModelVersion.run_id == run_id)).first()
-            if row:
-                return row.version
-            version = (conn.execute(select(func.max(ModelVersion.version)).where(ModelVersion.name == name)).scalar() or 0) + 1
-            conn.execute(insert(ModelVersion).values(
-                name=name, version=version, tag=f"{name}:v{version}", run_id=run_id, created_at=self.clock(),
-                status="registering", active=0, lesson_count=lesson_count))
-        return version
-
-    def version_of(self, run_id: int):
-        """The model_versions row of a run (None before its register stage)."""
-        with self.engine.connect() as conn:
-            return conn.execute(select(ModelVersion).where(ModelVersion.run_id == run_id)).first()
-
-    def active_version(self, name: str):
-        """The version <name>:latest names (None before the first promotion)."""
-        with self.engine.connect() as conn:
-            return conn.execute(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.active == 1)).first()
-
-    def versions(self, name: str) -> list:
-        """Every version of a model, newest first."""
-        with self.engine.connect() as conn:
-            return list(conn.execute(select(ModelVersion).where(ModelVersion.name == name)
-                                     .order_by(ModelVersion.version.desc())).all())
-
-    def activate(self, name: str, version: int, note: str) -> None:
-        """Make <name>:v<version> the active (promoted) one in one transaction; note it on the one it replaces."""
-        with self.engine.begin() as conn:
-            conn.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.active == 1)
-                         .values(active=0, note=func.coalesce(ModelVersion.note + "; ", "") + note))
-            conn.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
-                         .values(active=1, status="promoted"))
-
-    def mark_removed(self, name: str, versions: list[int]) -> None:
-        """Versions deleted from Ollama (pruned to keep_versions); never the active one."""
-        if versions:
-            with self.engine.begin() as conn:
-                conn.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.version.in_(versions),
-                                                        ModelVersion.active == 0).values(status="removed"))
+                status=RunOutcome.FAILED.value, finished_at=self.clock(), error=error, next_try_at=None, waiting_for=None))
 
     def forgotten_in_run(self, run_id: int) -> int:
         """How many of a run's lessons were forgotten since (`lacd forget`)."""
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(RunLesson).join(Lesson, Lesson.id == RunLesson.lesson_id)
                                 .where(RunLesson.run_id == run_id, Lesson.status == "forgotten")).scalar_one()
-
-    def excluded_counts(self) -> dict[str, int]:
-        """Lessons excluded at ingestion, by curation reason."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(Lesson.reason, func.count()).where(Lesson.status == "excluded")
-                                .group_by(Lesson.reason)).all()
-        return {reason or "unknown": n for reason, n in rows}
-
-    def mark_version(self, run_id: int, status: str, *, digest: str | None = None, metrics: dict | None = None,
-                     note: str | None = None, active: bool = False) -> None:
-        values: dict = {"status": status}
-        if digest:
-            values["digest"] = digest
-        if metrics is not None:
-            values["metrics"] = json.dumps(metrics)
-        if note is not None:
-            values["note"] = note
-        with self.engine.begin() as conn:
-            if active:
-                name = conn.execute(select(ModelVersion.name).where(ModelVersion.run_id == run_id)).scalar_one()
-                conn.execute(update(ModelVersion).where(ModelVersion.name == name).values(active=0))
-                values["active"] = 1
-            conn.execute(update(ModelVersion).where(ModelVersion.run_id == run_id).values(**values))
 
 
 def gate_decisions(conn: Connection, run_ids: list[int]) -> dict[int, dict]:
@@ -241,7 +252,7 @@ def gate_decisions(conn: Connection, run_ids: list[int]) -> dict[int, dict]:
         RunStage.run_id.in_(run_ids), RunStage.stage == "promote", RunStage.status == "done")).all()
     out = {}
     for run_id, text in rows:
-        result = json.loads(text or "{}")
-        if result.get("decision"):
-            out[run_id] = {"tag": result.get("tag"), "promoted": result.get("promoted"), "decision": result["decision"]}
+        result = PromoteResult.from_dict(json.loads(text or "{}"))
+        if result.decision:
+            out[run_id] = {"tag": result.tag, "promoted": result.promoted, "decision": result.decision}
     return out

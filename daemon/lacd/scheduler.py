@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from lacd import forget, listings
 from lacd.artifacts import write_json_atomic
 from lacd.config import Settings, parse_window
-from lacd.runs import RunStore
+from lacd.runs import RunOutcome, RunStore
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +68,7 @@ class Scheduler:
     def _decide(self) -> tuple[str, int | None]:
         s = self.settings
         active = self.store.active()
-        if active is not None and active.status == "paused" and self.monitor is not None:
+        if active is not None and active.status == RunOutcome.PAUSED and self.monitor is not None:
             return f"run #{active.id} paused; {self._idle_verdict().reason}", None
         if active is not None:
             return "a run is already active", None

@@ -7,6 +7,7 @@ import time
 
 from lacd import db, forget, health, listings, lock, served
 from lacd.config import Settings
+from lacd.runs import ACTIVE, RunOutcome, gate_decisions
 
 
 TABLES = ("lessons", "rejects", "sources", "runs", "run_stages", "model_versions", "secret_findings", "forgets")
@@ -39,9 +40,9 @@ def snapshot(settings: Settings) -> dict:
         out["sources"] = listings.sources(conn)
         out["active_model"] = listings.active_model(conn)
         out["served"] = served.all_rows(conn)
-    out["current_run"] = next((r for r in out["runs"] if r["status"] in ("queued", "running", "waiting", "paused")), None)
+    out["current_run"] = next((r for r in out["runs"] if r["status"] in ACTIVE), None)
     for r in out["runs"]:
-        r["paused"] = (r.get("progress") or {}).get("paused") if r["status"] == "paused" else None
+        r["paused"] = (r.get("progress") or {}).get("paused") if r["status"] == RunOutcome.PAUSED else None
     out["scheduler"] = _scheduler_decision(settings)
     engine.dispose()
     return out
@@ -49,8 +50,6 @@ def snapshot(settings: Settings) -> dict:
 
 def _add_gate(conn, runs: list[dict]) -> None:
     """Each run's registered tag and the promotion gate's decision (None before its promote stage)."""
-    from lacd.runs import gate_decisions
-
     decided = gate_decisions(conn, [r["id"] for r in runs])
     for r in runs:
         found = decided.get(r["id"], {})
@@ -136,7 +135,7 @@ def _privacy_lines(s: dict) -> list[str]:
 
 def _run_line(r: dict) -> str:
     text = f"#{r['id']} {r['status']} ({r['lessons']} lessons)"
-    if r.get("stage") and r["status"] not in ("done", "rejected"):
+    if r.get("stage") and r["status"] not in (RunOutcome.DONE, RunOutcome.REJECTED):
         text += f" at {r['stage']}"
     if r.get("tag"):
         text += f" {r['tag']}"

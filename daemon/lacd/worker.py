@@ -33,12 +33,15 @@ import structlog
 
 from lacd.artifacts import sweep_leftovers
 from lacd.config import Settings
+from lacd.pipeline.errors import StageInterrupted, StageWaiting
 from lacd.pipeline.stages import STAGE_FUNCTIONS, STAGES, RunContext
-from lacd.runs import RunStore
+from lacd.pipeline.results import PromoteResult, TrainResult
+from lacd.runs import RunOutcome, RunStore
+from lacd.versions import VersionStore
 
 log = structlog.get_logger(__name__)
 
-OLLAMA_WAIT_CAP = 600.0
+WAIT_CAP = 600.0  # the longest wait between two tries of a waiting stage (Ollama down)
 YIELDING_STAGES = ("train", "evaluate")  # the stages that hold a model (and the GPU) for minutes
 PAUSES_FILE = "pauses.jsonl"
 
@@ -47,6 +50,7 @@ class RunExecutor:
     def __init__(self, settings: Settings, store: RunStore, stop: threading.Event, on_progress=None, monitor=None):
         self.settings = settings
         self.store = store
+        self.versions = VersionStore(store.engine, store.clock)
         self.stop = stop
         self.on_progress = on_progress  # the foreground `lacd train` draws its progress bar with it
         self.monitor = monitor  # lacd.idle.IdleMonitor in the daemon; None: never step aside
@@ -56,7 +60,7 @@ class RunExecutor:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
-    def execute(self, run_id: int, until: str | None = None) -> str:
+    def execute(self, run_id: int, until: str | None = None) -> RunOutcome:
         """Run the stages not done yet (up to and including `until`); returns the run's status.
         First removes what killed writers left under temporary names (artifacts.sweep_leftovers)."""
         sweep_leftovers(self.settings.state.dir)
@@ -64,55 +68,52 @@ class RunExecutor:
         for stage in STAGES:
             if stage not in done:
                 if self.stop.is_set():
-                    return "interrupted"
+                    return RunOutcome.INTERRUPTED
                 if not self._may_start(run_id, stage):
-                    return "paused"
+                    return RunOutcome.PAUSED
                 outcome = self._attempt(run_id, stage)
-                if outcome != "done":
+                if outcome is not RunOutcome.DONE:
                     return outcome
             if stage == until:
-                return f"stopped after {stage}"
-        promoted = self.store.stage_result(run_id, "promote").get("promoted", True)
-        status = "done" if promoted else "rejected"
+                return RunOutcome.stopped_after(stage)
+        promote = self.store.result(run_id, PromoteResult)
+        status = RunOutcome.DONE if promote is None or promote.promoted else RunOutcome.REJECTED
         self.store.succeed(run_id, status)
         log.info("run_done", run=run_id, status=status)
         self.write_report(run_id)
         self.prune_run_dirs()
         return status
 
-    def _attempt(self, run_id: int, stage: str) -> str:
-        from lacd.pipeline.evaluate import EvaluateInterrupted
-        from lacd.pipeline.register import OllamaUnavailable
-        from lacd.pipeline.train import TrainInterrupted
-
+    def _attempt(self, run_id: int, stage: str) -> RunOutcome:
         attempt = self.store.begin_stage(run_id, stage)
         pause = threading.Event()
-        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self._reporter(run_id, stage), self.stop,
-                         pause)
+        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self.versions,
+                         self._reporter(run_id, stage), self.stop, pause)
         log.info("stage_started", run=run_id, stage=stage, attempt=attempt)
         started = time.monotonic()
         watch = self._watch(pause, stage)
         try:
             result = STAGE_FUNCTIONS[stage](ctx)
-        except (TrainInterrupted, EvaluateInterrupted) as exc:
+        except StageInterrupted as exc:
             if pause.is_set():
                 self._pause(run_id, stage, watch.get("at", time.time()), watch.get("why", "agent active"), str(exc))
-                return "paused"
+                return RunOutcome.PAUSED
             log.info("stage_interrupted", run=run_id, stage=stage)
-            return "interrupted"
-        except OllamaUnavailable as exc:
-            delay = min(OLLAMA_WAIT_CAP, self.settings.run.backoff * 2 ** (attempt - 1))
-            self.store.wait(run_id, stage, str(exc), delay, waiting_for=f"Ollama at {self.settings.ollama.host}")
-            log.warning("stage_waiting_for_ollama", run=run_id, stage=stage, retry_in=delay, error=str(exc))
-            return "waiting"
+            return RunOutcome.INTERRUPTED
+        except StageWaiting as exc:
+            delay = min(WAIT_CAP, self.settings.run.backoff * 2 ** (attempt - 1))
+            waiting_for = exc.waiting_for(self.settings)
+            self.store.wait(run_id, stage, str(exc), delay, waiting_for=waiting_for)
+            log.warning("stage_waiting", run=run_id, stage=stage, waiting_for=waiting_for, retry_in=delay, error=str(exc))
+            return RunOutcome.WAITING
         except Exception as exc:  # every stage failure is recorded; the policy below decides
             return self._failed(run_id, stage, attempt, f"{type(exc).__name__}: {exc}")
         finally:
             watch["done"].set()
-        result["seconds"] = round(time.monotonic() - started, 2)
+        result = result.timed(round(time.monotonic() - started, 2))
         self.store.finish_stage(run_id, stage, result)
-        log.info("stage_done", run=run_id, stage=stage, seconds=result["seconds"])
-        return "done"
+        log.info("stage_done", run=run_id, stage=stage, seconds=result.seconds)
+        return RunOutcome.DONE
 
     # -- sharing the workstation -------------------------------------------------------------
 
@@ -121,8 +122,7 @@ class RunExecutor:
         if self.monitor is None or stage not in YIELDING_STAGES:
             return True
         verdict = self.monitor.verdict()
-        run = self.store.get(run_id)
-        progress = json.loads(run.progress) if run.progress else {}
+        progress = self.store.get(run_id).progress_dict()
         if not verdict.idle:
             self._pause(run_id, stage, time.time(), verdict.reason, None)
             return False
@@ -157,7 +157,7 @@ class RunExecutor:
 
     def _pause(self, run_id: int, stage: str, since: float, reason: str, how: str | None) -> None:
         if self.store.pause(run_id, stage, since, reason):
-            step = (json.loads(self.store.get(run_id).progress or "{}")).get("step")
+            step = self.store.get(run_id).progress_dict().get("step")
             self._pause_log(run_id, {"since": since, "stage": stage, "step": step, "reason": reason})
             log.info("run_paused", run=run_id, stage=stage, reason=reason, how=how)
 
@@ -165,18 +165,18 @@ class RunExecutor:
         with open(self.run_dir(run_id) / PAUSES_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
-    def _failed(self, run_id: int, stage: str, attempt: int, error: str) -> str:
+    def _failed(self, run_id: int, stage: str, attempt: int, error: str) -> RunOutcome:
         if attempt >= self.settings.run.retries:
             self.store.fail(run_id, f"{stage} failed after {attempt} attempts: {error}")
             log.error("run_failed", run=run_id, stage=stage, attempts=attempt, error=error)
-            if self.store.stage_result(run_id, "train"):
+            if self.store.result(run_id, TrainResult) is not None:
                 self.write_report(run_id)
             self.prune_run_dirs()
-            return "failed"
+            return RunOutcome.FAILED
         delay = self.settings.run.backoff * 2 ** (attempt - 1)
         self.store.wait(run_id, stage, error, delay, waiting_for=None)
         log.warning("stage_failed", run=run_id, stage=stage, attempt=attempt, retry_in=delay, error=error)
-        return "waiting"
+        return RunOutcome.WAITING
 
     def _reporter(self, run_id: int, stage: str):
         last = [0.0]
@@ -230,7 +230,7 @@ class RunWorker:
         while not self.executor.stop.is_set():
             try:
                 run_id = self.executor.store.runnable()
-                if run_id is not None and self.executor.execute(run_id) != "paused":
+                if run_id is not None and self.executor.execute(run_id) is not RunOutcome.PAUSED:
                     continue
             except Exception as exc:  # the database went away for a moment: try again later
                 log.error("run_worker_error", error=f"{type(exc).__name__}: {exc}")

@@ -40,6 +40,7 @@ import structlog
 from lacd.artifacts import write_text_atomic
 from lacd.child import EXIT_ERROR, child_env, die_with_parent, error_from_log, read_tail, stop_child, wait_any
 from lacd.pipeline import template as tpl
+from lacd.pipeline.errors import StageInterrupted
 from lacd.protocol import FABRICATED_MARKERS, TOOLS, ToolCall, check_call, format_call, parse_tool_calls
 
 log = structlog.get_logger(__name__)
@@ -56,7 +57,7 @@ class EvaluateError(Exception):
     """The evaluation cannot run (missing dataset, model, or adapter); the message says what."""
 
 
-class EvaluateInterrupted(EvaluateError):
+class EvaluateInterrupted(EvaluateError, StageInterrupted):
     """A stop was requested while the evaluation ran; the stage is redone at the next start."""
 
 

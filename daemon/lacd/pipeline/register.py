@@ -30,6 +30,8 @@ import httpx
 import ollama
 import structlog
 
+from lacd.pipeline.errors import StageWaiting
+
 log = structlog.get_logger(__name__)
 
 GGUF_FILENAME = "model.gguf"  # the name Ollama sees for the uploaded file; it must end in .gguf
@@ -41,8 +43,11 @@ class OllamaError(Exception):
     """Base of the errors this module raises."""
 
 
-class OllamaUnavailable(OllamaError):
+class OllamaUnavailable(OllamaError, StageWaiting):
     """Ollama could not be reached; retrying later may succeed."""
+
+    def waiting_for(self, settings) -> str:
+        return f"Ollama at {settings.ollama.host}"
 
 
 class RegisterError(OllamaError):

@@ -1,7 +1,7 @@
 """The stages of a run, in order. Each reads what earlier stages left in the run folder, writes
-its own output under a temporary name and renames it, and returns a small JSON-able result that
-the executor stores as the stage's row. A stage whose output already exists completes at once,
-so resuming after a crash redoes only the interrupted stage.
+its own output under a temporary name and renames it, and returns its typed result
+(lacd.pipeline.results) that the executor stores as the stage's row. A stage whose output
+already exists completes at once, so resuming after a crash redoes only the interrupted stage.
 
     format    lessons -> dataset/ (chat template, assistant-only labels, held-out split)
     train     dataset/ -> adapter/ (LoRA in a child process; checkpoints/ for resuming)
@@ -9,10 +9,15 @@ so resuming after a crash redoes only the interrupted stage.
     register  model.gguf -> Ollama <name>:v<N> (not yet <name>:latest)
     evaluate  candidate and model in use on the held-out lessons -> evaluation.json (child process)
     promote   the gate -> gate.json; <name>:latest moves to v<N> only if it passed; old versions pruned
+
+A stage that cannot go on yet raises StageWaiting, one cut short raises StageInterrupted
+(lacd.pipeline.errors). The torch-heavy modules (train, evaluate, export) are imported inside the
+stages that run them, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,8 +28,18 @@ from typing import Callable
 
 import structlog
 
+from lacd import basemodel, db, served
+from lacd.artifacts import write_json_atomic
 from lacd.config import Settings
+from lacd.pipeline import gate, register, template
+from lacd.pipeline.format import FormatSpec, LessonIn, default_system_prompt, format_lessons
+from lacd.pipeline.results import (
+    EvaluateResult, ExportResult, FormatResult, PromoteResult, RegisterResult, StageResult, TrainResult,
+)
+from lacd.pipeline.trainspec import TrainSpec
+from lacd.protocol import TOOLS_V1, TOOLS_V2, parse_tools
 from lacd.runs import RunStore
+from lacd.versions import VersionStore
 
 log = structlog.get_logger(__name__)
 
@@ -42,35 +57,36 @@ class RunContext:
     run_dir: Path
     settings: Settings
     store: RunStore
+    versions: VersionStore
     report: Callable[[dict], None]
     stop: threading.Event
     pause: threading.Event | None = None  # set when the agent becomes active: train and evaluate step aside
 
+    def result(self, kind: type[StageResult]):
+        """The result of an earlier stage of this run (one that must be done: the stages run in order)."""
+        found = self.store.result(self.run_id, kind)
+        if found is None:
+            raise RuntimeError(f"run #{self.run_id} has no {kind.STAGE} result; that stage must run first")
+        return found
+
     def base_dir(self) -> Path:
-        return Path(self.store.stage_result(self.run_id, "format")["base_dir"])
+        return Path(self.result(FormatResult).base_dir)
 
 
 def system_prompt(settings: Settings) -> str:
-    from lacd.pipeline.format import default_system_prompt
-
     path = settings.model.system_prompt
     return Path(path).expanduser().read_text(encoding="utf-8") if path else default_system_prompt()
 
 
 def resolve_base(settings: Settings) -> Path:
-    from lacd.basemodel import resolve_base as resolve
-
     client = None
     if settings.model.base.startswith("ollama:"):
-        from lacd import db, served
-        from lacd.pipeline.register import make_client
-
-        client = make_client(settings.ollama.host)
+        client = register.make_client(settings.ollama.host)
         engine = db.read_engine(settings.db_path) if settings.db_path.exists() else None
         original = served.base_source(settings, engine)  # never a model lacd itself put under the agent's name
         if original is not None:
             client = served.OriginalOf(client, settings.model.serve_as, original)
-    return resolve(settings.model.base, settings.state.dir, settings.model.allow_download, client)
+    return basemodel.resolve_base(settings.model.base, settings.state.dir, settings.model.allow_download, client)
 
 
 def check_disk(base_dir: Path, run_dir: Path, min_free_gb: float) -> None:
@@ -83,9 +99,7 @@ def check_disk(base_dir: Path, run_dir: Path, min_free_gb: float) -> None:
                        f"(free some space or lower [run] min_free_gb)")
 
 
-def format_stage(ctx: RunContext) -> dict:
-    from lacd.pipeline.format import FormatSpec, LessonIn, format_lessons
-
+def format_stage(ctx: RunContext) -> FormatResult:
     s = ctx.settings
     base = resolve_base(s)
     check_disk(base, ctx.run_dir, s.run.min_free_gb)
@@ -98,13 +112,12 @@ def format_stage(ctx: RunContext) -> dict:
         result = json.loads(done.read_text())
     else:
         result = format_lessons(lessons, spec).to_dict()
-    counts = result["counts"]
-    return {"base_dir": str(base), "family": result["family"], "counts": counts,
-            "train_tokens": result["train_tokens"], "assistant_tokens": result["assistant_tokens"]}
+    return FormatResult(base_dir=str(base), family=result["family"], counts=result["counts"],
+                        train_tokens=result["train_tokens"], assistant_tokens=result["assistant_tokens"])
 
 
-def train_stage(ctx: RunContext) -> dict:
-    from lacd.pipeline.train import TrainSpec, train_in_child
+def train_stage(ctx: RunContext) -> TrainResult:
+    from lacd.pipeline.train import train_in_child
 
     s, t = ctx.settings, ctx.settings.train
     if s.ollama.unload_before_training and _trains_on_gpu(t.device):
@@ -118,44 +131,40 @@ def train_stage(ctx: RunContext) -> dict:
                      base_precision=t.base_precision, gpu_memory_gib=t.gpu_memory_gb, devices=t.devices,
                      num_threads=t.threads or max(1, (os.cpu_count() or 2) // 2))
     result = train_in_child(spec, on_progress=ctx.report, stop=ctx.stop, pause=ctx.pause, yield_s=s.schedule.yield_s)
-    return _plain(result)
+    return TrainResult.from_dict(_plain(result))
 
 
 def modelfile(family: str, system: str, num_ctx: int) -> str:
     """The Modelfile equivalent of what the register stage sends (for `ollama create -f`)."""
-    from lacd.pipeline import template
-
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in template.stop_tokens(family))
     return (f'FROM ./model.gguf\nTEMPLATE """{template.ollama_template(family)}"""\nSYSTEM """{system}"""\n'
             f"{stops}PARAMETER num_ctx {num_ctx}\n")
 
 
-def export_stage(ctx: RunContext) -> dict:
+def export_stage(ctx: RunContext) -> ExportResult:
     from lacd.export import export_gguf, export_with_llama_cpp
 
     e = ctx.settings.export
     out = ctx.run_dir / "model.gguf"
-    family = ctx.store.stage_result(ctx.run_id, "format")["family"]
+    family = ctx.result(FormatResult).family
     (ctx.run_dir / "Modelfile").write_text(modelfile(family, system_prompt(ctx.settings), ctx.settings.ollama.num_ctx))
     if out.exists():
-        return {"path": str(out), "bytes": out.stat().st_size, "skipped": "already exported"}
+        return ExportResult(path=str(out), bytes=out.stat().st_size, skipped="already exported")
     progress = lambda done, total: ctx.report({"tensor": done, "tensors": total})  # noqa: E731
     if e.converter == "llama.cpp":
         result = export_with_llama_cpp(ctx.base_dir(), ctx.run_dir / "adapter", out, e.outtype, Path(e.llama_cpp_convert))
     else:
         result = export_gguf(ctx.base_dir(), ctx.run_dir / "adapter", out, e.outtype, progress)
-    return {"path": str(out), "bytes": result.bytes_written, "seconds": round(result.seconds, 2),
-            "tensors": result.n_tensors, "merged_tensors": result.merged_tensors}
+    return ExportResult(path=str(out), bytes=result.bytes_written, seconds=round(result.seconds, 2),
+                        tensors=result.n_tensors, merged_tensors=result.merged_tensors)
 
 
-def register_stage(ctx: RunContext) -> dict:
+def register_stage(ctx: RunContext) -> RegisterResult:
     """Create <name>:v<N> from model.gguf; <name>:latest moves only in the promote stage."""
-    from lacd.pipeline import register, template
-
     s = ctx.settings
-    family = ctx.store.stage_result(ctx.run_id, "format")["family"]
+    family = ctx.result(FormatResult).family
     run = ctx.store.get(ctx.run_id)
-    version = ctx.store.version_for(ctx.run_id, s.model.name, run.lesson_count)
+    version = ctx.versions.allocate(ctx.run_id, s.model.name, run.lesson_count)
     client = register.make_client(s.ollama.host)
     gguf = ctx.run_dir / "model.gguf"
     params = {"stop": template.stop_tokens(family), "num_ctx": s.ollama.num_ctx}
@@ -170,36 +179,33 @@ def register_stage(ctx: RunContext) -> dict:
                                 system_prompt(s), params, quantize,
                                 on_status=lambda status: ctx.report({"ollama": status}))
     digest = register.file_digest(gguf) if gguf.exists() else None
-    ctx.store.mark_version(ctx.run_id, "registered", digest=digest)
-    return {"tag": tag, "digest": digest, "quantize": quantize, "quantize_reason": why}
+    ctx.versions.mark(ctx.run_id, "registered", digest=digest)
+    return RegisterResult(tag=tag, digest=digest, quantize=quantize, quantize_reason=why)
 
 
 def eval_tools(value: str) -> dict[str, tuple[int, int]]:
     """[evaluate] tools as {name: (min_args, max_args)}: v1, v2 or an explicit list."""
-    from lacd.protocol import TOOLS_V1, TOOLS_V2, parse_tools
-
     return dict({"": TOOLS_V1, "v1": TOOLS_V1, "v2": TOOLS_V2}.get(value) or parse_tools(value))
 
 
-def evaluate_stage(ctx: RunContext) -> dict:
+def evaluate_stage(ctx: RunContext) -> EvaluateResult:
     """Measure the candidate and the model in use on the held-out lessons (in a child process)."""
     from lacd.pipeline import evaluate as ev
-    from lacd.pipeline import register
 
     s = ctx.settings
     out = ctx.run_dir / ev.RESULT_FILE
     if out.exists():  # evaluated before a crash
         result = json.loads(out.read_text(encoding="utf-8"))
         result.pop("cases", None)
-        return {**result, "skipped": "already evaluated"}
+        return EvaluateResult.from_dict({**result, "skipped": "already evaluated"})
     fmt = json.loads((ctx.run_dir / "dataset" / "format.json").read_text(encoding="utf-8"))
     cases = ev.heldout_prompts(ctx.store.lessons(ctx.run_id), fmt["heldout_ids"], fmt["family"], system_prompt(s),
                                s.evaluate.max_cases)
     candidate, incumbent = _compared_models(ctx)
-    train = ctx.store.stage_result(ctx.run_id, "train")
-    known = {"candidate": train.get("heldout_loss_after")}
+    train = ctx.result(TrainResult)
+    known = {"candidate": train.heldout_loss_after}
     if incumbent.is_base:  # the trainer measured the base model on this very split before training
-        known["incumbent"] = train.get("heldout_loss_before")
+        known["incumbent"] = train.heldout_loss_before
     known = {role: loss for role, loss in known.items() if loss is not None}  # the child measures the rest
     client = register.make_client(s.ollama.host)
     if not incumbent.is_base and incumbent.adapter_dir is None and not register.is_reachable(client):
@@ -210,30 +216,29 @@ def evaluate_stage(ctx: RunContext) -> dict:
                                          f"registered quantized: it is measured as Ollama serves it")
     log.info("evaluate_started", run=ctx.run_id, cases=len(cases), candidate=candidate.label, incumbent=incumbent.label)
     if not cases:
-        from lacd.artifacts import write_json_atomic
-
         result = ev.unmeasured_result(candidate, incumbent, known)
         write_json_atomic(out, result)
-        return result
+        return EvaluateResult.from_dict(result)
     spec = ev.EvalSpec(base_dir=ctx.base_dir(), dataset_dir=ctx.run_dir / "dataset", family=fmt["family"],
                        tools=eval_tools(s.evaluate.tools), max_tokens=s.evaluate.max_new_tokens,
                        max_seq_len=s.train.max_seq_len, tokens_per_batch=s.train.tokens_per_batch,
                        device=s.train.device, threads=_eval_threads(s))
     ctx.report({"phase": "evaluate", "cases": len(cases)})
-    return ev.evaluate_in_child(spec, cases, candidate, incumbent, out, ollama_host=s.ollama.host,
-                                known_losses=known, timeout_s=s.evaluate.timeout or None, stop=ctx.stop, pause=ctx.pause)
+    return EvaluateResult.from_dict(ev.evaluate_in_child(
+        spec, cases, candidate, incumbent, out, ollama_host=s.ollama.host, known_losses=known,
+        timeout_s=s.evaluate.timeout or None, stop=ctx.stop, pause=ctx.pause))
 
 
 def _compared_models(ctx: RunContext):
     """(candidate, model in use) as ModelRefs: the run's own version, and the active one (or the base)."""
     from lacd.pipeline.evaluate import ModelRef, incumbent_ref
 
-    tag = ctx.store.version_of(ctx.run_id).tag
+    tag = ctx.versions.of_run(ctx.run_id).tag
     gguf = ctx.run_dir / "model.gguf"
     candidate = ModelRef(tag, adapter_dir=ctx.run_dir / "adapter", gguf=gguf if gguf.exists() else None, ollama_tag=tag)
-    if ctx.store.stage_result(ctx.run_id, "register").get("quantize"):
+    if ctx.result(RegisterResult).quantize:
         candidate = ModelRef(tag, ollama_tag=tag)  # what the agent gets: Ollama's quantized file, not the f16 export
-    active = ctx.store.active_version(ctx.settings.model.name)
+    active = ctx.versions.active(ctx.settings.model.name)
     if active is None:
         return candidate, incumbent_ref(None, None)
     run_dir = ctx.settings.runs_dir / str(active.run_id) if active.run_id is not None else None
@@ -244,11 +249,8 @@ def _eval_threads(s: Settings) -> int:
     return s.evaluate.threads or s.train.threads or max(1, (os.cpu_count() or 2) // 2)
 
 
-def gate_decision(ctx: RunContext, evaluation: dict):
+def gate_decision(ctx: RunContext, evaluation: EvaluateResult) -> gate.Decision:
     """The gate's Decision for this run: gate.json if it was decided before a crash, else decided now."""
-    from lacd.pipeline import gate
-    from lacd.artifacts import write_json_atomic
-
     path = ctx.run_dir / GATE_FILE
     if path.exists():
         return gate.Decision.from_dict(json.loads(path.read_text(encoding="utf-8")))
@@ -256,7 +258,7 @@ def gate_decision(ctx: RunContext, evaluation: dict):
     guards = {"heldout_loss": g.max_loss_increase, "fabricated_output_rate": g.max_fabricated_increase,
               "clean_stop_rate": g.max_clean_stop_drop}
     guards.pop(g.primary, None)
-    decision = gate.decide(evaluation.get("candidate") or {}, evaluation.get("incumbent") or {}, g.primary,
+    decision = gate.decide(evaluation.candidate or {}, evaluation.incumbent or {}, g.primary,
                            g.tolerance, guards, g.if_unmeasured)
     if not decision.promote and ctx.store.get(ctx.run_id).reason == "forget":
         decision = gate.Decision(True, ["a forget run replaces the model in use whatever the gate says", *decision.reasons])
@@ -264,59 +266,52 @@ def gate_decision(ctx: RunContext, evaluation: dict):
     return decision
 
 
-def promote_stage(ctx: RunContext) -> dict:
+def promote_stage(ctx: RunContext) -> PromoteResult:
     """Move <name>:latest to this run's version if the gate passes; prune old versions either way."""
-    from lacd.pipeline import register
-
     s = ctx.settings
-    evaluation = ctx.store.stage_result(ctx.run_id, "evaluate")
+    evaluation = ctx.result(EvaluateResult)
     decision = gate_decision(ctx, evaluation)
-    tag = ctx.store.version_of(ctx.run_id).tag
+    version = ctx.versions.of_run(ctx.run_id)
     client = register.make_client(s.ollama.host)
-    metrics = {key: evaluation.get(key) for key in ("candidate", "incumbent", "generator", "generators", "n_cases")}
-    metrics["gate"] = decision.to_dict()
+    metrics = {**evaluation.gate_metrics(), "gate": decision.to_dict()}
     if decision.promote:
-        register.promote(client, s.model.name, tag)
-        serve_promoted(ctx, client, tag)
-        ctx.store.mark_version(ctx.run_id, "promoted", metrics=metrics, note=decision.summary(), active=True)
+        register.promote(client, s.model.name, version.tag)
+        serve_promoted(ctx, client, version.tag)
+        ctx.versions.activate(s.model.name, version.version, metrics=metrics, note=decision.summary())
     else:
-        ctx.store.mark_version(ctx.run_id, "rejected", metrics=metrics, note=decision.summary())
-    log.info("gate_decided", run=ctx.run_id, tag=tag, promoted=decision.promote, reason=decision.summary())
-    pruned = prune_versions(ctx.store, client, s.model.name, s.ollama.keep_versions)
+        ctx.versions.mark(ctx.run_id, "rejected", metrics=metrics, note=decision.summary())
+    log.info("gate_decided", run=ctx.run_id, tag=version.tag, promoted=decision.promote, reason=decision.summary())
+    pruned = prune_versions(ctx.versions, client, s.model.name, s.ollama.keep_versions)
     gguf = ctx.run_dir / "model.gguf"
     if gguf.exists() and not s.run.keep_gguf:
         gguf.unlink()
-    active = ctx.store.active_version(s.model.name)
-    return {"promoted": decision.promote, "tag": tag, "latest": active.tag if active else None,
-            "decision": decision.to_dict(), "pruned": pruned}
+    active = ctx.versions.active(s.model.name)
+    return PromoteResult(promoted=decision.promote, tag=version.tag, latest=active.tag if active else None,
+                         decision=decision.to_dict(), pruned=pruned)
 
 
 def serve_promoted(ctx: RunContext, client, tag: str) -> None:
     """Point [model] serve_as (the agent's own name) at the promoted version too (lacd.served)."""
-    from lacd import served
-
     done = served.follow(ctx.settings, ctx.store.engine, client, tag)
     if done is not None:
         log.info("served_name", name=done.name, serving=done.serving, state=done.state, note=done.note)
 
 
-def prune_versions(store: RunStore, client, name: str, keep: int) -> list[str]:
+def prune_versions(versions: VersionStore, client, name: str, keep: int) -> list[str]:
     """Delete versions beyond the newest `keep` from Ollama (never the active one) and mark them removed.
 
     Ollama being down only postpones this to the next run."""
-    from lacd.pipeline import register
-
-    active = store.active_version(name)
+    active = versions.active(name)
     try:
         pruned = register.prune_versions(client, name, keep, protect={active.tag} if active else set())
     except register.OllamaUnavailable as exc:
         log.warning("prune_postponed", error=str(exc))
         return []
-    store.mark_removed(name, [n for n in (register.parse_version(tag, name) for tag in pruned) if n is not None])
+    versions.mark_removed(name, [n for n in (register.parse_version(tag, name) for tag in pruned) if n is not None])
     return pruned
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], StageResult]] = {
     "format": format_stage, "train": train_stage, "export": export_stage, "register": register_stage,
     "evaluate": evaluate_stage, "promote": promote_stage,
 }
@@ -330,8 +325,6 @@ def _trains_on_gpu(device: str) -> bool:
 
 
 def _unload_ollama(host: str) -> None:
-    from lacd.pipeline import register
-
     try:
         unloaded = register.unload_all(register.make_client(host))
         log.info("ollama_unloaded", models=unloaded)
@@ -340,7 +333,5 @@ def _unload_ollama(host: str) -> None:
 
 
 def _plain(result) -> dict:
-    import dataclasses
-
     out = dataclasses.asdict(result)
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lacd.pipeline.errors import StageInterrupted
+
 
 ProgressCallback = Callable[[dict], None]
 
@@ -20,11 +22,11 @@ class TrainError(Exception):
     """Training cannot run or did not finish; the message says why."""
 
 
-class TrainPaused(Exception):
+class TrainPaused(StageInterrupted):
     """Child side: a pause was requested; the checkpoint of the last finished step is written."""
 
 
-class TrainInterrupted(TrainError):
+class TrainInterrupted(TrainError, StageInterrupted):
     """Training was stopped on request before it finished; it resumes from its last checkpoint."""
 
 
