@@ -15,7 +15,7 @@ from lacd.models import ModelVersion, Run, RunStage
 from lacd.pipeline.evaluate import EvaluateInterrupted
 from lacd.pipeline.register import OllamaUnavailable
 from lacd.pipeline.results import RESULTS, ExportResult, FormatResult, PromoteResult, TrainResult
-from lacd.pipeline.train import TrainInterrupted, TrainYielded
+from lacd.pipeline.trainspec import TrainInterrupted, TrainYielded
 from lacd.runs import RunOutcome, RunRow, StageRow
 from lacd.versions import VersionRow, VersionStore
 from test_worker import fake_stages, make_executor
