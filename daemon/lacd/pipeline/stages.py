@@ -24,7 +24,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import structlog
 
@@ -42,6 +42,7 @@ from lacd.runs import RunStore
 from lacd.versions import VersionStore
 
 log = structlog.get_logger(__name__)
+R = TypeVar("R", bound=StageResult)
 
 STAGES = ("format", "train", "export", "register", "evaluate", "promote")
 GATE_FILE = "gate.json"
@@ -62,7 +63,7 @@ class RunContext:
     stop: threading.Event
     pause: threading.Event | None = None  # set when the agent becomes active: train and evaluate step aside
 
-    def result(self, kind: type[StageResult]):
+    def result(self, kind: type[R]) -> R:
         """The result of an earlier stage of this run (one that must be done: the stages run in order)."""
         found = self.store.result(self.run_id, kind)
         if found is None:
