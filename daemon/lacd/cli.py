@@ -11,6 +11,7 @@ import click
 
 from lacd import config as config_mod
 from lacd import db, listings, lock, logs, status
+from lacd.artifacts import write_text_atomic
 from lacd.config import ConfigError
 from lacd.db import DatabaseError
 from lacd.ingest.lessons import REASONS
@@ -73,7 +74,7 @@ def init(path, force):
     if path.exists() and not force:
         raise ConfigError(f"{path} exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_mod.render_default_config())
+    write_text_atomic(path, config_mod.render_default_config())
     click.echo(f"wrote {path}")
 
 

@@ -29,7 +29,7 @@ from typing import Callable, TypeVar
 import structlog
 
 from lacd import basemodel, db, served
-from lacd.artifacts import write_json_atomic
+from lacd.artifacts import write_json_atomic, write_text_atomic
 from lacd.config import Settings
 from lacd.pipeline import gate, register, template
 from lacd.pipeline.format import FormatSpec, LessonIn, default_system_prompt, format_lessons
@@ -148,7 +148,7 @@ def export_stage(ctx: RunContext) -> ExportResult:
     e = ctx.settings.export
     out = ctx.run_dir / "model.gguf"
     family = ctx.result(FormatResult).family
-    (ctx.run_dir / "Modelfile").write_text(modelfile(family, system_prompt(ctx.settings), ctx.settings.ollama.num_ctx))
+    write_text_atomic(ctx.run_dir / "Modelfile", modelfile(family, system_prompt(ctx.settings), ctx.settings.ollama.num_ctx))
     if out.exists():
         return ExportResult(path=str(out), bytes=out.stat().st_size, skipped="already exported")
     progress = lambda done, total: ctx.report({"tensor": done, "tensors": total})  # noqa: E731
