@@ -388,12 +388,20 @@ class ShardedRecipe(LoRARecipe):
             self.model.save_pretrained(folder, state_dict=weights)
 
     def save(self) -> TrainResult | None:
-        """Rank 0 saves as on one device; the other ranks take part in its collectives."""
+        """Rank 0 saves as on one device; the other ranks take part in its collectives. All ranks
+        then meet at a barrier: a rank that left the process group while rank 0's last gather
+        was still in flight died in gloo's teardown ("terminate called without an active
+        exception", SIGABRT; about one run in ten of test_distributed's two-rank test)."""
+        import torch.distributed as dist
+
         if self.is_writer:
-            return super().save()
-        evaluate(self.model, self.heldout_rows, self.spec.tokens_per_batch, self.device, self.compute_dtype)
-        self._save_adapter(Path(self.spec.out_dir))
-        return None
+            result = super().save()
+        else:
+            evaluate(self.model, self.heldout_rows, self.spec.tokens_per_batch, self.device, self.compute_dtype)
+            self._save_adapter(Path(self.spec.out_dir))
+            result = None
+        dist.barrier()
+        return result
 
     def _report(self, phase: str, **fields: Any) -> None:
         """Progress from rank 0 only."""
@@ -405,6 +413,7 @@ class ShardedRecipe(LoRARecipe):
         import torch.distributed as dist
 
         super().cleanup()
+        self.__dict__.pop("mesh", None)  # the mesh holds the process group: drop it first
         if dist.is_initialized():
             dist.destroy_process_group()
 
