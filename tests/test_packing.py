@@ -171,10 +171,10 @@ def _hf_reference(model, lessons):
 
 def _per_lesson_losses(model, batch, lessons):
     """The shared-prefix row's loss split back into its lessons (targets are in lesson order)."""
-    from lacd.pipeline.loss import _decoder_and_head, _shared_prefix_kwargs
+    from lacd.pipeline.loss import decoder_and_head, _shared_prefix_kwargs
 
     counts = [sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in lessons]
-    decoder, _ = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     with torch.no_grad():
         hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                          **_shared_prefix_kwargs(batch, torch.device("cpu"))).last_hidden_state[0]
@@ -230,13 +230,13 @@ def test_chunked_loss_equals_one_cross_entropy_and_its_gradient(tiny_dir, monkey
 def test_flex_attention_path_computes_what_the_cpu_path_does(tiny_dir):
     """The GPU path (FlexAttention with the row's block mask; eager and forward-only on the CPU,
     where FlexAttention has no backward) gives the hidden states of the per-lesson sdpa path."""
-    from lacd.pipeline.loss import _decoder_and_head
+    from lacd.pipeline.loss import decoder_and_head
 
     torch.set_num_threads(1)
     model = tiny_lora_model(tiny_dir)
     use_shared_prefix_attention(model)
     batch = collate_shared_prefix(prefixed_lessons(), pad_to_multiple=128)
-    decoder, _ = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     common = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     block_mask = prefix_block_mask(batch["cu_seq_lens"], int(batch["prefix_len"]), batch["input_ids"].shape[1],
                                    torch.device("cpu"))

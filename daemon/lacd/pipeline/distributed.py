@@ -55,7 +55,7 @@ import torch
 
 from lacd.child import PARENT_PID_ENV, die_with_parent
 from lacd.pipeline import train
-from lacd.pipeline.loss import _decoder_and_head, evaluate
+from lacd.pipeline.loss import decoder_and_head, evaluate
 from lacd.pipeline.packing import labelled_token_count, lesson_token_count
 from lacd.pipeline.plan import PlannedStep, check_gpu, compute_context, gpu_memory_available
 from lacd.pipeline.train import LoRARecipe
@@ -315,7 +315,7 @@ class ShardedRecipe(LoRARecipe):
         if self.spec.compile == "auto":
             self.spec = dataclasses.replace(self.spec, compile="off")
         model = super()._load_model()
-        decoder, head = _decoder_and_head(model)
+        decoder, head = decoder_and_head(model)
         for layer in decoder.layers:
             fully_shard(layer, mesh=self.mesh)
         fully_shard(decoder, mesh=self.mesh)

@@ -62,7 +62,7 @@ def _varlen_kwargs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], de
 MIN_SHARED_PREFIX = 16
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder (last hidden states) and the output projection of a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
@@ -82,7 +82,7 @@ def chunked_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, targets: torc
     (activation checkpointing) instead of its logits being kept."""
     from torch.utils.checkpoint import checkpoint
 
-    _, head = _decoder_and_head(model)
+    _, head = decoder_and_head(model)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     chunk = max(1, LOSS_CHUNK_ELEMENTS // int(head.weight.shape[0]))
     total = None
@@ -147,7 +147,7 @@ def loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
         attention = _varlen_kwargs(model, batch, device)
     if keep.numel() == 0:
         return None
-    decoder, _ = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     hidden = decoder(
         input_ids=batch["input_ids"].to(device, non_blocking=True),
         position_ids=batch["position_ids"].to(device, non_blocking=True),
