@@ -29,7 +29,7 @@ from conftest import lacd_env, run_cli
 from lacd import config
 from lacd.cycle import run_foreground
 from lacd.pipeline import register, stages
-from lacd.pipeline.results import TrainResult
+from lacd.pipeline.results import TrainStageResult
 from lacd.samples import generate_lines
 from lacd.service import catch_up
 from ollama_standin import StandIn
@@ -63,7 +63,7 @@ def noise_for_a_candidate(adapter: Path, seed: int = 0):
             if "lora_B" in name:
                 weights[name] = torch.randn(tensor.shape, generator=generator) * float(tensor.std()) * 5
         save_file(weights, out / "adapter_model.safetensors")
-        return TrainResult.from_dict({"adapter_dir": str(out), "steps": 0,
+        return TrainStageResult.from_dict({"adapter_dir": str(out), "steps": 0,
                                       "note": "noise in place of the LoRA weights"})
 
     stages.STAGE_FUNCTIONS["train"] = broken

@@ -29,7 +29,7 @@ from conftest import lacd_env, run_cli
 from lacd import config
 from lacd.cycle import run_foreground
 from lacd.pipeline import stages
-from lacd.pipeline.results import TrainResult
+from lacd.pipeline.results import TrainStageResult
 from lacd.service import catch_up
 from ollama_standin import StandIn
 from test_gate_cycle import cli_json, look
@@ -89,7 +89,7 @@ def candidate_adapter(adapter: Path, zero: bool):
             weights = load_file(out / "adapter_model.safetensors")
             save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
                       out / "adapter_model.safetensors")
-        return TrainResult.from_dict({"adapter_dir": str(out), "steps": 0})
+        return TrainStageResult.from_dict({"adapter_dir": str(out), "steps": 0})
 
     stages.STAGE_FUNCTIONS["train"] = copy
     try:

@@ -265,7 +265,7 @@ def test_register_stage_quantizes_for_a_quantized_base_and_evaluation_sees_the_s
     from lacd.models import Run
     from lacd.pipeline.evaluate import Case, choose_generators, generate_ollama
     from lacd.pipeline.stages import RunContext, _compared_models, register_stage
-    from lacd.pipeline.results import FormatResult
+    from lacd.pipeline.results import FormatStageResult
     from lacd.runs import RunStore
     from lacd.versions import VersionStore
 
@@ -277,7 +277,7 @@ def test_register_stage_quantizes_for_a_quantized_base_and_evaluation_sees_the_s
         run_id = conn.execute(insert(Run).values(status="running", created_at=1.0, lesson_count=1,
                                                  reason="threshold")).inserted_primary_key[0]  # fmt: skip
     store.begin_stage(run_id, "format")
-    store.finish_stage(run_id, "format", FormatResult(base_dir=str(_base_from(tmp_path, 2)), family="chatml"))
+    store.finish_stage(run_id, "format", FormatStageResult(base_dir=str(_base_from(tmp_path, 2)), family="chatml"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(tiny_gguf, run_dir / "model.gguf")

@@ -14,13 +14,13 @@ from sqlalchemy import insert, select
 from lacd.models import ModelVersion, Run, RunStage
 from lacd.pipeline.evaluate import EvaluateInterrupted
 from lacd.pipeline.register import OllamaUnavailable
-from lacd.pipeline.results import RESULTS, ExportResult, FormatResult, PromoteResult, TrainResult
+from lacd.pipeline.results import RESULTS, ExportStageResult, FormatStageResult, PromoteStageResult, TrainStageResult
 from lacd.pipeline.trainspec import TrainInterrupted, TrainYielded
 from lacd.runs import RunOutcome, RunRow, StageRow
 from lacd.versions import VersionRow, VersionStore
 from test_worker import fake_stages, make_executor
 
-# Results as the stages of lacd before typed results wrote them (dicts, a flattened TrainResult).
+# Results as the stages of lacd before typed results wrote them (dicts, a flattened trainspec.TrainResult).
 OLD_ROWS = {
     "format": {"base_dir": "/state/base/abc", "family": "chatml", "counts": {"train": 7, "heldout": 1, "too_long": 0},
                "train_tokens": 5120, "assistant_tokens": 1800, "seconds": 1.5},
@@ -56,11 +56,11 @@ def test_stage_results_stored_before_the_typed_results_read_with_the_same_keys(e
     for stage, old in OLD_ROWS.items():
         typed = store.result(run_id, RESULTS[stage])
         assert typed.to_dict() == old, stage
-    assert store.result(run_id, FormatResult).family == "chatml"
-    train = store.result(run_id, TrainResult)
+    assert store.result(run_id, FormatStageResult).family == "chatml"
+    train = store.result(run_id, TrainStageResult)
     assert (train.heldout_loss_before, train.heldout_loss_after, train.extra["device"]) == (2.25, 1.5, "cpu")
-    assert store.result(run_id, ExportResult).tensors is None
-    assert store.result(run_id, PromoteResult).decision["summary"] == "promoted"
+    assert store.result(run_id, ExportStageResult).tensors is None
+    assert store.result(run_id, PromoteStageResult).decision["summary"] == "promoted"
     with pytest.raises(dataclasses.FrozenInstanceError):
         train.steps = 1
 
@@ -69,11 +69,12 @@ def test_a_finished_stage_stores_its_result_as_json_without_unset_optional_keys(
     store = executor.store
     run_id = store.create("threshold", 10)
     store.begin_stage(run_id, "export")
-    store.finish_stage(run_id, "export", ExportResult(path="/m.gguf", bytes=3, skipped="already exported").timed(0.5))
+    exported = ExportStageResult(path="/m.gguf", bytes=3, skipped="already exported").timed(0.5)
+    store.finish_stage(run_id, "export", exported)
     with store.engine.connect() as conn:
         text = conn.execute(select(RunStage.result).where(RunStage.run_id == run_id)).scalar_one()
     assert json.loads(text) == {"path": "/m.gguf", "bytes": 3, "skipped": "already exported", "seconds": 0.5}
-    assert store.result(run_id, TrainResult) is None  # not done: no result, not an empty one
+    assert store.result(run_id, TrainStageResult) is None  # not done: no result, not an empty one
 
 
 def test_rows_come_back_as_frozen_dataclasses(executor):

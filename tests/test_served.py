@@ -26,7 +26,7 @@ from lacd.cycle import RollbackError, rollback, rollback_original
 from lacd.models import Run
 from lacd.pipeline import register
 from lacd.pipeline.stages import RunContext, promote_stage, resolve_base
-from lacd.pipeline.results import EvaluateResult
+from lacd.pipeline.results import EvaluateStageResult
 from lacd.runs import RunStore
 from lacd.versions import VersionStore
 
@@ -87,7 +87,7 @@ def run_promote(store: RunStore, client, settings, gguf: Path, accuracy: float, 
     tag = register.create_version(client, NAME, version, gguf, "{{ .Prompt }}", "", {})
     versions.mark(run_id, "registered", digest=register.file_digest(gguf))
     store.begin_stage(run_id, "evaluate")
-    store.finish_stage(run_id, "evaluate", EvaluateResult(candidate={"exact_call_accuracy": accuracy},
+    store.finish_stage(run_id, "evaluate", EvaluateStageResult(candidate={"exact_call_accuracy": accuracy},
                                                           incumbent={"exact_call_accuracy": 0.5}, n_cases=4))
     run_dir = tmp_path / "runs" / str(run_id)
     run_dir.mkdir(parents=True)

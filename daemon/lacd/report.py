@@ -170,7 +170,7 @@ def write_run_report(run_dir: Path, store: Any, run_id: int) -> Path:
     missing (no evaluation yet, a pruned dataset) is shown as missing.
     """
     from lacd.listings import excluded_counts
-    from lacd.pipeline.results import EvaluateResult, FormatResult, PromoteResult, TrainResult
+    from lacd.pipeline.results import EvaluateStageResult, FormatStageResult, PromoteStageResult, TrainStageResult
     from lacd.versions import VersionStore
 
     run_dir = Path(run_dir)
@@ -180,15 +180,16 @@ def write_run_report(run_dir: Path, store: Any, run_id: int) -> Path:
            "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
            "tag": version.tag if version is not None else None}  # fmt: skip
     format_path = run_dir / "dataset" / "format.json"
-    results = {kind: store.result(run_id, kind) for kind in (FormatResult, TrainResult, EvaluateResult, PromoteResult)}
+    kinds = (FormatStageResult, TrainStageResult, EvaluateStageResult, PromoteStageResult)
+    results = {kind: store.result(run_id, kind) for kind in kinds}
     stored = {kind: r.to_dict() if r is not None else {} for kind, r in results.items()}
     format_result = (json.loads(format_path.read_text(encoding="utf-8")) if format_path.is_file()
-                     else stored[FormatResult])  # fmt: skip
-    promote = results[PromoteResult]
+                     else stored[FormatStageResult])  # fmt: skip
+    promote = results[PromoteStageResult]
     with store.engine.connect() as conn:
         curation = excluded_counts(conn)
-    return write_report(run_dir, run, format_result, stored[TrainResult], load_progress_history(run_dir),
-                        stored[EvaluateResult], (promote.decision if promote else None) or {},
+    return write_report(run_dir, run, format_result, stored[TrainStageResult], load_progress_history(run_dir),
+                        stored[EvaluateStageResult], (promote.decision if promote else None) or {},
                         curation=curation, pauses=load_pauses(run_dir))  # fmt: skip
 
 
@@ -201,7 +202,7 @@ def report_path(settings: Any, run_id: int | None = None) -> Path:
     from sqlalchemy.exc import NoResultFound
 
     from lacd import db
-    from lacd.pipeline.results import TrainResult
+    from lacd.pipeline.results import TrainStageResult
     from lacd.runs import ACTIVE, RunStore
 
     engine = db.read_engine(settings.db_path)
@@ -219,7 +220,7 @@ def report_path(settings: Any, run_id: int | None = None) -> Path:
         return path
     if row.status in ACTIVE:
         raise ReportError(f"run #{run_id} is still {row.status} (at {row.stage}); its report is written when it ends")
-    if store.result(run_id, TrainResult) is None:
+    if store.result(run_id, TrainStageResult) is None:
         raise ReportError(f"run #{run_id} {row.status} before training: no report (`lacd status` shows why)")
     if not path.parent.is_dir():
         raise ReportError(f"run #{run_id}'s folder was removed ([run] keep_runs keeps the newest)")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from lacd.models import Lesson, Run, RunLesson, RunStage
-from lacd.pipeline.results import PromoteResult, StageResult
+from lacd.pipeline.results import PromoteStageResult, StageResult
 
 R = TypeVar("R", bound=StageResult)
 T = TypeVar("T")
@@ -252,7 +252,7 @@ def gate_decisions(conn: Connection, run_ids: list[int]) -> dict[int, dict]:
         RunStage.run_id.in_(run_ids), RunStage.stage == "promote", RunStage.status == "done")).all()
     out = {}
     for run_id, text in rows:
-        result = PromoteResult.from_dict(json.loads(text or "{}"))
+        result = PromoteStageResult.from_dict(json.loads(text or "{}"))
         if result.decision:
             out[run_id] = {"tag": result.tag, "promoted": result.promoted, "decision": result.decision}
     return out

@@ -35,7 +35,7 @@ from lacd.artifacts import sweep_leftovers
 from lacd.config import Settings
 from lacd.pipeline.errors import StageInterrupted, StageWaiting
 from lacd.pipeline.stages import STAGE_FUNCTIONS, STAGES, RunContext
-from lacd.pipeline.results import PromoteResult, TrainResult
+from lacd.pipeline.results import PromoteStageResult, TrainStageResult
 from lacd.runs import RunOutcome, RunStore
 from lacd.versions import VersionStore
 
@@ -76,7 +76,7 @@ class RunExecutor:
                     return outcome
             if stage == until:
                 return RunOutcome.stopped_after(stage)
-        promote = self.store.result(run_id, PromoteResult)
+        promote = self.store.result(run_id, PromoteStageResult)
         status = RunOutcome.DONE if promote is None or promote.promoted else RunOutcome.REJECTED
         self.store.succeed(run_id, status)
         log.info("run_done", run=run_id, status=status)
@@ -169,7 +169,7 @@ class RunExecutor:
         if attempt >= self.settings.run.retries:
             self.store.fail(run_id, f"{stage} failed after {attempt} attempts: {error}")
             log.error("run_failed", run=run_id, stage=stage, attempts=attempt, error=error)
-            if self.store.result(run_id, TrainResult) is not None:
+            if self.store.result(run_id, TrainStageResult) is not None:
                 self.write_report(run_id)
             self.prune_run_dirs()
             return RunOutcome.FAILED

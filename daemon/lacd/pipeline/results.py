@@ -1,11 +1,14 @@
 """What each stage of a run returns: one frozen dataclass per stage, stored as the stage row's JSON.
 
-    FormatResult    base_dir, family, counts, tokens          (read by train, export, register, evaluate)
-    TrainResult     held-out loss before/after, steps, ...    (read by evaluate and the report)
-    ExportResult    the GGUF's path and size
-    RegisterResult  tag, digest, quantization                 (read by evaluate)
-    EvaluateResult  the candidate's and the model in use's metrics   (read by promote and the report)
-    PromoteResult   the gate's decision, latest, pruned tags  (read by the executor, `lacd status`)
+    FormatStageResult    base_dir, family, counts, tokens          (read by train, export, register, evaluate)
+    TrainStageResult     held-out loss before/after, steps, ...    (read by evaluate and the report)
+    ExportStageResult    the GGUF's path and size
+    RegisterStageResult  tag, digest, quantization                 (read by evaluate)
+    EvaluateStageResult  the candidate's and the model in use's metrics   (read by promote and the report)
+    PromoteStageResult   the gate's decision, latest, pruned tags  (read by the executor, `lacd status`)
+
+Named *StageResult so they never read as the objects the stages' workers return under the same
+noun (trainspec.TrainResult, format.FormatResult, export.ExportResult), from which they are built.
 
 ``to_dict`` gives the JSON object stored in run_stages.result and ``from_dict`` reads one back:
 the stored keys are those of the dicts the stages returned before these types existed, so rows
@@ -50,7 +53,7 @@ class StageResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FormatResult(StageResult):
+class FormatStageResult(StageResult):
     STAGE: ClassVar[str] = "format"
     base_dir: str | None = None
     family: str | None = None
@@ -60,8 +63,8 @@ class FormatResult(StageResult):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainResult(StageResult):
-    """The trainer's result (lacd.pipeline.train.TrainResult) as stored; its other numbers are in extra."""
+class TrainStageResult(StageResult):
+    """The trainer's result (lacd.pipeline.trainspec.TrainResult) as stored; its other numbers are in extra."""
 
     STAGE: ClassVar[str] = "train"
     heldout_loss_before: float | None = None
@@ -70,7 +73,7 @@ class TrainResult(StageResult):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportResult(StageResult):
+class ExportStageResult(StageResult):
     STAGE: ClassVar[str] = "export"
     path: str | None = None
     bytes: int | None = None
@@ -79,7 +82,7 @@ class ExportResult(StageResult):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RegisterResult(StageResult):
+class RegisterStageResult(StageResult):
     STAGE: ClassVar[str] = "register"
     tag: str | None = None
     digest: str | None = None
@@ -88,7 +91,7 @@ class RegisterResult(StageResult):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateResult(StageResult):
+class EvaluateStageResult(StageResult):
     """lacd.pipeline.evaluate's result without its cases; its other numbers are in extra."""
 
     STAGE: ClassVar[str] = "evaluate"
@@ -105,7 +108,7 @@ class EvaluateResult(StageResult):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PromoteResult(StageResult):
+class PromoteStageResult(StageResult):
     STAGE: ClassVar[str] = "promote"
     promoted: bool = True
     tag: str | None = None
@@ -114,5 +117,6 @@ class PromoteResult(StageResult):
     pruned: list[str] = field(default_factory=list)
 
 
-RESULTS: dict[str, type[StageResult]] = {r.STAGE: r for r in (FormatResult, TrainResult, ExportResult, RegisterResult,
-                                                             EvaluateResult, PromoteResult)}
+STAGE_RESULTS = (FormatStageResult, TrainStageResult, ExportStageResult, RegisterStageResult, EvaluateStageResult,
+                 PromoteStageResult)
+RESULTS: dict[str, type[StageResult]] = {r.STAGE: r for r in STAGE_RESULTS}

@@ -34,7 +34,8 @@ from lacd.config import Settings
 from lacd.pipeline import gate, register, template
 from lacd.pipeline.format import FormatSpec, LessonIn, default_system_prompt, format_lessons
 from lacd.pipeline.results import (
-    EvaluateResult, ExportResult, FormatResult, PromoteResult, RegisterResult, StageResult, TrainResult,
+    EvaluateStageResult, ExportStageResult, FormatStageResult, PromoteStageResult, RegisterStageResult, StageResult,
+    TrainStageResult,
 )
 from lacd.pipeline.trainspec import TrainSpec
 from lacd.protocol import TOOLS_V1, TOOLS_V2, parse_tools
@@ -71,7 +72,7 @@ class RunContext:
         return found
 
     def base_dir(self) -> Path:
-        return Path(self.result(FormatResult).base_dir)
+        return Path(self.result(FormatStageResult).base_dir)
 
 
 def system_prompt(settings: Settings) -> str:
@@ -100,7 +101,7 @@ def check_disk(base_dir: Path, run_dir: Path, min_free_gb: float) -> None:
                        f"(free some space or lower [run] min_free_gb)")
 
 
-def format_stage(ctx: RunContext) -> FormatResult:
+def format_stage(ctx: RunContext) -> FormatStageResult:
     s = ctx.settings
     base = resolve_base(s)
     check_disk(base, ctx.run_dir, s.run.min_free_gb)
@@ -113,11 +114,11 @@ def format_stage(ctx: RunContext) -> FormatResult:
         result = json.loads(done.read_text())
     else:
         result = format_lessons(lessons, spec).to_dict()
-    return FormatResult(base_dir=str(base), family=result["family"], counts=result["counts"],
+    return FormatStageResult(base_dir=str(base), family=result["family"], counts=result["counts"],
                         train_tokens=result["train_tokens"], assistant_tokens=result["assistant_tokens"])
 
 
-def train_stage(ctx: RunContext) -> TrainResult:
+def train_stage(ctx: RunContext) -> TrainStageResult:
     from lacd.pipeline.train import train_in_child
 
     s, t = ctx.settings, ctx.settings.train
@@ -132,7 +133,7 @@ def train_stage(ctx: RunContext) -> TrainResult:
                      base_precision=t.base_precision, gpu_memory_gib=t.gpu_memory_gb, devices=t.devices,
                      num_threads=t.threads or max(1, (os.cpu_count() or 2) // 2))
     result = train_in_child(spec, on_progress=ctx.report, stop=ctx.stop, pause=ctx.pause, yield_s=s.schedule.yield_s)
-    return TrainResult.from_dict(_plain(result))
+    return TrainStageResult.from_dict(_plain(result))
 
 
 def modelfile(family: str, system: str, num_ctx: int) -> str:
@@ -142,28 +143,28 @@ def modelfile(family: str, system: str, num_ctx: int) -> str:
             f"{stops}PARAMETER num_ctx {num_ctx}\n")
 
 
-def export_stage(ctx: RunContext) -> ExportResult:
+def export_stage(ctx: RunContext) -> ExportStageResult:
     from lacd.export import export_gguf, export_with_llama_cpp
 
     e = ctx.settings.export
     out = ctx.run_dir / "model.gguf"
-    family = ctx.result(FormatResult).family
+    family = ctx.result(FormatStageResult).family
     write_text_atomic(ctx.run_dir / "Modelfile", modelfile(family, system_prompt(ctx.settings), ctx.settings.ollama.num_ctx))
     if out.exists():
-        return ExportResult(path=str(out), bytes=out.stat().st_size, skipped="already exported")
+        return ExportStageResult(path=str(out), bytes=out.stat().st_size, skipped="already exported")
     progress = lambda done, total: ctx.report({"tensor": done, "tensors": total})  # noqa: E731
     if e.converter == "llama.cpp":
         result = export_with_llama_cpp(ctx.base_dir(), ctx.run_dir / "adapter", out, e.outtype, Path(e.llama_cpp_convert))
     else:
         result = export_gguf(ctx.base_dir(), ctx.run_dir / "adapter", out, e.outtype, progress)
-    return ExportResult(path=str(out), bytes=result.bytes_written, seconds=round(result.seconds, 2),
+    return ExportStageResult(path=str(out), bytes=result.bytes_written, seconds=round(result.seconds, 2),
                         tensors=result.n_tensors, merged_tensors=result.merged_tensors)
 
 
-def register_stage(ctx: RunContext) -> RegisterResult:
+def register_stage(ctx: RunContext) -> RegisterStageResult:
     """Create <name>:v<N> from model.gguf; <name>:latest moves only in the promote stage."""
     s = ctx.settings
-    family = ctx.result(FormatResult).family
+    family = ctx.result(FormatStageResult).family
     run = ctx.store.get(ctx.run_id)
     version = ctx.versions.allocate(ctx.run_id, s.model.name, run.lesson_count)
     client = register.make_client(s.ollama.host)
@@ -181,7 +182,7 @@ def register_stage(ctx: RunContext) -> RegisterResult:
                                 on_status=lambda status: ctx.report({"ollama": status}))
     digest = register.file_digest(gguf) if gguf.exists() else None
     ctx.versions.mark(ctx.run_id, "registered", digest=digest)
-    return RegisterResult(tag=tag, digest=digest, quantize=quantize, quantize_reason=why)
+    return RegisterStageResult(tag=tag, digest=digest, quantize=quantize, quantize_reason=why)
 
 
 def eval_tools(value: str) -> dict[str, tuple[int, int]]:
@@ -189,7 +190,7 @@ def eval_tools(value: str) -> dict[str, tuple[int, int]]:
     return dict({"": TOOLS_V1, "v1": TOOLS_V1, "v2": TOOLS_V2}.get(value) or parse_tools(value))
 
 
-def evaluate_stage(ctx: RunContext) -> EvaluateResult:
+def evaluate_stage(ctx: RunContext) -> EvaluateStageResult:
     """Measure the candidate and the model in use on the held-out lessons (in a child process)."""
     from lacd.pipeline import evaluate as ev
 
@@ -198,12 +199,12 @@ def evaluate_stage(ctx: RunContext) -> EvaluateResult:
     if out.exists():  # evaluated before a crash
         result = json.loads(out.read_text(encoding="utf-8"))
         result.pop("cases", None)
-        return EvaluateResult.from_dict({**result, "skipped": "already evaluated"})
+        return EvaluateStageResult.from_dict({**result, "skipped": "already evaluated"})
     fmt = json.loads((ctx.run_dir / "dataset" / "format.json").read_text(encoding="utf-8"))
     cases = ev.heldout_prompts(ctx.store.lessons(ctx.run_id), fmt["heldout_ids"], fmt["family"], system_prompt(s),
                                s.evaluate.max_cases)
     candidate, incumbent = _compared_models(ctx)
-    train = ctx.result(TrainResult)
+    train = ctx.result(TrainStageResult)
     known = {"candidate": train.heldout_loss_after}
     if incumbent.is_base:  # the trainer measured the base model on this very split before training
         known["incumbent"] = train.heldout_loss_before
@@ -219,13 +220,13 @@ def evaluate_stage(ctx: RunContext) -> EvaluateResult:
     if not cases:
         result = ev.unmeasured_result(candidate, incumbent, known)
         write_json_atomic(out, result)
-        return EvaluateResult.from_dict(result)
+        return EvaluateStageResult.from_dict(result)
     spec = ev.EvalSpec(base_dir=ctx.base_dir(), dataset_dir=ctx.run_dir / "dataset", family=fmt["family"],
                        tools=eval_tools(s.evaluate.tools), max_tokens=s.evaluate.max_new_tokens,
                        max_seq_len=s.train.max_seq_len, tokens_per_batch=s.train.tokens_per_batch,
                        device=s.train.device, threads=_eval_threads(s))
     ctx.report({"phase": "evaluate", "cases": len(cases)})
-    return EvaluateResult.from_dict(ev.evaluate_in_child(
+    return EvaluateStageResult.from_dict(ev.evaluate_in_child(
         spec, cases, candidate, incumbent, out, ollama_host=s.ollama.host, known_losses=known,
         timeout_s=s.evaluate.timeout or None, stop=ctx.stop, pause=ctx.pause))
 
@@ -237,7 +238,7 @@ def _compared_models(ctx: RunContext):
     tag = ctx.versions.of_run(ctx.run_id).tag
     gguf = ctx.run_dir / "model.gguf"
     candidate = ModelRef(tag, adapter_dir=ctx.run_dir / "adapter", gguf=gguf if gguf.exists() else None, ollama_tag=tag)
-    if ctx.result(RegisterResult).quantize:
+    if ctx.result(RegisterStageResult).quantize:
         candidate = ModelRef(tag, ollama_tag=tag)  # what the agent gets: Ollama's quantized file, not the f16 export
     active = ctx.versions.active(ctx.settings.model.name)
     if active is None:
@@ -250,7 +251,7 @@ def _eval_threads(s: Settings) -> int:
     return s.evaluate.threads or s.train.threads or max(1, (os.cpu_count() or 2) // 2)
 
 
-def gate_decision(ctx: RunContext, evaluation: EvaluateResult) -> gate.Decision:
+def gate_decision(ctx: RunContext, evaluation: EvaluateStageResult) -> gate.Decision:
     """The gate's Decision for this run: gate.json if it was decided before a crash, else decided now."""
     path = ctx.run_dir / GATE_FILE
     if path.exists():
@@ -267,10 +268,10 @@ def gate_decision(ctx: RunContext, evaluation: EvaluateResult) -> gate.Decision:
     return decision
 
 
-def promote_stage(ctx: RunContext) -> PromoteResult:
+def promote_stage(ctx: RunContext) -> PromoteStageResult:
     """Move <name>:latest to this run's version if the gate passes; prune old versions either way."""
     s = ctx.settings
-    evaluation = ctx.result(EvaluateResult)
+    evaluation = ctx.result(EvaluateStageResult)
     decision = gate_decision(ctx, evaluation)
     version = ctx.versions.of_run(ctx.run_id)
     client = register.make_client(s.ollama.host)
@@ -287,7 +288,7 @@ def promote_stage(ctx: RunContext) -> PromoteResult:
     if gguf.exists() and not s.run.keep_gguf:
         gguf.unlink()
     active = ctx.versions.active(s.model.name)
-    return PromoteResult(promoted=decision.promote, tag=version.tag, latest=active.tag if active else None,
+    return PromoteStageResult(promoted=decision.promote, tag=version.tag, latest=active.tag if active else None,
                          decision=decision.to_dict(), pruned=pruned)
 
 
