@@ -4,11 +4,14 @@ sweep of what killed writers leave, with real processes."""
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from lacd.artifacts import atomic_folder, sweep_leftovers, write_text_atomic
 from lacd.child import child_env
+from lacd.idle import Verdict
+from lacd.runs import RunOutcome
 from test_worker import fake_stages, make_executor
 
 WRITER = """
@@ -20,6 +23,21 @@ with atomic_folder(Path(sys.argv[1])) as tmp:
     print(tmp, flush=True)
     time.sleep(60)
 """
+
+
+class Agent:
+    """Stands in for lacd.idle.IdleMonitor: the agent is busy until the test says it is idle."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self):
+        self.busy = True
+
+    def verdict(self) -> Verdict:
+        return Verdict(idle=not self.busy, reason="agent active" if self.busy else "idle")
+
+    def activity(self, since: float) -> None:
+        return None
 
 
 def _writer(final):
@@ -48,6 +66,30 @@ def test_a_sigkilled_writers_leftover_is_swept_when_a_run_starts_and_a_live_writ
         alive.kill()
         alive.wait()
     assert sweep_leftovers(tmp_path) == [in_progress]
+
+
+def test_a_paused_or_stopped_execute_sweeps_nothing_and_the_resume_sweeps_once(tmp_path, monkeypatch):
+    """The worker calls execute every poll while a run is paused: those calls start no stage and
+    must not walk the state folder; the call that resumes the run removes the leftover."""
+    executor = make_executor(tmp_path)
+    executor.monitor = agent = Agent()
+    swept = []
+    monkeypatch.setattr("lacd.worker.sweep_leftovers", lambda root: swept.append(root) or sweep_leftovers(root))
+    fake_stages(monkeypatch)
+    run_id = executor.store.create("threshold", 10)
+    assert executor.execute(run_id) is RunOutcome.PAUSED  # format ran (one sweep); train waits for the agent
+    assert swept == [executor.settings.state.dir] and executor.store.get(run_id).status == "paused"
+    killed, leftover = _writer(executor.run_dir(run_id) / "adapter")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert executor.execute(run_id) is RunOutcome.PAUSED
+    executor.stop.set()
+    assert executor.execute(run_id) is RunOutcome.INTERRUPTED
+    assert len(swept) == 1 and leftover.exists()
+    executor.stop.clear()
+    agent.busy = False
+    assert executor.execute(run_id) is RunOutcome.REJECTED  # resumed: train to promote (the fake gate rejects)
+    assert len(swept) == 2 and not leftover.exists()
 
 
 def test_an_atomic_folder_appears_complete_or_not_at_all(tmp_path):

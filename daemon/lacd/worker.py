@@ -62,15 +62,20 @@ class RunExecutor:
 
     def execute(self, run_id: int, until: str | None = None) -> RunOutcome:
         """Run the stages not done yet (up to and including `until`); returns the run's status.
-        First removes what killed writers left under temporary names (artifacts.sweep_leftovers)."""
-        sweep_leftovers(self.settings.state.dir)
+        Before the first stage it starts (the run starts, resumes or retries), it removes what killed
+        writers left under temporary names (artifacts.sweep_leftovers); a call that finds the run still
+        paused (the worker's every poll) or is stopped starts nothing and sweeps nothing."""
         done = {name for name, row in self.store.stages(run_id).items() if row.status == "done"}
+        swept = False
         for stage in STAGES:
             if stage not in done:
                 if self.stop.is_set():
                     return RunOutcome.INTERRUPTED
                 if not self._may_start(run_id, stage):
                     return RunOutcome.PAUSED
+                if not swept:
+                    sweep_leftovers(self.settings.state.dir)
+                    swept = True
                 outcome = self._attempt(run_id, stage)
                 if outcome is not RunOutcome.DONE:
                     return outcome
