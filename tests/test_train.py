@@ -399,6 +399,27 @@ def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_dir, dataset_dir,
     assert "CUDA out of memory. Tried a micro-batch of" in str(failed.value)  # the child's own error, in the tail
 
 
+def test_the_test_oom_cap_is_the_training_steps_alone_and_patches_no_module(tiny_dir, dataset_dir, tmp_path,
+                                                                           monkeypatch):
+    """LACD_TEST_OOM_ABOVE_TOKENS is one seam, LoRARecipe._loss_sum, read when the recipe is made: the
+    held-out evaluation before training (micro-batches of the same 512 tokens) is measured, the first
+    training step runs out of memory, and lacd.pipeline.loss and train's globals keep the real loss_sum."""
+    from lacd.pipeline import loss
+
+    monkeypatch.setenv(train_mod.TEST_OOM_ENV, "160")
+    assert sum(len(row["input_ids"]) for row in lesson_rows(tiny_dir, 6, offset=100)) > 160  # held out: > 160
+    recipe = train_mod.LoRARecipe(make_spec(tiny_dir, dataset_dir, tmp_path, tokens_per_batch=512, epochs=1))
+    try:
+        recipe.setup()
+        assert recipe.counters.heldout_loss_before is not None
+        with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Tried a micro-batch of \d+ tokens"):
+            recipe.train()
+        assert recipe.counters.step == 0
+    finally:
+        recipe.cleanup()
+    assert loss.loss_sum is train_mod.loss_sum is loss_sum
+
+
 # --------------------------------------------------------------------------- the real default model
 
 

@@ -54,7 +54,6 @@ import structlog
 import torch
 
 from lacd.child import PARENT_PID_ENV, die_with_parent
-from lacd.pipeline import train
 from lacd.pipeline.loss import decoder_and_head, evaluate
 from lacd.pipeline.packing import labelled_token_count, lesson_token_count
 from lacd.pipeline.plan import PlannedStep, check_gpu, compute_context, gpu_memory_available
@@ -353,7 +352,7 @@ class ShardedRecipe(LoRARecipe):
             for index in rounds(len(batches), self.rank, self.world):
                 real = index is not None and labelled_token_count(batches[index]) > 0
                 with compute_context(self.device, self.compute_dtype), self._offloading():
-                    batch_loss = train.loss_sum(self.model, batches[index if real else spare])
+                    batch_loss = self._loss_sum(batches[index if real else spare])
                 ((batch_loss if real else batch_loss * 0.0) / labelled).backward()
                 if real:
                     summed += batch_loss.detach()

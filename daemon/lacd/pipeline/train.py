@@ -193,6 +193,7 @@ class LoRARecipe:
     counters: _Counters = field(default_factory=_Counters)
     resumed_from_step: int | None = None
     base_model: torch.nn.Module | None = None
+    oom_above_tokens: int | None = field(default_factory=lambda: _test_oom_limit())  # tests only: TEST_OOM_ENV
 
     # ---- setup
 
@@ -527,7 +528,7 @@ class LoRARecipe:
         summed = torch.zeros((), device=self.device)
         for batch in batches:
             with compute_context(self.device, self.compute_dtype), self._offloading():
-                batch_loss = loss_sum(self.model, batch)
+                batch_loss = self._loss_sum(batch)
             if batch_loss is None:
                 continue
             (batch_loss / max(labelled, 1)).backward()
@@ -537,6 +538,15 @@ class LoRARecipe:
         self.optimizer.step()
         self.scheduler.step()
         return (float(summed) / labelled if labelled else None), tokens, labelled
+
+    def _loss_sum(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """loss_sum of one training micro-batch: the train loop's one call of the loss (this
+        recipe's and distributed's), so the one place the test-only TEST_OOM_ENV cap applies."""
+        tokens = int(batch["input_ids"].numel())
+        if self.oom_above_tokens is not None and tokens > self.oom_above_tokens:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried a micro-batch of {tokens} tokens "
+                                              f"({TEST_OOM_ENV}={self.oom_above_tokens})")
+        return loss_sum(self.model, batch)
 
     # ---- save
 
@@ -675,28 +685,15 @@ def halve_micro_batch(spec: TrainSpec) -> TrainSpec | None:
 
 
 TEST_OOM_ENV = "LACD_TEST_OOM_ABOVE_TOKENS"
-"""Test-only fault injection, read by the training child alone: with it set to N, every micro-batch
-of more than N tokens raises torch.cuda.OutOfMemoryError inside the real training step, so the
+"""Test-only fault injection: with it set to N, every training micro-batch of more than N tokens
+raises torch.cuda.OutOfMemoryError in the real training step (LoRARecipe._loss_sum), so the
 out-of-memory retry is tested on a CPU. Never set it outside tests."""
 
 
-def _inject_oom_for_tests(limit: str | None) -> None:
-    """Wrap loss_sum so a micro-batch over `limit` tokens raises CUDA's out-of-memory (see TEST_OOM_ENV)."""
-    if not limit:
-        return
-    from lacd.pipeline import loss
-
-    real = loss.loss_sum
-
-    def loss_sum_with_a_memory_cap(model, batch, *args, **kwargs):
-        tokens = int(batch["input_ids"].numel())
-        if tokens > int(limit):
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried a micro-batch of {tokens} tokens "
-                                              f"({TEST_OOM_ENV}={limit})")
-        return real(model, batch, *args, **kwargs)
-
-    loss.loss_sum = loss_sum_with_a_memory_cap  # the held-out evaluation's
-    globals()["loss_sum"] = loss_sum_with_a_memory_cap  # the recipe's
+def _test_oom_limit() -> int | None:
+    """TEST_OOM_ENV's N, read when a recipe is made (in the child: the parent's environment)."""
+    value = os.environ.get(TEST_OOM_ENV)
+    return int(value) if value else None
 
 
 TEST_SLOW_STEP_ENV = "TEST_LACD_STEP_SLEEP_S"  # tests, bench: every step takes this much longer (not LACD_: the daemon rejects those)
@@ -725,7 +722,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lacd import logs
 
     logs.setup(level=args.log_level, fmt="json", stream=sys.stderr)
-    _inject_oom_for_tests(os.environ.get(TEST_OOM_ENV))
     _inject_slow_steps_for_tests(os.environ.get(TEST_SLOW_STEP_ENV))
     die_with_parent()
     if os.environ.get("LACD_TRAIN_PAUSE_PIPE"):
@@ -854,7 +850,7 @@ def train_in_child(
     raise AssertionError("unreachable")
 
 
-if __name__ == "__main__":  # run as lacd.pipeline.train, not __main__: the loss_sum that tests wrap is
-    from lacd.pipeline import train as _module  # the one of the recipe lacd.pipeline.distributed hands back
+if __name__ == "__main__":  # run as lacd.pipeline.train, not __main__: the recipe class that tests slow down
+    from lacd.pipeline import train as _module  # (TEST_SLOW_STEP_ENV) is the one lacd.pipeline.distributed hands back
 
     sys.exit(_module.main())
