@@ -1,7 +1,7 @@
 """The run and version stores read what they return as typed, frozen values: stage results stored
 before the typed results existed read back with the same keys, the worker meets every stage's
-waiting and interruption through the two shared errors, a run's outcome is an Enum whose values
-are the stored statuses, and only VersionStore.activate moves the active version."""
+waiting and interruption through the two shared errors, a run's outcome and a stage's status are
+Enums whose values are the stored statuses, and only VersionStore.activate moves the active version."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lacd.pipeline.evaluate import EvaluateInterrupted
 from lacd.pipeline.register import OllamaUnavailable
 from lacd.pipeline.results import RESULTS, ExportStageResult, FormatStageResult, PromoteStageResult, TrainStageResult
 from lacd.pipeline.trainspec import TrainInterrupted, TrainYielded
-from lacd.runs import RunOutcome, RunRow, StageRow
+from lacd.runs import RunOutcome, RunRow, StageRow, StageStatus
 from lacd.versions import VersionRow, VersionStore
 from test_worker import fake_stages, make_executor
 
@@ -121,6 +121,28 @@ def test_run_outcomes_are_the_stored_statuses(executor, monkeypatch):
     assert outcome is RunOutcome.STOPPED_AFTER_EXPORT and f"{outcome}" == "stopped after export"
     outcome = executor.execute(run_id)
     assert outcome is RunOutcome.REJECTED and RunOutcome(executor.store.get(run_id).status) is outcome
+
+
+def test_stage_statuses_are_the_stored_strings(executor):
+    """A stage through every status: the stored text is what lacd wrote before StageStatus existed."""
+    store = executor.store
+    run_id = store.create("threshold", 10)
+
+    def stored() -> str:
+        with store.engine.connect() as conn:
+            return conn.execute(select(RunStage.status).where(RunStage.run_id == run_id)).scalar_one()
+
+    seen = []
+    for move in (lambda: store.begin_stage(run_id, "train"), lambda: store.pause(run_id, "train", 1.0, "agent active"),
+                 lambda: store.begin_stage(run_id, "train"), lambda: store.wait(run_id, "train", "boom", 5.0, None),
+                 lambda: store.begin_stage(run_id, "train"),
+                 lambda: store.finish_stage(run_id, "train", TrainStageResult(steps=1))):
+        move()
+        seen.append(stored())
+        assert StageStatus(seen[-1]) == store.stages(run_id)["train"].status
+    assert seen == ["running", "paused", "running", "failed", "running", "done"]
+    assert store.stages(run_id)["train"].attempts == 2  # three begun, the paused one does not count
+    assert {str(s) for s in StageStatus} == {"running", "paused", "failed", "done"}
 
 
 def test_activate_is_the_one_way_to_move_the_active_version(executor):

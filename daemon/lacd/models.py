@@ -96,7 +96,7 @@ class RunStage(Base):
     __tablename__ = "run_stages"
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     stage: Mapped[str] = mapped_column(String(16), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    status: Mapped[str] = mapped_column(String(16))  # a lacd.runs.StageStatus value
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -24,7 +24,23 @@ R = TypeVar("R", bound=StageResult)
 T = TypeVar("T")
 
 
-class RunOutcome(str, Enum):
+class _Stored(str, Enum):
+    """A status column's values: each member is its stored text."""
+
+    def __str__(self) -> str:  # the stored text, also in f-strings on every Python version
+        return self.value
+
+
+class StageStatus(_Stored):
+    """A stage's status as stored in run_stages.status."""
+
+    RUNNING = "running"
+    DONE = "done"  # its output is in place and its result stored: never run again
+    FAILED = "failed"  # its last attempt failed or must wait; the run is `waiting` for the retry
+    PAUSED = "paused"  # stepped aside for the agent; that attempt does not count
+
+
+class RunOutcome(_Stored):
     """A run's status as stored in runs.status (the first seven), or what RunExecutor.execute
     returned when it stopped before the run ended (interrupted, stopped after a stage)."""
 
@@ -42,9 +58,6 @@ class RunOutcome(str, Enum):
     STOPPED_AFTER_REGISTER = "stopped after register"
     STOPPED_AFTER_EVALUATE = "stopped after evaluate"
     STOPPED_AFTER_PROMOTE = "stopped after promote"
-
-    def __str__(self) -> str:  # the stored text, also in f-strings on every Python version
-        return self.value
 
     @classmethod
     def stopped_after(cls, stage: str) -> "RunOutcome":
@@ -87,7 +100,7 @@ class StageRow:
 
     run_id: int
     stage: str
-    status: str  # running | done | failed | paused
+    status: str  # a StageStatus value
     attempts: int
     started_at: float | None
     finished_at: float | None
@@ -177,10 +190,11 @@ class RunStore:
             row = conn.execute(select(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)).first()
             attempts = (row.attempts if row else 0) + 1
             if row is None:
-                conn.execute(insert(RunStage).values(run_id=run_id, stage=stage, status="running", attempts=1, started_at=now))
+                conn.execute(insert(RunStage).values(run_id=run_id, stage=stage, status=StageStatus.RUNNING.value,
+                                                     attempts=1, started_at=now))
             else:
                 conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)
-                             .values(status="running", attempts=attempts, started_at=now, error=None))
+                             .values(status=StageStatus.RUNNING.value, attempts=attempts, started_at=now, error=None))
             conn.execute(update(Run).where(Run.id == run_id).values(
                 status=RunOutcome.RUNNING.value, stage=stage, next_try_at=None, waiting_for=None,
                 started_at=func.coalesce(Run.started_at, now)))
@@ -189,14 +203,15 @@ class RunStore:
     def finish_stage(self, run_id: int, stage: str, result: StageResult) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)
-                         .values(status="done", finished_at=self.clock(), error=None, result=json.dumps(result.to_dict())))
+                         .values(status=StageStatus.DONE.value, finished_at=self.clock(), error=None,
+                                 result=json.dumps(result.to_dict())))
             conn.execute(update(Run).where(Run.id == run_id).values(progress=None))
 
     def wait(self, run_id: int, stage: str, error: str, retry_in: float, waiting_for: str | None) -> None:
         """The stage failed or cannot proceed yet; the run is retried after `retry_in` seconds."""
         with self.engine.begin() as conn:
             conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage)
-                         .values(status="failed", error=error))
+                         .values(status=StageStatus.FAILED.value, error=error))
             conn.execute(update(Run).where(Run.id == run_id).values(
                 status=RunOutcome.WAITING.value, next_try_at=self.clock() + retry_in, waiting_for=waiting_for or f"retry of {stage}",
                 error=error))
@@ -211,8 +226,8 @@ class RunStore:
                 return False
             progress["paused"] = {"since": since, "reason": reason, "stage": stage}
             conn.execute(update(RunStage).where(RunStage.run_id == run_id, RunStage.stage == stage,
-                                                RunStage.status == "running")
-                         .values(status="paused", attempts=RunStage.attempts - 1))
+                                                RunStage.status == StageStatus.RUNNING.value)
+                         .values(status=StageStatus.PAUSED.value, attempts=RunStage.attempts - 1))
             conn.execute(update(Run).where(Run.id == run_id).values(
                 status=RunOutcome.PAUSED.value, stage=stage, next_try_at=None, waiting_for="the agent to be idle",
                 progress=json.dumps(progress)))
@@ -249,7 +264,7 @@ def gate_decisions(conn: Connection, run_ids: list[int]) -> dict[int, dict]:
     if not run_ids:
         return {}
     rows = conn.execute(select(RunStage.run_id, RunStage.result).where(
-        RunStage.run_id.in_(run_ids), RunStage.stage == "promote", RunStage.status == "done")).all()
+        RunStage.run_id.in_(run_ids), RunStage.stage == "promote", RunStage.status == StageStatus.DONE.value)).all()
     out = {}
     for run_id, text in rows:
         result = PromoteStageResult.from_dict(json.loads(text or "{}"))

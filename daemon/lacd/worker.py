@@ -36,7 +36,7 @@ from lacd.config import Settings
 from lacd.pipeline.errors import StageInterrupted, StageWaiting
 from lacd.pipeline.stages import STAGE_FUNCTIONS, STAGES, RunContext
 from lacd.pipeline.results import PromoteStageResult, TrainStageResult
-from lacd.runs import RunOutcome, RunStore
+from lacd.runs import RunOutcome, RunStore, StageStatus
 from lacd.versions import VersionStore
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,7 @@ class RunExecutor:
         Before the first stage it starts (the run starts, resumes or retries), it removes what killed
         writers left under temporary names (artifacts.sweep_leftovers); a call that finds the run still
         paused (the worker's every poll) or is stopped starts nothing and sweeps nothing."""
-        done = {name for name, row in self.store.stages(run_id).items() if row.status == "done"}
+        done = {name for name, row in self.store.stages(run_id).items() if row.status == StageStatus.DONE}
         swept = False
         for stage in STAGES:
             if stage not in done:
