@@ -20,17 +20,25 @@ before the daemon starts and the log is back-dated, so the run starts at once):
                 its training child gone.
 
 --build-base codellama-7b --base DIR writes a random-initialised CodeLlama-7B-shaped model (no download).
---gpu-release (CUDA + nvidia-ml-py): the daemon trains --base on the GPU; --pauses times a log line
-appended at 0, 1/N, ... of a step, and prints for each the seconds to the run paused, the training
-child gone, no GPU memory of lacd's (target <= 10 s) and training resumed, and the steps lost.
---slow-step-s makes every step longer (the kill path); --device cpu is a dry run without NVML.
+--gpu-release (CUDA + nvidia-ml-py): the daemon trains --base on the GPU. Each of --pauses waits until
+the child has done --warm-steps steps (the first steps, compiling and warming, are excluded), finds a
+step boundary in the child's own progress file and appends a log line 0, 1/N, ... of a step after it;
+--warmup-pause first appends one while the child is still loading the model (also a real case). For
+each: seconds from the line to the daemon noticing, the child's pause checkpoint, the run `paused`,
+the child gone, NVML listing no lacd process, the card's used memory back to its idle level (target
+<= 10 s), a new child, its first step; and the steps lost. Every phase has a timeout that says what it
+saw; --deadline-s starts no pause that may not end in time; --out gets the results as JSON after
+every pause, and a table ends the output. --slow-step-s makes every step longer (the kill path);
+--device cpu is a dry run without NVML.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -174,90 +182,257 @@ def build_base(folder: Path, shape: str) -> None:
                       "seconds": round(time.monotonic() - started, 1)}))
 
 
-def resumed_from(state: Path) -> int | None:
-    """The step the newest training child resumed from (its train_resumed log line), if any."""
-    step = None
-    for path in state.glob("**/child.log"):
-        for line in path.read_text(errors="replace").splitlines():
-            if '"train_resumed"' in line:
-                step = json.loads(line).get("step")
-    return step
+class PhaseTimeout(Exception):
+    """A phase of --gpu-release did not end within its time; the message says what was seen."""
 
 
-def one_pause(daemon: subprocess.Popen, db: Path, log: Path, fraction: float, nvml: bool) -> dict:
-    """Wait for training on the GPU, time one step, append a log line `fraction` of a step after a
-    step boundary, and time: run paused, training child gone, lacd's GPU memory 0, training again."""
-    def training_step() -> int:
-        s = run_state(db)
-        return s.get("step", 0) if s.get("status") == "running" and s.get("phase") == "train" else 0
+FREE_MARGIN_MB = 256  # the device's used memory back within this of its level before the daemon started
 
-    held = wait_for(lambda: train_children(daemon.pid) and training_step() and (not nvml or lacd_gpu_mb(daemon.pid)), 900, 0.1, daemon)
-    if not held:
-        raise SystemExit(f"no training to pause: {run_state(db)}")
-    first = training_step()
-    wait_for(lambda: training_step() > first, 300, 0.01, daemon)
-    boundary, second = time.monotonic(), training_step()
-    wait_for(lambda: training_step() > second, 300, 0.01, daemon)
-    step_s = time.monotonic() - boundary
-    time.sleep(step_s * fraction)
+
+def need(value, what: str, state: Path):
+    if not value:
+        raise PhaseTimeout(f"no {what} in time: run {run_state(state / 'lacd.db')}, child {child_progress(state)}")
+    return value
+
+
+def newest_run(state: Path) -> Path | None:
+    runs = [p for p in (state / "runs").glob("*") if p.name.isdigit()]
+    return max(runs, key=lambda p: int(p.name)) if runs else None
+
+
+def child_progress(state: Path) -> dict:
+    """The training child's own progress file, rewritten after every step (the database copies it
+    only every poll: too coarse to find a step boundary of a fraction of a second)."""
+    try:
+        return json.loads((newest_run(state) / "progress.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
+def recent_step_s(state: Path, steps: int) -> float:
+    """Median seconds per step over the last `steps` steps (progress.jsonl: a line per step)."""
+    lines = (newest_run(state) / "progress.jsonl").read_text().splitlines()[-(steps + 1):]
+    times = [json.loads(x)["updated_at"] for x in lines]
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    return gaps[len(gaps) // 2]
+
+
+def log_event(path: Path, event: str) -> dict:
+    """The last JSON line of `event` in a log file ({} if none)."""
+    found: dict = {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        if f'"{event}"' in line and line.startswith("{"):
+            try:
+                found = json.loads(line)
+            except ValueError:
+                pass
+    return found
+
+
+class Gpu:
+    """NVML's view: memory of lacd's processes, and the device's used memory against its level
+    before the daemon started (inside a container NVML's process ids may not be the container's)."""
+
+    def __init__(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+        except Exception:  # noqa: BLE001 - no NVIDIA: time the pause and the child's exit only (a CPU dry run)
+            self.nvml = None
+        self.baseline = self.used_mb()
+
+    def handles(self) -> list:
+        return [self.nvml.nvmlDeviceGetHandleByIndex(i) for i in range(self.nvml.nvmlDeviceGetCount())]
+
+    def used_mb(self) -> float | None:
+        return sum(self.nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles()) / 2**20 if self.nvml else None
+
+    def name(self) -> str:
+        return ", ".join(str(self.nvml.nvmlDeviceGetName(h)) for h in self.handles()) if self.nvml else "none (no NVML)"
+
+    def holding(self, daemon_pid: int) -> bool:
+        """The training child holds GPU memory (loading has begun)."""
+        return lacd_gpu_mb(daemon_pid) > 1024 or self.used_mb() - self.baseline > 1024
+
+
+class Bench:
+    """One --gpu-release session: the daemon, its files, the results so far (written after every pause)."""
+
+    def __init__(self, args, work: Path):
+        self.args, self.work = args, work
+        self.state, self.log = work / "state", work / "agent_interactions.jsonl"
+        self.gpu = Gpu()
+        self.started = time.monotonic()
+        self.cycle_s = 45.0  # the longest pause-to-warm-again so far: a pause starts only if one fits
+        self.resume_step = 0
+        self.results: dict = {"card": self.gpu.name(), "device": args.device, "base": args.base, "yield_s": args.yield_s,
+                              "idle_s": args.idle_s, "slow_step_s": args.slow_step_s, "gpu_used_mb_idle": self.gpu.baseline,
+                              "load_average": os.getloadavg(), "pauses": []}
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 2)
+
+    def save(self) -> None:
+        if self.args.out:
+            self.args.out.write_text(json.dumps(self.results, indent=1))
+
+    def child_log(self) -> Path:
+        return newest_run(self.state) / "checkpoints" / "child.log"
+
+    def wait(self, predicate, timeout: float, what: str, every: float = 0.05):
+        return need(wait_for(predicate, timeout, every, self.daemon), what, self.state)
+
+
+def event_s(event: dict, since_wall: float) -> float | None:
+    """Seconds from since_wall to a JSON log line's timestamp (None if it is older: another pause's)."""
+    from datetime import datetime
+
+    if "timestamp" not in event:
+        return None
+    seconds = datetime.fromisoformat(event["timestamp"]).timestamp() - since_wall
+    return round(seconds, 2) if seconds >= 0 else None
+
+
+def breakdown(b: Bench, rec: dict, wall: float) -> None:
+    """Where the time went, from the logs: the daemon noticed the line, the child wrote its pause checkpoint, left its loop."""
+    child = b.work / f"child-{len(b.results['pauses']) - 1}.log"
+    rec["noticed_s"] = event_s(log_event(b.work / "daemon.log", "agent_active"), wall)
+    rec["checkpoint_saved_s"] = event_s(log_event(child, "checkpoint_saved"), wall)
+    rec["child_paused_s"] = event_s(log_event(child, "train_paused"), wall)
+
+
+def append_line(log: Path) -> float:
+    """The agent writes a turn; returns the monotonic time right after."""
     with open(log, "a") as fh:
         fh.write(json.dumps({"user_prompt": "bench", "ai_responses": ["ok"], "tool_executions": []}) + "\n")
-    asked = time.monotonic()
+    return time.monotonic()
+
+
+def time_pause(b: Bench, rec: dict) -> None:
+    """Append a log line now and time: run paused, training child gone, lacd's GPU memory gone, the
+    device's memory back to idle, a new child, its first step; fills rec as it goes."""
+    import psutil
+
+    pids = {p.pid for p in train_children(b.daemon.pid)}
+    now = child_progress(b.state)
+    rec.update(step_at_line=now.get("step", 0), phase_at_line=now.get("phase"),
+               lacd_gpu_mb_before=lacd_gpu_mb(b.daemon.pid) if b.gpu.nvml else None, gpu_used_mb_before=b.gpu.used_mb())
+    wall, asked = time.time(), append_line(b.log)
     since = lambda: round(time.monotonic() - asked, 2)  # noqa: E731
-    out = {"step_s": round(step_s, 2), "line_at_fraction_of_step": fraction, "gpu_mb_before": held if nvml else None}
-    watched = {"paused_s": lambda: run_state(db).get("status") == "paused",
-               "child_gone_s": lambda: not train_children(daemon.pid)}
-    if nvml:
-        watched["released_s"] = lambda: lacd_gpu_mb(daemon.pid) == 0
+    watched = {"paused_s": lambda: run_state(b.state / "lacd.db").get("status") == "paused",
+               "child_gone_s": lambda: not any(psutil.pid_exists(p) for p in pids)}
+    if b.gpu.nvml:
+        watched["released_s"] = lambda: lacd_gpu_mb(b.daemon.pid) == 0
+        watched["device_free_s"] = lambda: b.gpu.used_mb() <= b.gpu.baseline + FREE_MARGIN_MB
     while watched:
         for key, done in list(watched.items()):
             if done():
-                out[key] = since()
+                rec[key] = since()
                 del watched[key]
-        if since() > 120:
-            raise SystemExit(f"not released after 120 s: {out} {run_state(db)}")
+        if watched and since() > b.args.phase_timeout:
+            raise PhaseTimeout(f"{sorted(watched)} not reached {b.args.phase_timeout} s after the line "
+                               f"(GPU used {b.gpu.used_mb()} MiB, idle {b.gpu.baseline})")
         time.sleep(0.02)
-    out["step_at_pause"] = paused = run_state(db).get("step") or 0
-    print(json.dumps({"released": out}), flush=True)  # kept even if the resume below runs out of time
-    if not wait_for(lambda: training_step() > paused, 900, 0.05, daemon):  # a step done by the resumed child
-        raise SystemExit(f"did not resume: {run_state(db)}")
-    out["resumed_after_s"] = since()
-    out["resumed_from_step"] = resumed_from(db.parent)
-    return out
+    rec["last_step"] = child_progress(b.state).get("step", 0)
+    rec["exit"] = "killed" if "stopped" in log_event(b.work / "daemon.log", "run_paused").get("how", "") else "checkpointed"
+    shutil.copy(b.child_log(), b.work / f"child-{len(b.results['pauses']) - 1}.log")
+    breakdown(b, rec, wall)
+    b.save()
+    b.wait(lambda: [p for p in train_children(b.daemon.pid) if p.pid not in pids], b.args.resume_timeout, "new training child")
+    rec["child_again_s"], again = since(), time.time()
+    step = b.wait(lambda: (p := child_progress(b.state)).get("phase") == "train" and p.get("updated_at", 0) > again
+                  and p["step"], b.args.resume_timeout, "step of the resumed child")
+    rec["resumed_after_s"], b.resume_step = since(), step
+    rec["resumed_from_step"] = log_event(b.child_log(), "train_resumed").get("step", 0)
+    rec["steps_lost"] = rec["last_step"] - rec["resumed_from_step"]
+
+
+def warmup_pause(b: Bench, rec: dict) -> None:
+    """The line comes while the child is still loading the model (a pause during warm-up)."""
+    b.wait(lambda: train_children(b.daemon.pid) and (not b.gpu.nvml or b.gpu.holding(b.daemon.pid)),
+           b.args.phase_timeout, "GPU memory held by the training child")
+    time_pause(b, rec)
+
+
+def steady_pause(b: Bench, rec: dict, fraction: float) -> None:
+    """Once the child has done --warm-steps steps, append the line `fraction` of a step after a step boundary."""
+    first = b.resume_step
+    b.wait(lambda: (p := child_progress(b.state)).get("phase") == "train" and p["step"] >= first + b.args.warm_steps,
+           b.args.resume_timeout, f"{b.args.warm_steps} steps after the resume")
+    step_s = recent_step_s(b.state, b.args.warm_steps - 1)
+    now = child_progress(b.state)["step"]
+    b.wait(lambda: child_progress(b.state).get("step", 0) > now, b.args.phase_timeout, "step boundary", every=0.002)
+    time.sleep(step_s * fraction)
+    rec.update(step_s=round(step_s, 3), line_at_fraction_of_step=round(fraction, 3))
+    time_pause(b, rec)
+
+
+def run_pauses(b: Bench) -> None:
+    """The warm-up pause (if asked), then --pauses pauses at 0, 1/N, ... of a step while time is left."""
+    b.wait(lambda: train_children(b.daemon.pid), b.args.phase_timeout * 3, "training child", every=0.2)
+    b.results["training_child_s"] = b.elapsed()
+    cycles: list[float] = []
+    plan = ([("warm-up", None)] if b.args.warmup_pause else []) + [("steady", i / b.args.pauses) for i in range(b.args.pauses)]
+    for kind, fraction in plan:
+        left = b.args.deadline_s - b.elapsed() if b.args.deadline_s else float("inf")
+        if left < b.cycle_s:
+            b.results["pauses"].append({"kind": kind, "skipped": f"{left:.0f} s left, a pause takes ~{b.cycle_s:.0f}"})
+            continue
+        rec = {"kind": kind, "at_s": b.elapsed()}
+        b.results["pauses"].append(rec)
+        warmup_pause(b, rec) if kind == "warm-up" else steady_pause(b, rec, fraction)
+        cycles.append(b.elapsed() - rec["at_s"] + 5)
+        b.cycle_s = max(cycles)
+        print(json.dumps(rec), flush=True)
+        b.save()
+
+
+def summarize(b: Bench) -> None:
+    """The summary (into the results) and a table per pause."""
+    key = "device_free_s" if b.gpu.nvml else "child_gone_s"
+    for kind in ("steady", "warm-up"):
+        times = sorted(p[key] for p in b.results["pauses"] if p["kind"] == kind and key in p)
+        if times:
+            b.results[f"summary_{kind}"] = {"measured": key, "n": len(times), "min": times[0], "median": times[len(times) // 2],
+                                            "max": times[-1], "within_yield_s": all(t <= b.args.yield_s for t in times)}
+    cols = ["kind", "line_at_fraction_of_step", "step_s", "phase_at_line", "noticed_s", "checkpoint_saved_s", "child_paused_s",
+            "paused_s", "child_gone_s", "released_s",
+            "device_free_s", "exit", "last_step", "resumed_from_step", "steps_lost", "child_again_s", "resumed_after_s"]
+    print("\t".join(cols))
+    for p in b.results["pauses"]:
+        print("\t".join(str(p.get(c, "-")) for c in cols) + (f"\t{p['skipped']}" if "skipped" in p else ""))
+    print(json.dumps({k: v for k, v in b.results.items() if k != "pauses"}), flush=True)
 
 
 def gpu_release(args, work: Path) -> None:
-    """Pause a training run args.pauses times at different points of a step; each pause's timings."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        nvml = True
-    except Exception:  # noqa: BLE001 - no NVIDIA: time the pause and the child's exit only (a CPU dry run)
-        nvml = False
-    state, log = work / "state", work / "agent_interactions.jsonl"
-    env = daemon_env(state, log, args.base, args.device, args.yield_s)
+    """Pause a training run at different points of a step; each pause's timings, JSON into --out."""
+    b = Bench(args, work)
+    env = daemon_env(b.state, b.log, args.base, args.device, args.yield_s)
     env.update(LACD_SCHEDULE_IDLE_MINUTES=str(args.idle_s / 60), LACD_TRAIN_TOKENS_PER_BATCH=str(args.tokens_per_batch))
     if args.slow_step_s:  # every step made longer than yield_s: the pause path that ends the child
         from lacd.pipeline.train import TEST_SLOW_STEP_ENV
 
         env[TEST_SLOW_STEP_ENV] = str(args.slow_step_s)
-    daemon = start_daemon(env, work, log, args.lessons)
-    pauses = []
+    b.daemon = start_daemon(env, work, b.log, args.lessons)
     try:
-        training(state / "lacd.db", daemon=daemon)
-        for i in range(args.pauses):
-            pauses.append(one_pause(daemon, state / "lacd.db", log, i / args.pauses, nvml))
-            print(json.dumps(pauses[-1]), flush=True)
+        run_pauses(b)
+    except (PhaseTimeout, SystemExit) as e:  # SystemExit: the daemon died, a stage failed, or SIGTERM
+        b.results["stopped"] = f"at {b.elapsed()} s: {e}"
+        print(f"stopped: {b.results['stopped']}", flush=True)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
-    key = "released_s" if nvml else "child_gone_s"
-    times = sorted(p[key] for p in pauses)
-    print(json.dumps({"device": args.device, "yield_s": args.yield_s, "slow_step_s": args.slow_step_s, "measured": key,
-                      "min": times[0], "median": times[len(times) // 2], "max": times[-1],
-                      "within_yield_s": all(t <= args.yield_s for t in times),
-                      "steps_lost": [p["step_at_pause"] - (p["resumed_from_step"] or 0) for p in pauses]}))
+        b.daemon.send_signal(signal.SIGTERM)
+        b.daemon.wait(60)
+        with contextlib.suppress(TypeError, OSError):
+            shutil.copy(b.child_log(), work / "child-last.log")
+        b.results["seconds"] = b.elapsed()
+        summarize(b)
+        b.save()
 
 
 def main() -> None:
@@ -275,6 +450,12 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=5, help="--gpu-release: [schedule] idle_minutes, in seconds")
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--slow-step-s", type=float, default=0, help="--gpu-release: add this to every step (a step longer than yield_s)")
+    parser.add_argument("--warmup-pause", action="store_true", help="--gpu-release: first a line while the child loads the model")
+    parser.add_argument("--warm-steps", type=int, default=4, help="--gpu-release: steps a child does before a pause is timed")
+    parser.add_argument("--phase-timeout", type=float, default=60, help="--gpu-release: seconds a pause may take to release")
+    parser.add_argument("--resume-timeout", type=float, default=180, help="--gpu-release: seconds to a resumed child's step")
+    parser.add_argument("--deadline-s", type=float, default=0, help="--gpu-release: start no pause that may not end by then")
+    parser.add_argument("--out", type=Path, help="--gpu-release: write the results as JSON here")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends the bench: its finally stops the daemon
