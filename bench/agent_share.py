@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 from lacd.basemodel import smollm2_gguf
+from lacd.pipeline.checkpoint import complete_checkpoints
 from lacd.samples import generate_lines
 
 HERE = Path(__file__).resolve().parent
@@ -209,6 +210,14 @@ def child_progress(state: Path) -> dict:
         return {}
 
 
+def last_trained_step(state: Path) -> int:
+    """The last optimizer step any child finished (progress.jsonl's last line)."""
+    try:
+        return json.loads((newest_run(state) / "progress.jsonl").read_text().splitlines()[-1])["step"]
+    except (TypeError, OSError, IndexError, ValueError, KeyError):
+        return 0
+
+
 def recent_step_s(state: Path, steps: int) -> float:
     """Median seconds per step over the last `steps` steps (progress.jsonl: a line per step)."""
     lines = (newest_run(state) / "progress.jsonl").read_text().splitlines()[-(steps + 1):]
@@ -269,7 +278,7 @@ class Bench:
         self.state, self.log = work / "state", work / "agent_interactions.jsonl"
         self.gpu = Gpu()
         self.started = time.monotonic()
-        self.cycle_s = 45.0  # the longest pause-to-warm-again so far: a pause starts only if one fits
+        self.cycle_s = 45.0  # the longest line-to-warm-again so far: a pause starts only if one fits
         self.resume_step = 0
         self.results: dict = {"card": self.gpu.name(), "device": args.device, "base": args.base, "yield_s": args.yield_s,
                               "idle_s": args.idle_s, "slow_step_s": args.slow_step_s, "gpu_used_mb_idle": self.gpu.baseline,
@@ -314,14 +323,17 @@ def append_line(log: Path) -> float:
     return time.monotonic()
 
 
-def time_pause(b: Bench, rec: dict) -> None:
+def time_pause(b: Bench, rec: dict, resume: str) -> None:
     """Append a log line now and time: run paused, training child gone, lacd's GPU memory gone, the
-    device's memory back to idle, a new child, its first step; fills rec as it goes."""
+    card's memory back to idle; then (resume "child") a new child, (resume "step") also its first
+    step and the step it resumed from. Fills rec as it goes."""
     import psutil
 
-    pids = {p.pid for p in train_children(b.daemon.pid)}
-    now = child_progress(b.state)
-    rec.update(step_at_line=now.get("step", 0), phase_at_line=now.get("phase"),
+    children = train_children(b.daemon.pid)
+    pids = {p.pid for p in children}
+    now, born = child_progress(b.state), min((p.create_time() for p in children), default=time.time())
+    rec.update(step_at_line=last_trained_step(b.state), child_age_s=round(time.time() - born, 2),
+               phase_at_line=now.get("phase") if now.get("updated_at", 0) > born else "loading",
                lacd_gpu_mb_before=lacd_gpu_mb(b.daemon.pid) if b.gpu.nvml else None, gpu_used_mb_before=b.gpu.used_mb())
     wall, asked = time.time(), append_line(b.log)
     since = lambda: round(time.monotonic() - asked, 2)  # noqa: E731
@@ -339,28 +351,33 @@ def time_pause(b: Bench, rec: dict) -> None:
             raise PhaseTimeout(f"{sorted(watched)} not reached {b.args.phase_timeout} s after the line "
                                f"(GPU used {b.gpu.used_mb()} MiB, idle {b.gpu.baseline})")
         time.sleep(0.02)
-    rec["last_step"] = child_progress(b.state).get("step", 0)
+    shutil.copy(b.child_log(), b.work / f"child-{len(b.results['pauses']) - 1}.log")  # before the next child truncates it
+    rec["last_step"] = last_trained_step(b.state)
+    rec["checkpoint_step"] = ([0] + [step for step, _ in complete_checkpoints(b.child_log().parent)])[-1]
+    rec["steps_lost"] = rec["last_step"] - rec["checkpoint_step"]  # what the resume starts from
     rec["exit"] = "killed" if "stopped" in log_event(b.work / "daemon.log", "run_paused").get("how", "") else "checkpointed"
-    shutil.copy(b.child_log(), b.work / f"child-{len(b.results['pauses']) - 1}.log")
     breakdown(b, rec, wall)
     b.save()
+    if resume == "no":
+        return
     b.wait(lambda: [p for p in train_children(b.daemon.pid) if p.pid not in pids], b.args.resume_timeout, "new training child")
     rec["child_again_s"], again = since(), time.time()
-    step = b.wait(lambda: (p := child_progress(b.state)).get("phase") == "train" and p.get("updated_at", 0) > again
-                  and p["step"], b.args.resume_timeout, "step of the resumed child")
-    rec["resumed_after_s"], b.resume_step = since(), step
-    rec["resumed_from_step"] = log_event(b.child_log(), "train_resumed").get("step", 0)
-    rec["steps_lost"] = rec["last_step"] - rec["resumed_from_step"]
+    if resume == "step":
+        step = b.wait(lambda: (p := child_progress(b.state)).get("phase") == "train" and p.get("updated_at", 0) > again
+                      and p["step"], b.args.resume_timeout, "step of the resumed child")
+        rec["resumed_after_s"], b.resume_step = since(), step
+        rec["resumed_from_step"] = log_event(b.child_log(), "train_resumed").get("step", 0)
+        rec["steps_lost"] = rec["last_step"] - rec["resumed_from_step"]
 
 
-def warmup_pause(b: Bench, rec: dict) -> None:
-    """The line comes while the child is still loading the model (a pause during warm-up)."""
+def warmup_pause(b: Bench, rec: dict, resume: str) -> None:
+    """The line comes while a new child is still loading the model (a pause during warm-up)."""
     b.wait(lambda: train_children(b.daemon.pid) and (not b.gpu.nvml or b.gpu.holding(b.daemon.pid)),
-           b.args.phase_timeout, "GPU memory held by the training child")
-    time_pause(b, rec)
+           b.args.phase_timeout, "GPU memory held by the training child", every=0.02)
+    time_pause(b, rec, resume)
 
 
-def steady_pause(b: Bench, rec: dict, fraction: float) -> None:
+def steady_pause(b: Bench, rec: dict, fraction: float, resume: str) -> None:
     """Once the child has done --warm-steps steps, append the line `fraction` of a step after a step boundary."""
     first = b.resume_step
     b.wait(lambda: (p := child_progress(b.state)).get("phase") == "train" and p["step"] >= first + b.args.warm_steps,
@@ -370,27 +387,36 @@ def steady_pause(b: Bench, rec: dict, fraction: float) -> None:
     b.wait(lambda: child_progress(b.state).get("step", 0) > now, b.args.phase_timeout, "step boundary", every=0.002)
     time.sleep(step_s * fraction)
     rec.update(step_s=round(step_s, 3), line_at_fraction_of_step=round(fraction, 3))
-    time_pause(b, rec)
+    time_pause(b, rec, resume)
 
 
 def run_pauses(b: Bench) -> None:
-    """The warm-up pause (if asked), then --pauses pauses at 0, 1/N, ... of a step while time is left."""
+    """--pauses pauses at 0, 1/N, ... of a step, each resumed to its first step, while time is left;
+    then (--warmup-pause) one more line while the last pause's new child loads the model: the last
+    steady pause then waits only for that child, the warm-up pause for a step if time is left."""
     b.wait(lambda: train_children(b.daemon.pid), b.args.phase_timeout * 3, "training child", every=0.2)
     b.results["training_child_s"] = b.elapsed()
-    cycles: list[float] = []
-    plan = ([("warm-up", None)] if b.args.warmup_pause else []) + [("steady", i / b.args.pauses) for i in range(b.args.pauses)]
-    for kind, fraction in plan:
-        left = b.args.deadline_s - b.elapsed() if b.args.deadline_s else float("inf")
-        if left < b.cycle_s:
-            b.results["pauses"].append({"kind": kind, "skipped": f"{left:.0f} s left, a pause takes ~{b.cycle_s:.0f}"})
+    warmup_s = b.args.yield_s + 15  # a warm-up pause without its resume: the kill budget, the exit, the next child
+    left = lambda: b.args.deadline_s - b.elapsed() if b.args.deadline_s else float("inf")  # noqa: E731
+    for i in range(b.args.pauses):
+        if left() < b.cycle_s:
+            b.results["pauses"].append({"kind": "steady", "skipped": f"{left():.0f} s left, a pause takes ~{b.cycle_s:.0f}"})
             continue
-        rec = {"kind": kind, "at_s": b.elapsed()}
+        last = i == b.args.pauses - 1
+        rec = {"kind": "steady", "at_s": b.elapsed()}
         b.results["pauses"].append(rec)
-        warmup_pause(b, rec) if kind == "warm-up" else steady_pause(b, rec, fraction)
-        cycles.append(b.elapsed() - rec["at_s"] + 5)
-        b.cycle_s = max(cycles)
+        steady_pause(b, rec, i / b.args.pauses, "child" if last and b.args.warmup_pause and left() > b.cycle_s + warmup_s else "step")
+        if "resumed_after_s" in rec:  # the next pause: warm steps, then line to resumed again
+            b.cycle_s = max(b.cycle_s if i else 0, rec["resumed_after_s"] + b.args.warm_steps * rec["step_s"] + 5)
         print(json.dumps(rec), flush=True)
-        b.save()
+    if b.args.warmup_pause and b.results["pauses"] and "resumed_after_s" not in b.results["pauses"][-1] \
+            and "child_again_s" in b.results["pauses"][-1]:
+        rec = {"kind": "warm-up", "at_s": b.elapsed()}
+        b.results["pauses"].append(rec)
+        warmup_pause(b, rec, "step" if left() > b.cycle_s else "no")
+        print(json.dumps(rec), flush=True)
+    elif b.args.warmup_pause:
+        b.results["pauses"].append({"kind": "warm-up", "skipped": f"{left():.0f} s left"})
 
 
 def summarize(b: Bench) -> None:
@@ -401,7 +427,7 @@ def summarize(b: Bench) -> None:
         if times:
             b.results[f"summary_{kind}"] = {"measured": key, "n": len(times), "min": times[0], "median": times[len(times) // 2],
                                             "max": times[-1], "within_yield_s": all(t <= b.args.yield_s for t in times)}
-    cols = ["kind", "line_at_fraction_of_step", "step_s", "phase_at_line", "noticed_s", "checkpoint_saved_s", "child_paused_s",
+    cols = ["kind", "line_at_fraction_of_step", "step_s", "child_age_s", "phase_at_line", "noticed_s", "checkpoint_saved_s", "child_paused_s",
             "paused_s", "child_gone_s", "released_s",
             "device_free_s", "exit", "last_step", "resumed_from_step", "steps_lost", "child_again_s", "resumed_after_s"]
     print("\t".join(cols))
