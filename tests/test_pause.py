@@ -3,6 +3,7 @@ resumed run ends with the adapter bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -33,6 +34,8 @@ def test_a_paused_child_checkpoints_its_step_exits_and_resumes_bit_identical(tin
     steps = [s for s, _ in complete_checkpoints(spec.checkpoint_dir)]
     assert len(steps) == 1 and 3 <= steps[0] < straight.steps, (steps, straight.steps, took)
     assert not spec.out_dir.exists()
+    events = [json.loads(line) for line in (spec.checkpoint_dir / "child.log").read_text().splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "train_paused" and events[-1]["step"] == steps[0]  # os._exit came after the flush
 
     resumed = train_in_child(spec, poll_s=0.05)
     assert resumed.resumed_from_step == steps[0]
@@ -98,9 +101,15 @@ def test_a_step_longer_than_yield_s_is_ended_and_loses_only_that_step(tiny_dir, 
     def on_progress(progress):
         if progress.get("phase") == "train":
             finished.append(progress["step"])
-            if progress["step"] >= 2:
-                pause.set()  # the child is now writing step 2's checkpoint or 3 s away from step 3's end
 
+    def pause_inside_step_3():  # not at step 2's progress: the child may still be writing step 2's
+        for _ in range(3000):  # checkpoint, then it meets the boundary and exits in time (76, nothing lost)
+            if any(step >= 2 for step, _ in complete_checkpoints(spec.checkpoint_dir)):
+                time.sleep(0.3)  # past the boundary check: inside step 3's 3 s
+                return pause.set()
+            time.sleep(0.01)
+
+    threading.Thread(target=pause_inside_step_3, daemon=True).start()
     with pytest.raises(TrainYielded, match="no step boundary within 0.8 s"):
         train_in_child(spec, on_progress, poll_s=0.05, pause=pause, yield_s=1)
     steps = [s for s, _ in complete_checkpoints(spec.checkpoint_dir)]
