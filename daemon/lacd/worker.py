@@ -92,8 +92,8 @@ class RunExecutor:
     def _attempt(self, run_id: int, stage: str) -> RunOutcome:
         attempt = self.store.begin_stage(run_id, stage)
         pause = threading.Event()
-        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self.versions,
-                         self._reporter(run_id, stage), self.stop, pause)
+        report = self._reporter(run_id, stage)
+        ctx = RunContext(run_id, self.run_dir(run_id), self.settings, self.store, self.versions, report, self.stop, pause)
         log.info("stage_started", run=run_id, stage=stage, attempt=attempt)
         started = time.monotonic()
         watch = self._watch(pause, stage)
@@ -101,6 +101,8 @@ class RunExecutor:
             result = STAGE_FUNCTIONS[stage](ctx)
         except StageInterrupted as exc:
             if pause.is_set():
+                if report.latest is not None:  # the child's last step, which the one-a-second limit may have held back
+                    self.store.set_progress(run_id, report.latest)
                 self._pause(run_id, stage, watch.get("at", time.time()), watch.get("why", "agent active"), str(exc))
                 return RunOutcome.PAUSED
             log.info("stage_interrupted", run=run_id, stage=stage)
@@ -187,6 +189,7 @@ class RunExecutor:
         last = [0.0]
 
         def report(progress: dict) -> None:
+            report.latest = progress
             if self.on_progress:
                 self.on_progress(stage, progress)
             now = time.monotonic()
@@ -194,6 +197,7 @@ class RunExecutor:
                 last[0] = now
                 self.store.set_progress(run_id, progress)
 
+        report.latest = None
         return report
 
     def write_report(self, run_id: int) -> None:
