@@ -245,3 +245,32 @@ def test_flex_attention_path_computes_what_the_cpu_path_does(tiny_dir):
         sdpa = decoder(**common, shared_prefix_len=int(batch["prefix_len"]),
                        shared_prefix_cu=batch["cu_seq_lens"]).last_hidden_state
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefix, own", [(24, [7, 1, 19, 3]), (0, [5, 1, 12]), (24, []), (9, [30])])
+def test_cascade_attention_equals_attention_of_each_lesson(prefix, own):
+    """The CPU's cascade attention (three flash calls merged by log-sum-exp) gives the outputs and the
+    query/key/value gradients of the per-lesson path (each lesson against [prefix | itself]), with
+    grouped-query heads, one-token lessons, a prefix-only row and a row without a prefix."""
+    from lacd.pipeline.cascade import cascade_attention
+    from lacd.pipeline.packing import _prefix_segments
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    bounds = [0] + ([prefix] if prefix else [])
+    for n in own:
+        bounds.append(bounds[-1] + n)
+    total = bounds[-1]
+    query, key, value = (torch.randn(1, heads, total, 8, dtype=torch.float64, requires_grad=True)
+                         for heads in (4, 2, 2))
+    weight = torch.randn(1, 4, total, 8, dtype=torch.float64)
+    results = []
+    for attend in ("per lesson", "cascade"):
+        if attend == "cascade":
+            out = cascade_attention(query, key, value, bounds, prefix, 0.3)
+        else:
+            flat = [t[0].transpose(0, 1) for t in (query, key, value)]
+            out = _prefix_segments(*flat, torch.tensor(bounds), prefix, 0.3).transpose(0, 1).unsqueeze(0)
+        results.append([out.detach(), *torch.autograd.grad((out * weight).sum(), (query, key, value))])
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)

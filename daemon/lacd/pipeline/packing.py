@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from lacd.pipeline.cascade import cascade_attention
+
 IGNORE_INDEX = -100
 VARLEN_ATTENTION = "lacd_varlen"
 
@@ -386,7 +388,8 @@ def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def _prefix_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor,
                      prefix_len: int, scale: float | None) -> torch.Tensor:
-    """CPU path of a shared-prefix row over (T, H, D) tensors: causal sdpa on the prefix, then
+    """Per-lesson path of a shared-prefix row over (T, H, D) tensors (evaluation on CUDA; the CPU
+    runs cascade_attention): causal sdpa on the prefix, then
     each lesson's queries against [prefix keys | its own keys] with a mask that is all-true on
     the prefix and causal on its own part (PyTorch's CPU flash kernel takes the mask and keeps
     no attention matrix for backward). Work per lesson: own x (prefix + own), never row x row."""
@@ -417,12 +420,16 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
                             kwargs: Mapping[str, Any]) -> torch.Tensor:
     """Attention of a shared-prefix row, (1, H, T, D) in, (1, T, H, D) out: FlexAttention with the
     row's block mask when one was built (the prefix_block_mask kwarg: training on CUDA), else
-    the per-lesson sdpa path (shared_prefix_len and shared_prefix_cu kwargs)."""
+    (shared_prefix_len and shared_prefix_cu kwargs) cascade attention on the CPU (cascade.py) or
+    the per-lesson sdpa path (evaluation on CUDA)."""
     if query.shape[0] != 1:
         raise ValueError("shared-prefix rows are batches of one row")
     block_mask = kwargs.get("prefix_block_mask")
     if block_mask is not None:
         return _flex_attention(query, key, value, block_mask, scaling).transpose(1, 2)
+    if query.device.type == "cpu":
+        bounds = kwargs["shared_prefix_cu"].tolist()
+        return cascade_attention(query, key, value, bounds, int(kwargs["shared_prefix_len"]), scaling).transpose(1, 2)
     flat = [t[0].transpose(0, 1) for t in (query, key, value)]
     out = _prefix_segments(*flat, kwargs["shared_prefix_cu"].cpu(), int(kwargs["shared_prefix_len"]), scaling)
     return out.unsqueeze(0)
