@@ -16,7 +16,12 @@ from transformers import AutoModelForCausalLM
 
 from lacd.pipeline import packing
 from lacd.pipeline.packing import VARLEN_ATTENTION, collate_packed, collate_padded, pack
-from lacd.pipeline.lora_kernels import _InputDropoutLinear, apply_fused_kernels, fuse_lora_dropout
+from lacd.pipeline.lora_kernels import (
+    _InputDropoutLinear,
+    apply_fused_kernels,
+    checkpoint_first_layers,
+    fuse_lora_dropout,
+)
 from lacd.pipeline.loss import loss_sum
 from lacd.pipeline.plan import (
     COMPILE_MIN_TOKENS,
@@ -24,6 +29,7 @@ from lacd.pipeline.plan import (
     choose_adapter_compute,
     choose_attention,
     compute_context,
+    cpu_layers_to_checkpoint,
     needs_checkpointing,
     plan_steps,
     should_compile,
@@ -138,6 +144,36 @@ def test_automatic_choices_on_cpu():
     assert apply_fused_kernels(model, "auto", cuda, compiling=True) == "off"
     with pytest.raises(TrainError):
         apply_fused_kernels(model, "triton", cpu, compiling=False)
+
+
+def test_cpu_checkpoints_only_the_layers_over_the_activation_budget(tiny_dir, monkeypatch):
+    """On the CPU only as many layers are checkpointed as the 1 GiB budget needs (SmolLM2-135M's 30
+    layers at ~0.86 MB a token in bf16); the others are not recomputed in backward, and the
+    gradients are those of checkpointing every layer or none."""
+    assert cpu_layers_to_checkpoint(600, 864_000, 30) == 0  # ~1.0 GB in fp32: all layers fit
+    assert cpu_layers_to_checkpoint(1150, 864_000, 30) == 14  # a same-steps row: 16 layers keep theirs
+    assert cpu_layers_to_checkpoint(4096, 864_000, 30) == 26
+    assert cpu_layers_to_checkpoint(10**7, 864_000, 30) == 30
+    batch = collate_packed(random_lessons(3, seed=5))
+    grads, recomputed = [], []
+    for count in (None, 1, 2):  # no checkpointing, the first layer only, both layers
+        model = tiny_lora_model(tiny_dir)
+        layers = model.get_base_model().model.layers
+        calls = [0] * len(layers)
+        for index, layer in enumerate(layers):
+            layer.self_attn.register_forward_hook(lambda *a, i=index: calls.__setitem__(i, calls[i] + 1))
+        if count is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert checkpoint_first_layers(model, count) == count
+        model.train()
+        torch.manual_seed(0)
+        loss_sum(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        recomputed.append(calls)
+    assert recomputed == [[1, 1], [2, 1], [2, 2]]
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(other[name], grad, atol=0, rtol=0)
 
 
 def test_activation_estimate_grows_with_dropout_and_upcast():

@@ -1,6 +1,6 @@
 """Speed kernels of the train recipe: LoRA dropout fused into the A matrix (a custom autograd
 function that keeps a 1-byte mask), peft's fp32 upcast turned off, Liger's fused kernels on the
-base model, and torch.compile of the decoder layers."""
+base model, torch.compile of the decoder layers, and gradient checkpointing of only some layers."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def apply_fused_kernels(model: torch.nn.Module, requested: str, device: torch.de
     return "liger"
 
 
+def decoder_layers(model: torch.nn.Module) -> Any:
+    """The decoder layers of a causal LM, peft-wrapped or not (None when not found)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    return getattr(decoder, "layers", None)
+
+
+def checkpoint_first_layers(model: torch.nn.Module, count: int) -> int:
+    """Keep gradient checkpointing (already enabled) on the first `count` decoder layers only: the
+    others keep their activations and are not recomputed in backward (plan.cpu_layers_to_checkpoint
+    says how many must be checkpointed). Returns how many layers are checkpointed."""
+    layers = decoder_layers(model) or []
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = index < count
+    return sum(1 for layer in layers if getattr(layer, "gradient_checkpointing", False))
+
+
 def compile_layers(model: torch.nn.Module, fall_back: bool) -> bool:
     """torch.compile each decoder layer in place. Returns whether it did.
 
@@ -48,9 +66,7 @@ def compile_layers(model: torch.nn.Module, fall_back: bool) -> bool:
     ~90 s instead of ~34 s). fall_back: run eager if compiling fails (no working compiler, say).
     Evaluation runs eager (see evaluate).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    layers = getattr(decoder, "layers", None)
+    layers = decoder_layers(model)
     if not layers:
         log.warning("compile_skipped", reason="no decoder layers found")
         return False

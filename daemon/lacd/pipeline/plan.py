@@ -199,6 +199,15 @@ def cpu_needs_checkpointing(tokens: int, bytes_per_token: int) -> bool:
     return tokens * bytes_per_token * 2 > CPU_ACTIVATION_BUDGET
 
 
+def cpu_layers_to_checkpoint(tokens: int, bytes_per_token: int, layers: int) -> int:
+    """How many of `layers` decoder layers a CPU micro-batch of `tokens` tokens must checkpoint so that
+    the fp32 activations the other layers keep fit in CPU_ACTIVATION_BUDGET: the layers that fit keep
+    theirs and skip the forward's recompute in backward (0 when all fit: cpu_needs_checkpointing)."""
+    per_layer = tokens * bytes_per_token * 2 / max(layers, 1)
+    kept = layers if per_layer <= 0 else min(layers, int(CPU_ACTIVATION_BUDGET // per_layer))
+    return layers - kept
+
+
 # A cold compile cost ~34 s on an H100 (CodeLlama-7B shape) and saved ~30 us a token (10.7k ->
 # 15.7k tokens/s): it pays for itself from about 1.1M trained tokens (bench/train_gpu.py).
 COMPILE_MIN_TOKENS = 1_000_000

@@ -93,7 +93,13 @@ from lacd.pipeline.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from lacd.pipeline.lora_kernels import apply_fused_kernels, compile_layers, disable_adapter_upcast, fuse_lora_dropout
+from lacd.pipeline.lora_kernels import (
+    apply_fused_kernels,
+    checkpoint_first_layers,
+    compile_layers,
+    disable_adapter_upcast,
+    fuse_lora_dropout,
+)
 from lacd.pipeline.loss import evaluate, loss_sum, shared_prefix_length
 from lacd.pipeline.packing import (
     IGNORE_INDEX,
@@ -113,6 +119,7 @@ from lacd.pipeline.plan import (
     choose_device,
     choose_plan,
     compute_context,
+    cpu_layers_to_checkpoint,
     lr_factor,
     needs_checkpointing,
     plan_steps,
@@ -194,6 +201,7 @@ class LoRARecipe:
     resumed_from_step: int | None = None
     base_model: torch.nn.Module | None = None
     oom_above_tokens: int | None = field(default_factory=lambda: _test_oom_limit())  # tests only: TEST_OOM_ENV
+    checkpointed_layers: int | None = None  # set when only some layers are checkpointed (CPU, 'auto')
 
     # ---- setup
 
@@ -234,7 +242,8 @@ class LoRARecipe:
         log.info(
             "train_setup", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             attention=self.attention, adapter_compute=self._adapter_compute_name(),
-            gradient_checkpointing=self.checkpointing, compiled=self.compiled,
+            gradient_checkpointing=self.checkpointing, checkpointed_layers=self.checkpointed_layers,
+            compiled=self.compiled,
             fused_kernels=self.fused_kernels, shared_prefix=self.prefix_len, learning_rate=self.learning_rate,
             torch=torch.__version__, gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             train_examples=len(self.train_rows),
@@ -346,6 +355,10 @@ class LoRARecipe:
             )
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.device.type == "cpu" and spec.gradient_checkpointing == "auto":  # only the layers over budget
+                count = cpu_layers_to_checkpoint(self._largest_micro_batch(), per_token, model.config.num_hidden_layers)
+                self.checkpointed_layers = checkpoint_first_layers(model, count)
+                self.checkpointing = self.checkpointed_layers > 0
         targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
         lora = LoraConfig(
             r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
