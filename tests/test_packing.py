@@ -229,7 +229,7 @@ def test_chunked_loss_equals_one_cross_entropy_and_its_gradient(tiny_dir, monkey
 
 def test_flex_attention_path_computes_what_the_cpu_path_does(tiny_dir):
     """The GPU path (FlexAttention with the row's block mask; eager and forward-only on the CPU,
-    where FlexAttention has no backward) gives the hidden states of the per-lesson sdpa path."""
+    where FlexAttention has no backward) gives the hidden states of the CPU path (cascade attention)."""
     from lacd.pipeline.loss import decoder_and_head
 
     torch.set_num_threads(1)
@@ -242,9 +242,9 @@ def test_flex_attention_path_computes_what_the_cpu_path_does(tiny_dir):
                                    torch.device("cpu"))
     with torch.no_grad():
         flex = decoder(**common, prefix_block_mask=block_mask).last_hidden_state
-        sdpa = decoder(**common, shared_prefix_len=int(batch["prefix_len"]),
-                       shared_prefix_cu=batch["cu_seq_lens"]).last_hidden_state
-    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-4)
+        cascade = decoder(**common, shared_prefix_len=int(batch["prefix_len"]),
+                          shared_prefix_cu=batch["cu_seq_lens"]).last_hidden_state
+    torch.testing.assert_close(flex, cascade, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prefix, own", [(24, [7, 1, 19, 3]), (0, [5, 1, 12]), (24, []), (9, [30])])

@@ -227,6 +227,34 @@ def test_run_log_says_which_device_dtype_and_attention(tiny_dir, tmp_path, atten
     assert result.heldout_loss_after != result.heldout_loss_before  # the adapters were trained
 
 
+def test_rows_checkpoint_only_their_layers_over_budget_and_train_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
+    """With a budget that the tiny model's rows pass, each row checkpoints only the layers it must
+    (the largest row's count logged): the adapter is the one trained without checkpointing."""
+    from safetensors.torch import load_file
+
+    from lacd.pipeline import plan
+
+    rows = random_lessons(12, seed=4)
+    DatasetDict(train=Dataset.from_list(rows[:10]), heldout=Dataset.from_list(rows[10:])).save_to_disk(
+        str(tmp_path / "dataset"))
+    adapters, logged = [], []
+    for mode in ("off", "auto"):
+        spec = TrainSpec(base_dir=tiny_dir, dataset_dir=tmp_path / "dataset", out_dir=tmp_path / mode / "adapter",
+                         checkpoint_dir=tmp_path / mode / "ckpt", progress_path=tmp_path / mode / "progress.json",
+                         lora_r=4, lora_alpha=8, epochs=1, tokens_per_batch=128, checkpoint_every=100,
+                         num_threads=1, learning_rate=1e-2, gradient_checkpointing=mode)
+        per_row = activation_bytes_per_token(AutoModelForCausalLM.from_pretrained(tiny_dir).config, 0.05, True)
+        monkeypatch.setattr(plan, "CPU_ACTIVATION_BUDGET", 130 * per_row)  # one layer of a row <= 130 tokens
+        with structlog.testing.capture_logs() as events:
+            run_training(spec)
+        setup = next(e for e in events if e["event"] == "train_setup")
+        logged.append((setup["gradient_checkpointing"], setup["checkpointed_layers"]))
+        adapters.append(load_file(str(spec.out_dir / "adapter_model.safetensors")))
+    assert logged == [(False, None), (True, 1)]
+    for name, weight in adapters[0].items():
+        assert torch.equal(adapters[1][name], weight), name
+
+
 # --------------------------------------------------------------------------- LoRA dropout
 
 

@@ -201,7 +201,8 @@ class LoRARecipe:
     resumed_from_step: int | None = None
     base_model: torch.nn.Module | None = None
     oom_above_tokens: int | None = field(default_factory=lambda: _test_oom_limit())  # tests only: TEST_OOM_ENV
-    checkpointed_layers: int | None = None  # set when only some layers are checkpointed (CPU, 'auto')
+    checkpointed_layers: int | None = None  # of the largest row, when each row checkpoints only what it must
+    _activation_bytes: int = 0  # per token (plan.activation_bytes_per_token), for the per-row choice
 
     # ---- setup
 
@@ -356,9 +357,8 @@ class LoRARecipe:
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.device.type == "cpu" and spec.gradient_checkpointing == "auto":  # only the layers over budget
-                count = cpu_layers_to_checkpoint(self._largest_micro_batch(), per_token, model.config.num_hidden_layers)
-                self.checkpointed_layers = checkpoint_first_layers(model, count)
-                self.checkpointing = self.checkpointed_layers > 0
+                self._activation_bytes = per_token
+                self.checkpointed_layers = self._checkpoint_for(model, self._largest_micro_batch())
         targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
         lora = LoraConfig(
             r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
@@ -372,6 +372,11 @@ class LoRARecipe:
         self.compiled = compiling and compile_layers(model, fall_back=spec.compile == "auto")
         model.train()
         return model
+
+    def _checkpoint_for(self, model: torch.nn.Module, tokens: int) -> int:
+        """Checkpoint only the layers a CPU row of `tokens` tokens must (plan.cpu_layers_to_checkpoint)."""
+        count = cpu_layers_to_checkpoint(tokens, self._activation_bytes, model.config.num_hidden_layers)
+        return checkpoint_first_layers(model, count)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The LoRA parameters, in a fixed order."""
@@ -540,6 +545,8 @@ class LoRARecipe:
         self.optimizer.zero_grad(set_to_none=True)
         summed = torch.zeros((), device=self.device)
         for batch in batches:
+            if self._activation_bytes:
+                self._checkpoint_for(self.model, int(batch["input_ids"].numel()))
             with compute_context(self.device, self.compute_dtype), self._offloading():
                 batch_loss = self._loss_sum(batch)
             if batch_loss is None:
