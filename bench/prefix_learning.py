@@ -160,8 +160,8 @@ def train_plan(name: str, plan: Plan, base: Path, dataset: Path, work: Path, arg
     row = {
         "plan": name, "shared_prefix": plan.shared_prefix, "seed": plan.seed, "tokens_per_batch": spec.tokens_per_batch,
         "epochs": spec.epochs, "learning_rate": learning_rate, "steps": result.steps, "seconds": result.seconds,
-        "lessons_per_s": round(train_lessons * spec.epochs / result.seconds, 2),
-        "steady_lessons_per_s": round(sum(n for n, _ in steady) / sum(s for _, s in steady), 2) if steady else None,
+        "lessons_per_s": float(f"{train_lessons * spec.epochs / result.seconds:.3g}"),
+        "steady_lessons_per_s": float(f"{sum(n for n, _ in steady) / sum(s for _, s in steady):.3g}") if steady else None,
         "heldout_curve": {str(step): round(loss, 4) for step, loss in sorted(curve.items())},
         "device": result.device, "attention": result.attention, "fused_kernels": result.fused_kernels,
         "prefix_tokens": result.shared_prefix,
