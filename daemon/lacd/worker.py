@@ -27,6 +27,7 @@ import json
 import shutil
 import threading
 import time
+from typing import Any
 from pathlib import Path
 
 import structlog
@@ -101,8 +102,7 @@ class RunExecutor:
             result = STAGE_FUNCTIONS[stage](ctx)
         except StageInterrupted as exc:
             if pause.is_set():
-                if report.latest is not None:  # the child's last step, which the one-a-second limit may have held back
-                    self.store.set_progress(run_id, report.latest)
+                report.flush()  # the child's last step, which the one-a-second limit may have held back
                 self._pause(run_id, stage, watch.get("at", time.time()), watch.get("why", "agent active"), str(exc))
                 return RunOutcome.PAUSED
             log.info("stage_interrupted", run=run_id, stage=stage)
@@ -185,20 +185,8 @@ class RunExecutor:
         log.warning("stage_failed", run=run_id, stage=stage, attempt=attempt, retry_in=delay, error=error)
         return RunOutcome.WAITING
 
-    def _reporter(self, run_id: int, stage: str):
-        last = [0.0]
-
-        def report(progress: dict) -> None:
-            report.latest = progress
-            if self.on_progress:
-                self.on_progress(stage, progress)
-            now = time.monotonic()
-            if now - last[0] >= 1.0 or progress.get("phase") == "done":  # at most one write a second
-                last[0] = now
-                self.store.set_progress(run_id, progress)
-
-        report.latest = None
-        return report
+    def _reporter(self, run_id: int, stage: str) -> _ThrottledProgress:
+        return _ThrottledProgress(self.store, run_id, stage, self.on_progress)
 
     def write_report(self, run_id: int) -> None:
         """report.html + report.png in the run folder; a report that cannot be drawn never fails the run."""
@@ -251,3 +239,29 @@ class RunWorker:
         self.wake_event.set()
         if self.thread is not None:
             self.thread.join(timeout)
+
+
+class _ThrottledProgress:
+    """A stage's progress callback: every update goes to on_progress, at most one a second (and the
+    last, phase 'done') to the run row; flush() stores the newest one that limit held back."""
+
+    def __init__(self, store: RunStore, run_id: int, stage: str, on_progress: Any) -> None:
+        self.store, self.run_id, self.stage, self.on_progress = store, run_id, stage, on_progress
+        self.last_write = 0.0
+        self.held_back: dict | None = None
+
+    def __call__(self, progress: dict) -> None:
+        if self.on_progress:
+            self.on_progress(self.stage, progress)
+        now = time.monotonic()
+        if now - self.last_write >= 1.0 or progress.get("phase") == "done":  # at most one write a second
+            self.last_write = now
+            self.held_back = None
+            self.store.set_progress(self.run_id, progress)
+        else:
+            self.held_back = progress
+
+    def flush(self) -> None:
+        if self.held_back is not None:
+            self.store.set_progress(self.run_id, self.held_back)
+            self.held_back = None
