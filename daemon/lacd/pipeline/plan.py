@@ -196,14 +196,19 @@ def cpu_needs_checkpointing(tokens: int, bytes_per_token: int) -> bool:
     """Whether a CPU micro-batch of `tokens` tokens needs gradient checkpointing to keep its
     activations within CPU_ACTIVATION_BUDGET (bytes_per_token is the bf16 estimate; the CPU
     trains in fp32, twice that)."""
-    return tokens * bytes_per_token * 2 > CPU_ACTIVATION_BUDGET
+    return _cpu_activations(tokens, bytes_per_token) > CPU_ACTIVATION_BUDGET
+
+
+def _cpu_activations(tokens: int, bytes_per_token: int) -> int:
+    """fp32 activations a CPU micro-batch of `tokens` tokens keeps for backward, all layers."""
+    return tokens * bytes_per_token * 2
 
 
 def cpu_layers_to_checkpoint(tokens: int, bytes_per_token: int, layers: int) -> int:
     """How many of `layers` decoder layers a CPU micro-batch of `tokens` tokens must checkpoint so that
     the fp32 activations the other layers keep fit in CPU_ACTIVATION_BUDGET: the layers that fit keep
     theirs and skip the forward's recompute in backward (0 when all fit: cpu_needs_checkpointing)."""
-    per_layer = tokens * bytes_per_token * 2 / max(layers, 1)
+    per_layer = _cpu_activations(tokens, bytes_per_token) / max(layers, 1)
     kept = layers if per_layer <= 0 else min(layers, int(CPU_ACTIVATION_BUDGET // per_layer))
     return layers - kept
 
