@@ -1,15 +1,16 @@
-"""Cascade attention of a shared-prefix row on the CPU: a few large kernel calls instead of one per lesson.
+"""Cascade attention of a shared-prefix row on the CPU: the prefix's keys and values read in place, never copied per lesson.
 
 A row is [prefix | lesson 1's own tokens | lesson 2's | ...] (packing.collate_shared_prefix). Every own
 token attends to the prefix and, causally, to its own lesson. The output is computed in three
-calls of PyTorch's CPU flash-attention kernel, each returning its log-sum-exp:
+parts by PyTorch's CPU flash-attention kernel, each call returning its log-sum-exp:
 
   1. the prefix, causal over itself;
   2. all lessons' own queries against the prefix keys, in one call (no mask: every own token sees
      the whole prefix; grouped-query heads are folded into the query rows, so the prefix keys are
      never repeated or copied per lesson);
-  3. each lesson's own tokens, causal over themselves, as one batch of lessons right-padded to the
-     longest (the padding sits after every real token, so causality hides it from real queries).
+  3. each lesson's own tokens, causal over themselves, one call per lesson (a batch right-padded to
+     the longest lesson cost ~2x the per-lesson path on real rows, whose lessons differ in length:
+     bench/cascade_attention.py).
 
 Parts 2 and 3 of an own token are merged by their log-sum-exps (softmax over the union of the two
 key sets). Backward calls the kernel's backward for each part with the merged output and
@@ -30,30 +31,10 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-class _Layout:
-    """Where the row's lessons sit: `gather` (lessons x longest own tokens, flattened) the own-token
-    index of each padded slot (padding repeats a lesson's last token), `keep` the padded slots that
-    are real tokens, in row order."""
-
-    def __init__(self, bounds: Sequence[int], prefix_len: int, device: torch.device) -> None:
-        first = 1 if prefix_len else 0
-        starts = torch.tensor(bounds[first:-1], device=device)[:, None] - prefix_len
-        ends = torch.tensor(bounds[first + 1:], device=device)[:, None] - prefix_len
-        self.lessons = int(starts.numel())
-        self.longest = int((ends - starts).max())
-        slots = starts + torch.arange(self.longest, device=device)
-        self.gather = torch.minimum(slots, ends - 1).reshape(-1)
-        self.keep = (slots < ends).reshape(-1).nonzero().squeeze(1)
-
-    def pad(self, own: torch.Tensor) -> torch.Tensor:
-        """(heads, own tokens, ...) -> (lessons, heads, longest, ...)."""
-        return own.index_select(1, self.gather).unflatten(1, (self.lessons, self.longest)).transpose(0, 1)
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """(lessons, heads, longest, ...) -> (heads, own tokens, ...)."""
-        heads = padded.shape[1]
-        flat = padded.transpose(0, 1).reshape(heads, self.lessons * self.longest, *padded.shape[3:])
-        return flat.index_select(1, self.keep)
+def _lesson_spans(bounds: Sequence[int], prefix_len: int) -> list[tuple[int, int]]:
+    """(start, end) of each lesson's own tokens in the row, from the row's segment offsets."""
+    first = 1 if prefix_len else 0
+    return list(zip(bounds[first:-1], bounds[first + 1:]))
 
 
 def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -78,37 +59,36 @@ class _CascadeAttention(torch.autograd.Function):
         kv_heads = key.shape[1]
         groups = query.shape[1] // kv_heads
         p = prefix_len
-        layout = _Layout(bounds, p, query.device) if query.shape[2] > p else None
+        spans = _lesson_spans(bounds, p)
         outs, lses = [], []
         if p:
             out, lse = _FLASH(query[:, :, :p], _repeat_heads(key[:, :, :p], groups),
                               _repeat_heads(value[:, :, :p], groups), 0.0, True, scale=scale)
             outs.append(out)
             lses.append(lse)
-        if layout is not None:
-            own = [t[0, :, p:] for t in (query, key, value)]
-            q, k, v = (layout.pad(t) for t in own)
-            out, lse = _FLASH(q, _repeat_heads(k, groups), _repeat_heads(v, groups), 0.0, True, scale=scale)
-            out, lse = layout.unpad(out).unsqueeze(0), layout.unpad(lse).unsqueeze(0)
+        if spans:
+            own = [_FLASH(query[:, :, s:e], _repeat_heads(key[:, :, s:e], groups),
+                          _repeat_heads(value[:, :, s:e], groups), 0.0, True, scale=scale) for s, e in spans]
+            out, lse = torch.cat([o for o, _ in own], dim=2), torch.cat([x for _, x in own], dim=2)
             if p:
                 shared, shared_lse = _FLASH(_fold(query[:, :, p:], kv_heads), key[:, :, :p], value[:, :, :p],
                                             0.0, False, scale=scale)
                 shared, shared_lse = shared.reshape(out.shape), shared_lse.reshape(lse.shape)
                 merged = torch.logaddexp(shared_lse, lse)
                 out = (shared * (shared_lse - merged).exp_().unsqueeze(-1)
-                       + out * (lse - merged).exp_().unsqueeze(-1))
+                       + out * (lse - merged).exp_().unsqueeze(-1)).to(query.dtype)
                 lse = merged
             outs.append(out)
             lses.append(lse)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.layout, ctx.prefix_len, ctx.scale = layout, p, scale
+        ctx.spans, ctx.prefix_len, ctx.scale = spans, p, scale
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
         query, key, value, out, lse = ctx.saved_tensors
-        layout, p, scale = ctx.layout, ctx.prefix_len, ctx.scale
+        spans, p, scale = ctx.spans, ctx.prefix_len, ctx.scale
         kv_heads = key.shape[1]
         groups = query.shape[1] // kv_heads
         grad = grad.contiguous()
@@ -118,19 +98,13 @@ class _CascadeAttention(torch.autograd.Function):
                                          _repeat_heads(value[:, :, :p], groups), out[:, :, :p], lse[:, :, :p],
                                          0.0, True, scale=scale)
             dq[:, :, :p], dk[:, :, :p], dv[:, :, :p] = gq, _sum_heads(gk, groups), _sum_heads(gv, groups)
-        if layout is None:
+        if not spans:
             return dq, dk, dv, None, None, None
-        own = [t[0, :, p:] for t in (grad, query, key, value, out, lse)]
-        padded = [layout.pad(t) for t in own]
-        real = torch.zeros(layout.lessons * layout.longest, dtype=grad.dtype, device=grad.device)
-        real[layout.keep] = 1  # padding slots repeat a real token: their gradient must be zero
-        padded[0] = padded[0] * real.view(layout.lessons, layout.longest, 1).unsqueeze(1)
-        g, q, k, v, o, s = padded
-        gq, gk, gv = _FLASH_BACKWARD(g, q, _repeat_heads(k, groups), _repeat_heads(v, groups), o, s,
-                                     0.0, True, scale=scale)
-        dq[0, :, p:] = layout.unpad(gq)
-        dk[0, :, p:] = layout.unpad(_sum_heads(gk, groups))
-        dv[0, :, p:] = layout.unpad(_sum_heads(gv, groups))
+        for s, e in spans:
+            gq, gk, gv = _FLASH_BACKWARD(grad[:, :, s:e], query[:, :, s:e], _repeat_heads(key[:, :, s:e], groups),
+                                         _repeat_heads(value[:, :, s:e], groups), out[:, :, s:e], lse[:, :, s:e],
+                                         0.0, True, scale=scale)
+            dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, _sum_heads(gk, groups), _sum_heads(gv, groups)
         if p:
             gq, gk, gv = _FLASH_BACKWARD(_fold(grad[:, :, p:], kv_heads), _fold(query[:, :, p:], kv_heads),
                                          key[:, :, :p], value[:, :, :p], _fold(out[:, :, p:], kv_heads),
