@@ -32,7 +32,7 @@ from lacd.pipeline.packing import (
 from lacd.artifacts import sweep_leftovers
 from lacd.pipeline.checkpoint import checkpoint_lock, complete_checkpoints
 from lacd.pipeline.loss import loss_sum
-from lacd.pipeline.plan import auto_lr_scale, lr_factor, plan_steps, warmup_steps
+from lacd.pipeline.plan import auto_lr_scale, cpu_dtype, lr_factor, plan_steps, warmup_steps
 from lacd.pipeline.train import (
     TrainError,
     TrainInterrupted,
@@ -250,7 +250,8 @@ def test_training_lowers_heldout_loss_and_writes_adapter_and_progress(tiny_dir, 
     rows = lesson_rows(tiny_dir, 24)
     prefix = common_prefix_length([r["input_ids"] for r in rows])
     assert prefix >= 16 and result.shared_prefix == prefix
-    assert (result.device, result.dtype, result.attention) == ("cpu", "float32", VARLEN_ATTENTION)
+    assert (result.device, result.dtype, result.attention) == (
+        "cpu", str(cpu_dtype("auto")).removeprefix("torch."), VARLEN_ATTENTION)
     lengths = [len(r["input_ids"]) for r in rows]
     assert result.steps == len(plan_steps(lengths, 160, 1, 3, 0, prefix))
     assert result.tokens == 3 * sum(lengths)

@@ -18,6 +18,7 @@ from lacd.pipeline import packing
 from lacd.pipeline.packing import VARLEN_ATTENTION, collate_packed, collate_padded, pack
 from lacd.pipeline.lora_kernels import (
     _InputDropoutLinear,
+    cpu_keep_mask,
     apply_fused_kernels,
     checkpoint_first_layers,
     fuse_lora_dropout,
@@ -28,10 +29,15 @@ from lacd.pipeline.plan import (
     activation_bytes_per_token,
     choose_adapter_compute,
     choose_attention,
+    choose_device,
+    choose_plan,
     compute_context,
+    cpu_dtype,
+    cpu_has_native_bf16,
     cpu_layers_to_checkpoint,
     needs_checkpointing,
     plan_steps,
+    scaled_activation_bytes,
     should_compile,
 )
 from lacd.pipeline.train import TrainError, TrainSpec, run_training
@@ -150,10 +156,12 @@ def test_cpu_checkpoints_only_the_layers_over_the_activation_budget(tiny_dir, mo
     """On the CPU only as many layers are checkpointed as the 1 GiB budget needs (SmolLM2-135M's 30
     layers at ~0.86 MB a token in bf16); the others are not recomputed in backward, and the
     gradients are those of checkpointing every layer or none."""
-    assert cpu_layers_to_checkpoint(600, 864_000, 30) == 0  # ~1.0 GB in fp32: all layers fit
-    assert cpu_layers_to_checkpoint(1150, 864_000, 30) == 14  # a same-steps row: 16 layers keep theirs
-    assert cpu_layers_to_checkpoint(4096, 864_000, 30) == 26
-    assert cpu_layers_to_checkpoint(10**7, 864_000, 30) == 30
+    fp32 = scaled_activation_bytes(864_000, torch.float32)  # SmolLM2's bf16 estimate, computed in fp32
+    assert fp32 == 2 * scaled_activation_bytes(864_000, torch.bfloat16) == 1_728_000
+    assert cpu_layers_to_checkpoint(600, fp32, 30) == 0  # ~1.0 GB in fp32: all layers fit
+    assert cpu_layers_to_checkpoint(1150, fp32, 30) == 14  # a same-steps row: 16 layers keep theirs
+    assert cpu_layers_to_checkpoint(4096, fp32, 30) == 26
+    assert cpu_layers_to_checkpoint(10**7, fp32, 30) == 30
     batch = collate_packed(random_lessons(3, seed=5))
     grads, recomputed = [], []
     for count in (None, 1, 2):  # no checkpointing, the first layer only, both layers
@@ -174,6 +182,19 @@ def test_cpu_checkpoints_only_the_layers_over_the_activation_budget(tiny_dir, mo
     for other in grads[1:]:
         for name, grad in grads[0].items():
             torch.testing.assert_close(other[name], grad, atol=0, rtol=0)
+
+
+def test_cpu_trains_in_bf16_only_where_asked_or_native_and_float32_only_on_the_cpu(tiny_dir):
+    assert (cpu_dtype("bf16"), cpu_dtype("float32"), cpu_dtype("nf4")) == (
+        torch.bfloat16, torch.float32, torch.float32)
+    assert cpu_dtype("auto") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert choose_device("cpu", "float32") == (torch.device("cpu"), torch.float32)
+    spec = TrainSpec(base_dir=tiny_dir, dataset_dir=tiny_dir, out_dir=tiny_dir, checkpoint_dir=tiny_dir,
+                     progress_path=tiny_dir / "p.json", base_precision="float32")
+    config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
+    assert choose_plan(spec, torch.device("cpu"), config, 100) is None
+    with pytest.raises(TrainError, match="float32 trains on the CPU only"):
+        choose_plan(spec, torch.device("cuda"), config, 100)
 
 
 def test_activation_estimate_grows_with_dropout_and_upcast():
@@ -220,10 +241,11 @@ def test_run_log_says_which_device_dtype_and_attention(tiny_dir, tmp_path, atten
         result = run_training(spec)
     chosen = "sdpa" if attention == "auto" else attention
     setup = next(e for e in events if e["event"] == "train_setup")
-    assert (setup["device"], setup["dtype"], setup["attention"]) == ("cpu", "float32", chosen)
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"  # plan.cpu_dtype's 'auto'
+    assert (setup["device"], setup["dtype"], setup["attention"]) == ("cpu", dtype, chosen)
     assert (setup["adapter_compute"], setup["gradient_checkpointing"], setup["compiled"], setup["fused_kernels"]) == (
-        "float32", False, False, "off")
-    assert (result.device, result.dtype, result.attention) == ("cpu", "float32", chosen) and result.steps > 0
+        dtype, False, False, "off")
+    assert (result.device, result.dtype, result.attention) == ("cpu", dtype, chosen) and result.steps > 0
     assert result.heldout_loss_after != result.heldout_loss_before  # the adapters were trained
 
 
@@ -243,8 +265,10 @@ def test_rows_checkpoint_only_their_layers_over_budget_and_train_the_same_adapte
                          checkpoint_dir=tmp_path / mode / "ckpt", progress_path=tmp_path / mode / "progress.json",
                          lora_r=4, lora_alpha=8, epochs=1, tokens_per_batch=128, checkpoint_every=100,
                          num_threads=1, learning_rate=1e-2, gradient_checkpointing=mode)
-        per_row = activation_bytes_per_token(AutoModelForCausalLM.from_pretrained(tiny_dir).config, 0.05, True)
-        monkeypatch.setattr(plan, "CPU_ACTIVATION_BUDGET", 130 * per_row)  # one layer of a row <= 130 tokens
+        dtype = cpu_dtype("auto")  # bf16 on a CPU with native bf16: adapters computed under autocast, no upcast
+        per_row = scaled_activation_bytes(activation_bytes_per_token(
+            AutoModelForCausalLM.from_pretrained(tiny_dir).config, 0.05, dtype == torch.float32), dtype)
+        monkeypatch.setattr(plan, "CPU_ACTIVATION_BUDGET", 65 * per_row)  # one of the 2 layers of a 128-token row fits
         with structlog.testing.capture_logs() as events:
             run_training(spec)
         setup = next(e for e in events if e["event"] == "train_setup")
@@ -269,13 +293,29 @@ def test_input_dropout_linear_computes_what_an_explicit_mask_does():
     grads = x.grad.clone(), weight.grad.clone()
     x.grad = weight.grad = None
     torch.manual_seed(3)
-    _, mask = torch.native_dropout(x, 0.3, True)  # the same draw
+    mask = cpu_keep_mask(x, 0.3)  # the same draw
     assert 0 < int(mask.sum()) < mask.numel()
     reference = torch.nn.functional.linear(x * mask / 0.7, weight)
     reference.backward(upstream)
     torch.testing.assert_close(out, reference)
     torch.testing.assert_close(grads[0], x.grad)
     torch.testing.assert_close(grads[1], weight.grad)
+
+
+def test_cpu_keep_mask_drops_each_element_with_probability_p():
+    """Each of the four 16-bit lanes cut from a 64-bit draw drops at rate p (binomial bounds, 6
+    sigma), the mask has x's shape, and the same generator state draws the same mask."""
+    x = torch.empty(200_003)
+    torch.manual_seed(0)
+    mask = cpu_keep_mask(x, 0.05)
+    assert mask.shape == x.shape and mask.dtype == torch.bool
+    for lane in range(4):
+        dropped = (~mask[lane::4]).double().mean().item()
+        n = mask[lane::4].numel()
+        assert abs(dropped - 0.05) < 6 * (0.05 * 0.95 / n) ** 0.5, (lane, dropped)
+    torch.manual_seed(0)
+    assert torch.equal(cpu_keep_mask(x, 0.05), mask)
+    assert not cpu_keep_mask(x, 0.0).logical_not().any()
 
 
 def saved_bytes(model: torch.nn.Module, batch: dict) -> int:

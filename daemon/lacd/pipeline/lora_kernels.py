@@ -91,6 +91,23 @@ def disable_adapter_upcast(model: torch.nn.Module) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def cpu_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's keep-mask for a CPU tensor x (bool, x's shape), from 16-bit random integers, four
+    cut from each 64-bit draw of the CPU generator: native_dropout draws a bernoulli per element,
+    ~2.5x slower, and was 17% of a CPU training step (SmolLM2, bf16). p is rounded to 1/65536."""
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1).view(torch.int16)[:n]
+    return (bits >= round(p * 65536) - 32768).view(x.shape)
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped x, keep-mask): cpu_keep_mask on the CPU, native_dropout elsewhere."""
+    if x.device.type != "cpu":
+        return torch.native_dropout(x, p, True)
+    mask = cpu_keep_mask(x, p)
+    return torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p)), mask
+
+
 class _InputDropoutLinear(torch.autograd.Function):
     """linear(dropout(x), weight) that keeps only dropout's 1-byte mask for backward.
 
@@ -104,7 +121,7 @@ class _InputDropoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-        dropped, mask = torch.native_dropout(x, p, True)
+        dropped, mask = _dropout(x, p)
         ctx.save_for_backward(x, weight, mask)
         ctx.scale = 1.0 / (1.0 - p)
         return F.linear(dropped, weight)

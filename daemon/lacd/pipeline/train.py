@@ -124,6 +124,7 @@ from lacd.pipeline.plan import (
     needs_checkpointing,
     plan_steps,
     require_nf4,
+    scaled_activation_bytes,
     should_compile,
     warmup_steps,
 )
@@ -211,7 +212,7 @@ class LoRARecipe:
         spec = self.spec
         if spec.num_threads > 0:
             torch.set_num_threads(spec.num_threads)
-        self.device, self.dtype = choose_device(spec.device)
+        self.device, self.dtype = choose_device(spec.device, spec.base_precision)
         self.attention = choose_attention(spec.attention, self.device)
         self.compute_dtype = choose_adapter_compute(spec.adapter_compute, self.dtype)
         if self.device.type == "cuda":
@@ -344,7 +345,8 @@ class LoRARecipe:
         compiling = should_compile(spec.compile, self.device, planned) and not (
             spec.compile == "auto" and self.precision == "nf4" and nf4.backend(self.device) != nf4.BITSANDBYTES)
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
-        per_token = activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None)
+        per_token = scaled_activation_bytes(
+            activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None), self.dtype)
         self.offload = spec.gradient_checkpointing == OFFLOAD and self.device.type == "cuda"
         if self.plan is not None and spec.gradient_checkpointing == "auto":
             self.checkpointing = self.plan.gradient_checkpointing

@@ -53,8 +53,9 @@ class TrainSpec:
     lora_dropout defaults to 0.05 (the daemon's [train] default and the issue's LoRA config):
     fuse_lora_dropout keeps a 1-byte mask per adapter input instead of a dropped copy, so it costs
     about 4 GiB at 4096 tokens on CodeLlama-7B eager (nothing measurable when compiled) instead of 8.
-    base_precision: 'auto' (on CUDA the memory plan's choice, memplan.py; on the CPU full precision),
-    'bf16' (the GPU's dtype) or 'nf4' (frozen linear weights in 4-bit NF4, nf4.py);
+    base_precision: 'auto' (on CUDA the memory plan's choice, memplan.py; on the CPU bf16 where it
+    computes bf16 natively, else fp32: plan.cpu_dtype), 'bf16' (the GPU's dtype), 'nf4' (frozen
+    linear weights in 4-bit NF4, nf4.py) or 'float32' (the CPU only);
     gpu_memory_gib: GPU memory the plan may use (0: what is free when training starts).
     devices: 'auto' or N processes (N > 1: torchrun + FSDP2, lacd.pipeline.distributed).
     """
