@@ -1,14 +1,16 @@
 """One decoder layer's shared-prefix attention, forward + backward, on the CPU: cascade attention
 (pipeline/cascade.py, what training uses) against the per-lesson path it replaced
 (packing._prefix_segments), on rows packed as the train stage packs them (lessons until the token
-budget), and cascade again on the same tokens split into lessons of equal length (what padding
-to the longest lesson costs).
+budget), and cascade again on the same tokens split into lessons of equal length (what unequal
+lessons cost; until this bench found it, cascade ran every lesson in one batch padded to the
+row's longest lesson, ~2x slower than the per-lesson path on real rows).
 
     PYTHONPATH=daemon python bench/cascade_attention.py --dataset STATE/runs/N/dataset --rows 3
     PYTHONPATH=daemon python bench/cascade_attention.py --own 90 --rows 3   # lessons of 90 own tokens
 
 SmolLM2-135M's attention shape by default (9 query heads, 3 key/value heads, 64 dims), random
-fp32 tensors: the kernels' time depends on the shapes only. Prints one line a row.
+tensors in --dtype (bfloat16: what the train stage uses on a CPU with native bf16; float32
+elsewhere): the kernels' time depends on the shapes and the dtype only. Prints one line a row.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ def timed(path: str, owns: list[int], args: argparse.Namespace) -> float:
     for own in owns:
         bounds.append(bounds[-1] + own)
     total = bounds[-1]
-    q = torch.randn(1, args.heads, total, args.dim, requires_grad=True)
-    k = torch.randn(1, args.kv_heads, total, args.dim, requires_grad=True)
-    v = torch.randn(1, args.kv_heads, total, args.dim, requires_grad=True)
+    dtype = getattr(torch, args.dtype)
+    q = torch.randn(1, args.heads, total, args.dim, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, args.kv_heads, total, args.dim, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, args.kv_heads, total, args.dim, dtype=dtype, requires_grad=True)
     start = time.perf_counter()
     if path == "cascade":
         out = cascade_attention(q, k, v, bounds, args.prefix, None)
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     owns = own_lengths(args)
