@@ -274,3 +274,24 @@ def test_cascade_attention_equals_attention_of_each_lesson(prefix, own):
         results.append([out.detach(), *torch.autograd.grad((out * weight).sum(), (query, key, value))])
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_cascade_attention_in_bf16_keeps_the_dtype_and_fp32_results_to_bf16_rounding():
+    """The CPU trains in bf16 where the CPU has it: the output and the gradients stay bf16 (the
+    log-sum-exp merge computes in fp32) and match the fp32 path to bf16's rounding."""
+    from lacd.pipeline.cascade import cascade_attention
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    bounds = [0, 24, 31, 32, 51]
+    inputs = [torch.randn(1, heads, 51, 8) for heads in (4, 2, 2)]
+    weight = torch.randn(1, 4, 51, 8)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        query, key, value = (t.to(dtype).requires_grad_() for t in inputs)
+        out = cascade_attention(query, key, value, bounds, 24, 0.3)
+        grads = torch.autograd.grad((out * weight.to(dtype)).sum(), (query, key, value))
+        assert {t.dtype for t in (out, *grads)} == {dtype}
+        results.append([t.float() for t in (out, *grads)])
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
