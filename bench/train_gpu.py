@@ -648,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="TOKENS", help="put a system prompt of TOKENS tokens (default "
                         f"{SYSTEM_PROMPT_TOKENS}) in front of every lesson, whose own tokens then have median "
                         f"{SYSTEM_PROMPT_OWN_MEDIAN} (issue 14: compare lacd-noprefix with lacd-prefix)")
+    parser.add_argument("--own-median", type=int, default=SYSTEM_PROMPT_OWN_MEDIAN,
+                        help="with --system-prompt: the lessons' median own tokens (a 240-lesson run's real "
+                        "dataset of this generator: ~200)")
     parser.add_argument("--devices", default="", help="issue 16: comma-separated GPU counts to compare with 1 "
                         "(torchrun + FSDP2; bench/train_devices.py); with --tiny, gloo processes on the CPU")
     parser.add_argument("--shapes", default="7B,34B", help="with --devices: 7B, 34B")
@@ -672,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         torch.set_num_threads(2)
     if args.system_prompt:
-        median = min(median, SYSTEM_PROMPT_OWN_MEDIAN)
+        median = min(median, args.own_median)
         max_len -= args.system_prompt
     lessons = make_lessons(args.lessons + args.heldout, args.seed, shape["vocab_size"], median, max_len)
     if args.system_prompt:

@@ -133,7 +133,7 @@ class Train:
     threads: int = _key(0, "CPU threads for training (0: half the cores, so the workstation stays usable)", _at_least(0))
     base_precision: str = _key("auto", "base weights while training: auto (on a GPU the memory plan: bf16 where it fits, else 4-bit nf4; on a CPU bf16 where it computes bf16 natively, AVX512-BF16 or AMX, else float32), bf16, nf4 (needs torchao: pip install 'lacd[gpu]'), or float32 (CPU only)", _one_of("auto", "bf16", "nf4", "float32"))
     gpu_memory_gb: float = _key(0.0, "GPU memory (GiB) the training plan may use (0: what is free when training starts)", _at_least(0))
-    shared_prefix: str = _key("same-steps", "lessons sharing a prefix (the agent's system prompt): same-steps (today's optimizer steps, each row computing the prefix once), auto (also counted once in the token budget: ~6x fewer, larger steps at learning_rate x sqrt(steps saved), 4-5x the lessons/s, learns less per epoch) or off", _one_of("auto", "same-steps", "off"))
+    shared_prefix: str = _key("auto", "lessons sharing a prefix (the agent's system prompt): auto (the prefix held once per packed row and counted once in the token budget: ~3x fewer, larger steps at learning_rate x the steps saved; learned as much as today's packing on the pretrained SmolLM2), same-steps (today's optimizer steps, each row computing the prefix once) or off (every lesson carries the prefix)", _one_of("auto", "same-steps", "off"))
     devices: str = _key("auto", "processes that train a run: auto (1, or every visible GPU when one card cannot hold the run in bf16 or grad_accum >= 2 gives each one micro-batches: torchrun + FSDP2) or N (on the CPU: N gloo processes)", _devices_check)
 
 

@@ -45,10 +45,10 @@ class TrainSpec:
     adapter_compute: 'auto' (LoRA in bf16 under autocast on CUDA) or 'float32' (peft's upcast);
     compile: 'auto' (torch.compile of the layers on CUDA from COMPILE_MIN_TOKENS tokens), 'on', 'off';
     fused_kernels: 'auto' (Liger's kernels on CUDA when installed and not compiling), 'liger', 'off';
-    shared_prefix: 'same-steps' (the default), 'auto' (lessons that share a prefix of at least MIN_SHARED_PREFIX tokens are
-    packed with that prefix once per row, see packing.collate_shared_prefix, and the token budget
-    counts it once: each step holds several times more lessons, so a run takes fewer, larger
-    steps), 'same-steps' (the optimizer steps of today's packing, lesson for lesson, each
+    shared_prefix: 'auto' (the default: lessons that share a prefix of at least MIN_SHARED_PREFIX
+    tokens are packed with that prefix once per row, see packing.collate_shared_prefix, and the
+    token budget counts it once: each step holds several times more lessons, so a run takes fewer,
+    larger steps, at a learning rate scaled by plan.auto_lr_scale), 'same-steps' (the optimizer steps of today's packing, lesson for lesson, each
     micro-batch computed as one shared-prefix row: the same trajectory, less speed-up) or 'off'.
     lora_dropout defaults to 0.05 (the daemon's [train] default and the issue's LoRA config):
     fuse_lora_dropout keeps a 1-byte mask per adapter input instead of a dropped copy, so it costs
@@ -90,7 +90,7 @@ class TrainSpec:
     num_threads: int = 0
     base_precision: str = "auto"
     gpu_memory_gib: float = 0.0
-    shared_prefix: str = "same-steps"
+    shared_prefix: str = "auto"
     devices: int | str = 1  # processes training the run: 'auto' or N (distributed.py); the child gets a count
 
     def to_json(self) -> str:
