@@ -257,6 +257,74 @@ def test_generation_reuses_the_system_prompts_cache_and_generates_the_same(tiny,
     assert shared[1] == whole and shared[4] == whole
 
 
+def generate_alone(model, prompts, max_new: int, stop_ids) -> list[list[int]]:
+    """transformers' generate on each prompt alone (no batch, no padding, no shared cache), greedy; each
+    reply cut after its first stop token, as lacd.pipeline.greedy returns it."""
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            new = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new, do_sample=False, eos_token_id=list(stop_ids),
+                                 pad_token_id=stop_ids[0])[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
+        out.append(new if cut is None else new[: cut + 1])
+    return out
+
+
+def test_greedy_batches_equal_generate_on_each_prompt_alone_with_stops_inside_the_batch(tiny):
+    """Issue 14: the evaluate stage's decoding (rows left-padded after the shared prefix's cache, a row
+    leaving the batch at its stop token) gives generate's greedy tokens of each prompt decoded alone,
+    with and without the shared prefix, whichever rows stop first."""
+    from lacd.pipeline import evaluate as evaluate_mod
+    from lacd.pipeline.greedy import greedy
+
+    model, tokenizer = evaluate_mod.load_for_generation(tiny["base"])
+    # prompts cut short at different points: the tiny random model's replies differ with the last token
+    prompts = [tokenizer(c.prompt)["input_ids"][: -cut or None] for c, cut in zip(tiny["cases"], (0, 3, 7, 12))]
+    eos = [tokenizer.eos_token_id]
+    free = generate_alone(model, prompts, 12, eos)
+    stop = free[0][-3]  # a token row 0 writes late: the rows stop at different steps, or not at all
+    alone = generate_alone(model, prompts, 12, [*eos, stop])
+    assert len({len(r) for r in alone}) >= 3 and max(len(r) for r in alone) == 12
+    length, cache = evaluate_mod._prefix_cache(model, prompts, torch.device("cpu"))
+    assert length >= 16 and len({len(p) - length for p in prompts}) > 1  # own parts of different lengths
+    shared = greedy(model, prompts, 12, [*eos, stop], prefix=length, shared=cache, pad=eos[0])
+    whole = greedy(model, prompts, 12, [*eos, stop], pad=eos[0])
+    assert shared == alone and whole == alone
+    assert cache.get_seq_length() == length  # the shared cache is left for the next batch
+
+
+def test_a_stop_string_ends_a_row_early_with_the_reply_of_running_to_the_budget(tiny):
+    """A stop string of several tokens ends its row as soon as no other stop string can come before
+    it; _finish then gives the reply and stop flag of decoding to the token budget."""
+    from lacd.pipeline import evaluate as evaluate_mod
+    from lacd.pipeline.greedy import greedy
+
+    model, tokenizer = evaluate_mod.load_for_generation(tiny["base"])
+    prompts = [tokenizer(c.prompt)["input_ids"] for c in tiny["cases"]]
+    eos = [tokenizer.eos_token_id]
+    full = greedy(model, prompts, 12, eos, pad=eos[0])
+    text = tokenizer.decode(full[1])
+    stops = [text[4:7], text[3:5] + "\x00"]  # the second one would start first but never completes
+    done = evaluate_mod._stop_string_seen(tokenizer, eos, stops)
+    early = greedy(model, prompts, 12, eos, pad=eos[0], done=done)
+    assert len(early[1]) < 12 and early[1] == full[1][: len(early[1])]
+    finish = [evaluate_mod._finish(tokenizer, r, eos, stops, 12) for r in (early[1], full[1])]
+    assert finish[0] == finish[1] == (text[: text.index(stops[0])], True)
+
+
+def test_the_model_in_use_is_decoded_with_its_adapter_merged_and_the_same_tokens(tiny):
+    """An adapter folder is merged into the base weights for decoding (_merged): no LoRA product left
+    in the layers, and the greedy replies of the unmerged adapter model."""
+    from lacd.pipeline import evaluate as evaluate_mod
+
+    model, tokenizer = evaluate_mod.load_for_generation(tiny["base"], tiny["adapter"])
+    unmerged = generate_transformers(model, tiny["cases"], 8, "chatml", tokenizer=tokenizer)
+    merged = evaluate_mod._merged(model)
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    assert generate_transformers(merged, tiny["cases"], 8, "chatml", tokenizer=tokenizer) == unmerged
+
+
 @needs_go
 def test_ollama_generation_matches_transformers_on_the_merged_model(tiny, tmp_path):
     from lacd.pipeline import register

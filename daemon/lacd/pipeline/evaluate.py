@@ -23,7 +23,6 @@ model uses what it has and the result says "mixed". The result names the generat
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -237,11 +236,13 @@ def generate_transformers(
 
     model: a ``.gguf`` file (dequantized by transformers), an HF model folder, or an already
     loaded model (then pass its tokenizer). Prompts are tokenized as llama.cpp tokenizes them
-    (the tokenizer's BOS added), batched with left padding, shortest first. The prefix all prompts
-    share (the agent's system prompt) is computed once and its key/value cache reused by every
-    batch (_prefix_cache).
+    (the tokenizer's BOS added), batched shortest first. The prefix all prompts share (the agent's
+    system prompt) is computed once and its key/value cache reused by every batch (_prefix_cache);
+    lacd.pipeline.greedy decodes each batch, a row leaving the batch at its stop token or stop string.
     """
     import torch
+
+    from lacd.pipeline.greedy import greedy
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -259,24 +260,13 @@ def generate_transformers(
     model.eval()
     tokens = [list(tokenizer(case.prompt, add_special_tokens=True)["input_ids"]) for case in cases]
     prefix, cache = _prefix_cache(model, tokens, device)
+    done = _stop_string_seen(tokenizer, stop_ids, stops)
     for start in range(0, len(order), max(1, batch_size)):
         group = order[start : start + max(1, batch_size)]
-        encoded = [tokens[i][prefix:] for i in group]
-        width = max(len(ids) for ids in encoded)
-        shared = tokens[group[0]][:prefix]
-        input_ids = torch.tensor([shared + [pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        mask = torch.tensor([[1] * prefix + [0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
-                            device=device)
-        options = {}
-        if cache is not None:
-            options["past_key_values"] = copy.deepcopy(cache)
-            options["past_key_values"].batch_repeat_interleave(len(group))
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=int(max_tokens),
-                                    do_sample=False, eos_token_id=stop_ids, pad_token_id=pad, **options)  # fmt: skip
-        for row, index in enumerate(group):
-            results[index] = _finish(tokenizer, output[row, prefix + width:].tolist(), stop_ids, stops,
-                                     int(max_tokens))
+        replies = greedy(model, [tokens[i] for i in group], int(max_tokens), stop_ids, prefix=prefix, shared=cache,
+                         pad=pad, done=done)  # fmt: skip
+        for index, reply in zip(group, replies):
+            results[index] = _finish(tokenizer, reply, stop_ids, stops, int(max_tokens))
     model.train(was_training)
     return [results[i] for i in range(len(cases))]
 
@@ -284,22 +274,30 @@ def generate_transformers(
 def _prefix_cache(model: Any, prompts: Sequence[Sequence[int]], device: Any) -> tuple[int, Any]:
     """(length, key/value cache) of the token prefix every prompt shares (the system prompt), computed
     once for all prompts; (0, None) when they share fewer than the train stage's MIN_SHARED_PREFIX
-    tokens. Each prompt keeps at least one token of its own for generate to start from. Prompts are
-    then laid out as [prefix | left padding | own tokens]: the attention mask hides the padding and
-    generate's position ids (the mask's running count) continue from the prefix, as unpadded."""
-    import torch
-
-    from lacd.pipeline.packing import common_prefix_length
+    tokens. Each prompt keeps at least one token of its own for decoding to start from."""
+    from lacd.pipeline.greedy import prefix_cache
     from lacd.pipeline.loss import MIN_SHARED_PREFIX
+    from lacd.pipeline.packing import common_prefix_length
 
     if len(prompts) < 2:
         return 0, None
     length = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
     if length < MIN_SHARED_PREFIX:
         return 0, None
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([list(prompts[0][:length])], device=device), use_cache=True)
-    return length, out.past_key_values
+    return length, prefix_cache(model, prompts[0][:length], device)
+
+
+def _stop_string_seen(tokenizer: Any, stop_ids: Sequence[int], stops: Sequence[str]) -> Any:
+    """done(new tokens) for greedy: True once the reply holds a stop string that no longer stop string
+    could still precede, so _finish cuts it where it would cut the reply run to the token budget."""
+    longest = max((len(s) for s in stops), default=0)
+
+    def done(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        hits = [text.index(s) for s in stops if s in text]
+        return bool(hits) and min(hits) + longest <= len(text)
+
+    return done if longest else None
 
 
 def load_for_generation(
@@ -530,7 +528,7 @@ def _measure(
             loaded = None
             _free_memory()
             loaded = load_for_generation(ref.gguf, None, str(device), tokenizer_dir=spec.base_dir)
-        generations = generate_transformers(loaded[0], cases, spec.max_tokens, spec.family,
+        generations = generate_transformers(_merged(loaded[0]), cases, spec.max_tokens, spec.family,
                                             tokenizer=loaded[1], batch_size=spec.batch_size)  # fmt: skip
     loaded = None
     _free_memory()
@@ -542,6 +540,13 @@ def _measure(
         perplexity=_round(math.exp(loss)) if loss is not None and loss < 50 else None,
     )
     return metrics, scores
+
+
+def _merged(model: Any) -> Any:
+    """A peft model with its LoRA adapter merged into the base weights (in place: the caller lets the
+    adapter model go), so each decoding step runs the plain layers, not the adapter's two extra
+    products per layer; any other model as it is. The candidate's GGUF is merged the same way."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def heldout_loss(model: Any, spec: EvalSpec) -> float | None:

@@ -1,0 +1,99 @@
+"""Greedy decoding of many prompts over one shared prefix's key/value cache (the evaluate stage's generator).
+
+What ``model.generate`` does for greedy search, without its per-step machinery, for prompts that
+share a long prefix (the agent's system prompt, ~790 of ~800 tokens on real held-out prompts):
+
+- the prefix is computed once (``prefix_cache``) and every batch starts from it: rows are laid
+  out as ``[prefix | left padding | own tokens]``, the padding hidden by the attention mask and
+  the position ids continuing from the prefix, as if each prompt were computed alone;
+- only the last position's logits are computed (``logits_to_keep=1``), the next token is their
+  argmax (what greedy search takes: no logits processor changes the argmax of plain greedy
+  decoding without repetition penalties);
+- a row ends at its stop token, at a stop string (``done(tokens)`` says so), or at the token
+  budget, and is dropped from the batch and its cache at once, so the rest decode with fewer rows.
+
+The tokens are those of greedy decoding each prompt alone, up to floating-point rounding of the
+batched matrix products (tests/test_evaluate.py compares them with ``model.generate``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+def prefix_cache(model: Any, prefix: Sequence[int], device: Any) -> DynamicCache:
+    """The key/value cache of one token sequence (batch of 1)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
+    return out.cache
+
+
+def _batch_cache(shared: DynamicCache | None, rows: int) -> DynamicCache:
+    """A fresh cache holding the shared prefix once per row (the shared cache is left as it is)."""
+    cache = DynamicCache()
+    if shared is not None:
+        for index, layer in enumerate(shared.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+    return cache
+
+
+def greedy(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new: int,
+    stop_ids: Sequence[int],
+    *,
+    prefix: int = 0,
+    shared: DynamicCache | None = None,
+    pad: int = 0,
+    done: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """The greedy continuation of each prompt (one batch), each ending with its stop token if one came.
+
+    prefix/shared: every prompt starts with the same `prefix` tokens whose cache is `shared`
+    (prefix_cache); each prompt must keep at least one token of its own. done(tokens): True when a
+    row's new tokens already hold a stop string (the row is then finished like at a stop token).
+    """
+    device = next(model.parameters()).device
+    own = [list(p[prefix:]) for p in prompts]
+    if any(not ids for ids in own):
+        raise ValueError("every prompt needs at least one token after the shared prefix")
+    width = max(len(ids) for ids in own)
+    pads = [width - len(ids) for ids in own]
+    input_ids = torch.tensor([[pad] * n + ids for n, ids in zip(pads, own)], device=device)
+    mask = torch.tensor([[1] * prefix + [0] * n + [1] * len(ids) for n, ids in zip(pads, own)], device=device)
+    shift = torch.tensor(pads, device=device)[:, None]
+    positions = (prefix + torch.arange(width, device=device)[None, :] - shift).clamp(min=prefix)
+    cache = _batch_cache(shared, len(own))
+    stops = torch.tensor(list(stop_ids), device=device)
+    rows = list(range(len(own)))  # prompt index of each live row
+    out: list[list[int]] = [[] for _ in own]
+    step = 0
+    with torch.no_grad():
+        while rows and step < max_new:
+            length = mask.shape[1]
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                           cache_position=torch.arange(length - input_ids.shape[1], length, device=device),
+                           use_cache=True, logits_to_keep=1).logits
+            tokens = logits[:, -1, :].argmax(dim=-1)
+            step += 1
+            stopped = torch.isin(tokens, stops).tolist()
+            keep = []
+            for row, (index, token) in enumerate(zip(rows, tokens.tolist())):
+                out[index].append(token)
+                if not (stopped[row] or step >= max_new or (done is not None and done(out[index]))):
+                    keep.append(row)
+            if len(keep) < len(rows):
+                if not keep:
+                    break
+                chosen = torch.tensor(keep, device=device)
+                cache.batch_select_indices(chosen)
+                tokens, mask, positions = tokens[chosen], mask[chosen], positions[chosen]
+                rows = [rows[row] for row in keep]
+            input_ids = tokens[:, None]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+    return out
