@@ -97,9 +97,11 @@ def main() -> int:
                         help="where the converted base model is kept")
     parser.add_argument("--profile", action="store_true", help="profile one batch of the base model instead")
     args = parser.parse_args()
-    sys.path[:0] = [args.lacd, str(ROOT / "bench")]
+    sys.path.insert(0, str(ROOT / "bench"))
     import torch
     from prefix_learning import build_dataset  # the format stage's dataset and the stage's held-out cases
+
+    sys.path.insert(0, args.lacd)  # before the daemon/ folder prefix_learning put first
 
     from lacd.basemodel import resolve_base, smollm2_gguf
     from lacd.export import export_gguf

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def prefix_cache(model: Any, prefix: Sequence[int], device: Any) -> DynamicCache:
@@ -31,12 +32,55 @@ def prefix_cache(model: Any, prefix: Sequence[int], device: Any) -> DynamicCache
     return out.cache
 
 
-def _batch_cache(shared: DynamicCache | None, rows: int) -> DynamicCache:
-    """A fresh cache holding the shared prefix once per row (the shared cache is left as it is)."""
-    cache = DynamicCache()
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers with room for `room` more tokens: a decoding
+    step writes its token in place, where DynamicLayer copies the whole cache (torch.cat) every step."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.device, self.length, self.is_initialized = key_states.device, 0, True
+            self.key_buffer = self.value_buffer = None
+        end = self.length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            self.key_buffer = self._grown(self.key_buffer, key_states, end + self.room)
+            self.value_buffer = self._grown(self.value_buffer, value_states, end + self.room)
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def _grown(self, buffer: torch.Tensor | None, like: torch.Tensor, size: int) -> torch.Tensor:
+        shape = (like.shape[0], like.shape[1], size, like.shape[3])
+        grown = like.new_empty(shape)
+        if buffer is not None:
+            grown[:, :, : self.length] = buffer[:, :, : self.length]
+        return grown
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._views()
+
+
+def _batch_cache(shared: DynamicCache | None, rows: int, layers: int, room: int) -> Cache:
+    """A fresh cache holding the shared prefix once per row, with room for `room` more tokens a row
+    (the shared cache is left as it is)."""
+    cache = Cache(layers=[_GrowingLayer(room) for _ in range(layers)])
     if shared is not None:
-        for index, layer in enumerate(shared.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+        for index, prefix in enumerate(shared.layers):
+            cache.update(prefix.keys.expand(rows, -1, -1, -1), prefix.values.expand(rows, -1, -1, -1), index)
     return cache
 
 
@@ -67,7 +111,8 @@ def greedy(
     mask = torch.tensor([[1] * prefix + [0] * n + [1] * len(ids) for n, ids in zip(pads, own)], device=device)
     shift = torch.tensor(pads, device=device)[:, None]
     positions = (prefix + torch.arange(width, device=device)[None, :] - shift).clamp(min=prefix)
-    cache = _batch_cache(shared, len(own))
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = _batch_cache(shared, len(own), layers, width + max_new)
     stops = torch.tensor(list(stop_ids), device=device)
     rows = list(range(len(own)))  # prompt index of each live row
     out: list[list[int]] = [[] for _ in own]
