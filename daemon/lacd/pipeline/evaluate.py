@@ -229,16 +229,17 @@ def generate_transformers(
     family: str,
     *,
     tokenizer: Any = None,
-    batch_size: int = 8,
+    batch_size: int = 0,
     threads: int = 0,
 ) -> list[Generation]:
     """Greedy replies from transformers, stopping at the family's stop tokens or EOS.
 
     model: a ``.gguf`` file (dequantized by transformers), an HF model folder, or an already
     loaded model (then pass its tokenizer). Prompts are tokenized as llama.cpp tokenizes them
-    (the tokenizer's BOS added), batched shortest first. The prefix all prompts share (the agent's
-    system prompt) is computed once and its key/value cache reused by every batch (_prefix_cache);
-    lacd.pipeline.greedy decodes each batch, a row leaving the batch at its stop token or stop string.
+    (the tokenizer's BOS added), batched shortest first, batch_size prompts a batch (0:
+    _rows_per_batch). The prefix all prompts share (the agent's system prompt) is computed once and
+    its key/value cache reused by every batch (_prefix_cache); lacd.pipeline.greedy decodes each
+    batch, a row leaving the batch at its stop token or stop string.
     """
     import torch
 
@@ -261,14 +262,30 @@ def generate_transformers(
     tokens = [list(tokenizer(case.prompt, add_special_tokens=True)["input_ids"]) for case in cases]
     prefix, cache = _prefix_cache(model, tokens, device)
     done = _stop_string_seen(tokenizer, stop_ids, stops)
-    for start in range(0, len(order), max(1, batch_size)):
-        group = order[start : start + max(1, batch_size)]
+    rows = batch_size or _rows_per_batch(model, max(map(len, tokens), default=0) + int(max_tokens))
+    for start in range(0, len(order), max(1, rows)):
+        group = order[start : start + max(1, rows)]
         replies = greedy(model, [tokens[i] for i in group], int(max_tokens), stop_ids, prefix=prefix, shared=cache,
                          pad=pad, done=done)  # fmt: skip
         for index, reply in zip(group, replies):
             results[index] = _finish(tokenizer, reply, stop_ids, stops, int(max_tokens))
     model.train(was_training)
     return [results[i] for i in range(len(cases))]
+
+
+BATCH_ROWS = 8  # prompts decoded together on a GPU, and at least on the CPU
+CPU_CACHE_BYTES = 1 << 30  # the key/value cache one batch may fill on the CPU
+
+
+def _rows_per_batch(model: Any, tokens_per_row: int) -> int:
+    """Prompts decoded together: on a GPU BATCH_ROWS; on the CPU as many as fill CPU_CACHE_BYTES of
+    key/value cache, at least BATCH_ROWS (a step reads every weight once whatever the rows, so fewer,
+    larger batches take fewer steps: SmolLM2-135M, ~950 tokens a row, 24 rows)."""
+    from lacd.pipeline.greedy import cache_bytes_per_token
+
+    if next(model.parameters()).device.type != "cpu":
+        return BATCH_ROWS
+    return max(BATCH_ROWS, CPU_CACHE_BYTES // max(1, cache_bytes_per_token(model) * tokens_per_row))
 
 
 def _prefix_cache(model: Any, prompts: Sequence[Sequence[int]], device: Any) -> tuple[int, Any]:
@@ -447,7 +464,7 @@ class EvalSpec:
     max_tokens: int = 128
     max_seq_len: int = 2048
     tokens_per_batch: int = 4096
-    batch_size: int = 8
+    batch_size: int = 0  # prompts decoded together (0: _rows_per_batch)
     device: str = "auto"
     threads: int = 0
 

@@ -25,6 +25,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+def cache_bytes_per_token(model: Any) -> int:
+    """Bytes of key/value cache one token takes in `model` (every layer's keys and values)."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
 def prefix_cache(model: Any, prefix: Sequence[int], device: Any) -> DynamicCache:
     """The key/value cache of one token sequence (batch of 1)."""
     with torch.no_grad():
