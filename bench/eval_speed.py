@@ -13,8 +13,9 @@ stage makes it, B drawn small so its replies stay close to the base model's) exp
 lacd's exporter (f16, the [export] default), then evaluate_candidate as the stage's child runs it:
 the candidate from its GGUF, the model in use the base model (--incumbent base: the first cycle)
 or base + adapter folder (--incumbent adapter: after a promotion), held-out losses known from
-training. Printed: each model's generation seconds, the new tokens decoded, the replies that
-stopped cleanly, the stage's total seconds, and the load average before and after.
+training. Printed: each model's generation seconds, the reply tokens, the replies that stopped
+cleanly, a digest of the replies and stop flags (the same digest: the same replies before and
+after a change), the stage's total seconds, and the load average before and after.
 
 --lacd DIR imports lacd from another checkout's daemon/ folder (the code before a change:
 `git archive main daemon | tar -x -C /tmp/before`), so before and after run in one command on
@@ -24,6 +25,7 @@ the same prompts. --profile: torch.profiler's table of one batch of the base mod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -42,6 +44,7 @@ def small_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)  # peft draws A from torch's generator: the same adapter every run
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"))  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
@@ -63,7 +66,9 @@ def timed_generation(evaluate, log: list[dict]):
         tokenizer = kwargs["tokenizer"]
         log.append({"seconds": round(time.monotonic() - started, 1), "prompts": len(cases),
                     "reply_tokens": sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text, _ in out),
-                    "stopped": sum(stopped for _, stopped in out), "load_before": round(load, 2),
+                    "stopped": sum(stopped for _, stopped in out),
+                    "replies_sha256": hashlib.sha256(json.dumps(out).encode()).hexdigest()[:16],
+                    "load_before": round(load, 2),
                     "load_after": round(os.getloadavg()[0], 2)})  # fmt: skip
         return out
 
