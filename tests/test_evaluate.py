@@ -306,7 +306,7 @@ def test_a_stop_string_ends_a_row_early_with_the_reply_of_running_to_the_budget(
     full = greedy(model, prompts, 12, eos, pad=eos[0])
     text = tokenizer.decode(full[1])
     stops = [text[4:7], text[3:5] + "\x00"]  # the second one would start first but never completes
-    done = evaluate_mod._stop_string_seen(tokenizer, eos, stops)
+    done = evaluate_mod._stop_string_seen(tokenizer, stops)
     early = greedy(model, prompts, 12, eos, pad=eos[0], done=done)
     assert len(early[1]) < 12 and early[1] == full[1][: len(early[1])]
     finish = [evaluate_mod._finish(tokenizer, r, eos, stops, 12) for r in (early[1], full[1])]

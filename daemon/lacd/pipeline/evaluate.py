@@ -261,7 +261,7 @@ def generate_transformers(
     model.eval()
     tokens = [list(tokenizer(case.prompt, add_special_tokens=True)["input_ids"]) for case in cases]
     prefix, cache = _prefix_cache(model, tokens, device)
-    done = _stop_string_seen(tokenizer, stop_ids, stops)
+    done = _stop_string_seen(tokenizer, stops)
     rows = batch_size or _rows_per_batch(model, max(map(len, tokens), default=0) + int(max_tokens))
     for start in range(0, len(order), max(1, rows)):
         group = order[start : start + max(1, rows)]
@@ -304,7 +304,7 @@ def _prefix_cache(model: Any, prompts: Sequence[Sequence[int]], device: Any) -> 
     return length, prefix_cache(model, prompts[0][:length], device)
 
 
-def _stop_string_seen(tokenizer: Any, stop_ids: Sequence[int], stops: Sequence[str]) -> Any:
+def _stop_string_seen(tokenizer: Any, stops: Sequence[str]) -> Any:
     """done(new tokens) for greedy: True once the reply holds a stop string that no longer stop string
     could still precede, so _finish cuts it where it would cut the reply run to the token budget."""
     longest = max((len(s) for s in stops), default=0)
