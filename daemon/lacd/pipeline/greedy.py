@@ -113,6 +113,8 @@ def greedy(
     own = [list(p[prefix:]) for p in prompts]
     if any(not ids for ids in own):
         raise ValueError("every prompt needs at least one token after the shared prefix")
+    if bool(prefix) != (shared is not None):
+        raise ValueError("a shared prefix needs both its length and its cache")
     width = max(len(ids) for ids in own)
     pads = [width - len(ids) for ids in own]
     input_ids = torch.tensor([[pad] * n + ids for n, ids in zip(pads, own)], device=device)
