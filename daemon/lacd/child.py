@@ -1,5 +1,5 @@
 """Child processes of the daemon (the train and evaluate children): the parent's side (start with
-the malloc environment and PYTHONPATH, relay progress, ask to pause, stop, read the log's tail)
+the allocator environment and PYTHONPATH, relay progress, ask to pause, stop, read the log's tail)
 and the child's side (die with the parent, watch for a pause request)."""
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ YIELD_BUDGET_ENV = "LACD_TRAIN_YIELD_BUDGET_S"  # that time, told to the child: 
 PARENT_PID_ENV = "LACD_PARENT_PID"  # the parent's pid, set by child_env, read by die_with_parent
 
 
-def child_env() -> dict[str, str]:
-    """The environment of a child: the parent's, with child_malloc_env, the lacd package first on
-    PYTHONPATH (source_root) and the parent's pid for die_with_parent."""
-    env = dict(os.environ) | child_malloc_env()
+def child_env(lean_heap: bool = True) -> dict[str, str]:
+    """The environment of a child: the parent's, with child_malloc_env(lean_heap), the lacd package
+    first on PYTHONPATH (source_root) and the parent's pid for die_with_parent."""
+    env = dict(os.environ) | child_malloc_env(lean_heap)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_root()), env.get("PYTHONPATH")]))
     env[PARENT_PID_ENV] = str(os.getpid())
     return env
@@ -67,16 +67,26 @@ def watch_pause_requests(fd: int) -> threading.Thread:
     return thread
 
 
-def child_malloc_env() -> dict[str, str]:
-    """Environment for a training or evaluation child: glibc serves allocations of 64 KiB and more
-    with mmap, so the activation buffers freed after each layer go back to the system instead of
-    piling up in the heap. Measured on SmolLM2-135M (a 1,665-token checkpointed forward): peak RSS
-    1.23 GB instead of 2.39. On CUDA, PyTorch's caching allocator grows expandable segments:
-    bitsandbytes dequantizes a whole frozen weight per layer (344 MiB on 34B), and with fixed
-    segments a 34B NF4 run in a 24 GB cap ran out of memory with 1.99 GiB reserved but unused
-    (bench/train_gpu.py, H100); the memory plan's margins assume it. A value already in the
-    environment is kept."""
-    wanted = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+def child_malloc_env(lean_heap: bool = True) -> dict[str, str]:
+    """Allocator settings for a training or evaluation child; a value already in the environment is kept.
+
+    lean_heap (the evaluate child): glibc serves allocations of 64 KiB and more with mmap, so buffers
+    freed after each layer go back to the system instead of staying in the heap. A checkpointed
+    SmolLM2-135M forward of 1,665 tokens peaked at 1.23 GB RSS instead of 2.39; the evaluate stage's
+    generations take as long either way (bench/eval_speed.py: 63.9 s with it, 61.8 s without).
+    The train child does without it: every mmap'd activation buffer is faulted in again at each use,
+    and a real CPU step (bench/train_step.py, SmolLM2 bf16, a 4,079-token row) took 41-44 s with a
+    64 KiB threshold, 34-38 s with 4 MiB, 23-25 s with glibc's own (its threshold rises to 32 MiB as
+    buffers are freed), for a peak RSS of 2.3 GiB against 4.0. A user short of memory sets
+    MALLOC_MMAP_THRESHOLD_=65536 in the daemon's environment.
+
+    On CUDA, PyTorch's caching allocator grows expandable segments: bitsandbytes dequantizes a whole
+    frozen weight per layer (344 MiB on 34B), and with fixed segments a 34B NF4 run in a 24 GB cap
+    ran out of memory with 1.99 GiB reserved but unused (bench/train_gpu.py, H100); the memory
+    plan's margins assume it."""
+    wanted = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    if lean_heap:
+        wanted["MALLOC_MMAP_THRESHOLD_"] = "65536"
     return {name: value for name, value in wanted.items() if name not in os.environ}
 
 

@@ -789,7 +789,7 @@ def _run_child(
     spec_path, result_path, log_path = workdir / "spec.json", workdir / "result.json", workdir / "child.log"
     write_text_atomic(spec_path, spec.to_json())
     result_path.unlink(missing_ok=True)
-    env = child_env()
+    env = child_env(lean_heap=False)  # the CPU step is ~1.7x faster on glibc's own heap
     env["LACD_TRAIN_PAUSE_PIPE"] = "1"
     env[YIELD_BUDGET_ENV] = str(yield_s * YIELD_SHARE)
     command = child_command(python, spec_path, result_path)
