@@ -295,3 +295,51 @@ def test_cascade_attention_in_bf16_keeps_the_dtype_and_fp32_results_to_bf16_roun
         results.append([t.float() for t in (out, *grads)])
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rms_norm_and_checkpoints_that_keep_attention_change_no_gradient(tiny_dir, dtype):
+    """The CPU's RMSNorm function (lora_kernels.fuse_rms_norms) and checkpointing that keeps the
+    flash-attention outputs (lora_kernels.checkpoint_kwargs) give, on a shared-prefix row with LoRA
+    dropout, the loss and adapter gradients of transformers' RMSNorm without checkpointing (fp32:
+    1e-6; bf16: to bf16 rounding), and backward's recompute of the checkpointed layers runs no
+    attention: plain checkpointing runs every flash call twice."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lacd.pipeline.lora_kernels import checkpoint_kwargs, fuse_lora_dropout, fuse_rms_norms
+
+    class CountFlash(TorchDispatchMode):  # entered first, so it sees only the calls that really run
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.set_num_threads(1)
+    batch = collate_shared_prefix(prefixed_lessons())
+    runs = {}
+    for mode in ("plain", "checkpointed", "ours"):
+        model = tiny_lora_model(tiny_dir, dtype=dtype, lora_dropout=0.1)
+        fuse_lora_dropout(model)
+        use_shared_prefix_attention(model)
+        if mode == "ours":
+            assert fuse_rms_norms(model) == 2 * model.config.num_hidden_layers + 1
+        if mode != "plain":
+            kwargs = checkpoint_kwargs(torch.device("cpu")) if mode == "ours" else {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+        torch.manual_seed(0)
+        with CountFlash() as counter:
+            summed = loss_sum(model, batch)
+            summed.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        runs[mode] = float(summed.detach()), grads, counter.calls
+    loss, grads, flash = runs["plain"]
+    assert runs["checkpointed"][2] == 2 * flash > 0 and runs["ours"][2] == flash
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for mode in ("checkpointed", "ours"):
+        assert runs[mode][0] == pytest.approx(loss, rel=1e-6 if dtype == torch.float32 else 1e-2)
+        for name, grad in grads.items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(runs[mode][1][name], grad, **tolerance, msg=f"{mode} {name}")

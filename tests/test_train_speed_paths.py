@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import structlog
@@ -26,6 +27,8 @@ from lacd.pipeline.lora_kernels import (
 from lacd.pipeline.loss import loss_sum
 from lacd.pipeline.plan import (
     COMPILE_MIN_TOKENS,
+    CPU_ACTIVATION_MAX,
+    CPU_ACTIVATION_MIN,
     activation_bytes_per_token,
     choose_adapter_compute,
     choose_attention,
@@ -34,6 +37,8 @@ from lacd.pipeline.plan import (
     compute_context,
     cpu_dtype,
     cpu_has_native_bf16,
+    checkpointed_layer_bytes_per_token,
+    cpu_activation_budget,
     cpu_layers_to_checkpoint,
     needs_checkpointing,
     plan_steps,
@@ -130,14 +135,16 @@ def test_automatic_choices_on_cpu():
     assert choose_adapter_compute("float32", torch.bfloat16) is None
     with pytest.raises(TrainError):
         choose_adapter_compute("fp8", torch.bfloat16)
-    # on the CPU only when the micro-batch's fp32 activations pass CPU_ACTIVATION_BUDGET (1 GiB):
-    # SmolLM2-135M at 4096 tokens (~0.86 MB a token in bf16) does, the tiny test models do not
-    assert needs_checkpointing("auto", cpu, 4096, 864_000, 49152) is True
-    assert needs_checkpointing("auto", cpu, 4096, 10_000, 32000) is False
-    assert needs_checkpointing(True, cpu, 1, 1, 1) is True
-    assert needs_checkpointing("off", cpu, 1, 1, 1) is False
+    # on the CPU only when the micro-batch's activations pass the run's budget: SmolLM2-135M at 4096
+    # tokens (~0.86 MB a token in bf16, 3.5 GB) does at the smallest (1 GiB), not at the largest
+    # (4 GiB); the tiny test models never do
+    assert needs_checkpointing("auto", cpu, 4096, 864_000, 49152, cpu_budget=CPU_ACTIVATION_MIN) is True
+    assert needs_checkpointing("auto", cpu, 4096, 864_000, 49152, cpu_budget=CPU_ACTIVATION_MAX) is False
+    assert needs_checkpointing("auto", cpu, 4096, 10_000, 32000, cpu_budget=CPU_ACTIVATION_MIN) is False
+    assert needs_checkpointing(True, cpu, 1, 1, 1, cpu_budget=0) is True
+    assert needs_checkpointing("off", cpu, 1, 1, 1, cpu_budget=0) is False
     with pytest.raises(TrainError):
-        needs_checkpointing("sometimes", cpu, 1, 1, 1)
+        needs_checkpointing("sometimes", cpu, 1, 1, 1, cpu_budget=0)
     cuda = torch.device("cuda")  # only compared, never used
     assert should_compile("auto", cpu, 10 * COMPILE_MIN_TOKENS) is False
     assert should_compile("auto", cuda, COMPILE_MIN_TOKENS) is True
@@ -158,10 +165,20 @@ def test_cpu_checkpoints_only_the_layers_over_the_activation_budget(tiny_dir, mo
     gradients are those of checkpointing every layer or none."""
     fp32 = scaled_activation_bytes(864_000, torch.float32)  # SmolLM2's bf16 estimate, computed in fp32
     assert fp32 == 2 * scaled_activation_bytes(864_000, torch.bfloat16) == 1_728_000
-    assert cpu_layers_to_checkpoint(600, fp32, 30) == 0  # ~1.0 GB in fp32: all layers fit
-    assert cpu_layers_to_checkpoint(1150, fp32, 30) == 14  # a same-steps row: 16 layers keep theirs
-    assert cpu_layers_to_checkpoint(4096, fp32, 30) == 26
-    assert cpu_layers_to_checkpoint(10**7, fp32, 30) == 30
+    gib = CPU_ACTIVATION_MIN
+    assert cpu_layers_to_checkpoint(600, fp32, 30, gib) == 0  # ~1.0 GB in fp32: all layers fit
+    assert cpu_layers_to_checkpoint(1150, fp32, 30, gib) == 14  # a same-steps row: 16 layers keep theirs
+    assert cpu_layers_to_checkpoint(4096, fp32, 30, gib) == 26
+    assert cpu_layers_to_checkpoint(4096, fp32, 30, 4 * gib) == 12  # a larger budget keeps more layers
+    assert cpu_layers_to_checkpoint(10**7, fp32, 30, gib) == 30
+    # what a checkpointed layer still keeps (its input, the saved attention outputs) comes out of the budget
+    kept = checkpointed_layer_bytes_per_token(SimpleNamespace(hidden_size=576, num_attention_heads=9), torch.float32)
+    assert kept == 3 * 576 * 4 + 8 * 9
+    assert cpu_layers_to_checkpoint(4096, fp32, 30, 4 * gib, kept) == 14
+    assert cpu_layers_to_checkpoint(4096, fp32, 30, gib, fp32) == 30  # nothing to gain: all checkpointed
+    # the budget: an eighth of the memory available, between 1 and 4 GiB
+    assert [cpu_activation_budget(n * gib) for n in (2, 10, 21, 64)] == [gib, gib * 5 // 4, gib * 21 // 8, 4 * gib]
+    assert CPU_ACTIVATION_MIN <= cpu_activation_budget() <= CPU_ACTIVATION_MAX
     batch = collate_packed(random_lessons(3, seed=5))
     grads, recomputed = [], []
     for count in (None, 1, 2):  # no checkpointing, the first layer only, both layers
@@ -266,9 +283,11 @@ def test_rows_checkpoint_only_their_layers_over_budget_and_train_the_same_adapte
                          lora_r=4, lora_alpha=8, epochs=1, tokens_per_batch=128, checkpoint_every=100,
                          num_threads=1, learning_rate=1e-2, gradient_checkpointing=mode)
         dtype = cpu_dtype("auto")  # bf16 on a CPU with native bf16: adapters computed under autocast, no upcast
-        per_row = scaled_activation_bytes(activation_bytes_per_token(
-            AutoModelForCausalLM.from_pretrained(tiny_dir).config, 0.05, dtype == torch.float32), dtype)
-        monkeypatch.setattr(plan, "CPU_ACTIVATION_BUDGET", 65 * per_row)  # one of the 2 layers of a 128-token row fits
+        config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
+        per_row = scaled_activation_bytes(activation_bytes_per_token(config, 0.05, dtype == torch.float32), dtype)
+        checkpointed = checkpointed_layer_bytes_per_token(config, dtype)
+        # one of the 2 layers of a 128-token row keeps its activations, the other what a checkpointed layer keeps
+        monkeypatch.setattr(plan, "cpu_activation_budget", lambda: 65 * per_row + 128 * checkpointed)
         with structlog.testing.capture_logs() as events:
             run_training(spec)
         setup = next(e for e in events if e["event"] == "train_setup")

@@ -120,11 +120,11 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, adapter_upcast:
 
 
 def needs_checkpointing(
-    requested: bool | str, device: torch.device, tokens: int, bytes_per_token: int, vocab: int
+    requested: bool | str, device: torch.device, tokens: int, bytes_per_token: int, vocab: int, *, cpu_budget: int
 ) -> bool:
     """Whether to turn gradient checkpointing on: as requested, or for 'auto' on CUDA when the
     largest micro-batch's activations and logits would not fit in free GPU memory, on the CPU
-    when its activations would pass CPU_ACTIVATION_BUDGET (cpu_needs_checkpointing)."""
+    when its activations would pass cpu_budget (cpu_needs_checkpointing)."""
     if isinstance(requested, bool):
         return requested
     if requested in ("on", "off", OFFLOAD):
@@ -132,7 +132,7 @@ def needs_checkpointing(
     if requested != "auto":
         raise TrainError(f"unknown gradient_checkpointing {requested!r} (auto, on, off or offload)")
     if device.type != "cuda":
-        return cpu_needs_checkpointing(tokens, bytes_per_token)
+        return cpu_needs_checkpointing(tokens, bytes_per_token, cpu_budget)
     free, _ = torch.cuda.mem_get_info(device)
     logits = tokens * vocab * 4 * 3  # bf16 logits, their fp32 copy and its gradient
     margin = 2 << 30
@@ -205,18 +205,41 @@ def require_nf4() -> None:
         raise TrainError(str(exc)) from None
 
 
-# Host memory the activations of one CPU micro-batch may take before gradient checkpointing
-# turns on: SmolLM2-135M keeps ~1.7 MB a token in fp32, 7 GB at the default 4096 tokens (most
-# of the 12.1 GB the train child peaked at); checkpointed it keeps one layer's worth plus each
-# layer's input and stays under 2 GB (bench/train_prefix.py measures the peak RSS).
-CPU_ACTIVATION_BUDGET = 1 << 30
+# Host memory the activations of one CPU micro-batch may take before decoder layers are checkpointed:
+# an eighth of the memory available when the run starts, between 1 and 4 GiB. SmolLM2-135M keeps
+# ~0.9 MB a token in bf16, 3.5 GB at the default 4096 tokens: on a 24 GB machine (~21 GB available,
+# a 2.6 GiB budget) 7-12 of its 30 layers are checkpointed. A real 4,079-token bf16 step
+# (bench/train_step.py): all 30 layers checkpointed 23.5 s and 3.8 GiB peak RSS, 12 layers 19.8-21.7 s
+# and 5.2 GiB, none 19.1 s and 6.5 GiB (the 1 GiB budget before checkpointed 21).
+CPU_ACTIVATION_SHARE = 8
+CPU_ACTIVATION_MIN = 1 << 30
+CPU_ACTIVATION_MAX = 4 << 30
 
 
-def cpu_needs_checkpointing(tokens: int, bytes_per_token: int) -> bool:
+def cpu_activation_budget(available: int | None = None) -> int:
+    """The activation budget of a CPU run (bytes): CPU_ACTIVATION_SHARE of `available` (default:
+    the memory available now, psutil), within CPU_ACTIVATION_MIN and CPU_ACTIVATION_MAX."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    return min(CPU_ACTIVATION_MAX, max(CPU_ACTIVATION_MIN, available // CPU_ACTIVATION_SHARE))
+
+
+def cpu_needs_checkpointing(tokens: int, bytes_per_token: int, budget: int) -> bool:
     """Whether a CPU micro-batch of `tokens` tokens needs gradient checkpointing to keep its
     activations (bytes_per_token, all layers, in the training dtype: activation_bytes_per_token
-    scaled by scaled_activation_bytes) within CPU_ACTIVATION_BUDGET."""
-    return tokens * bytes_per_token > CPU_ACTIVATION_BUDGET
+    scaled by scaled_activation_bytes) within `budget` (cpu_activation_budget)."""
+    return tokens * bytes_per_token > budget
+
+
+def checkpointed_layer_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """What a checkpointed decoder layer still keeps per token on the CPU: its input, and the
+    attention outputs (the own-token and shared-prefix parts) and their fp32 log-sum-exps that
+    lora_kernels.checkpoint_kwargs saves so that the recompute skips attention."""
+    h = int(getattr(config, "hidden_size", 4096))
+    heads = int(getattr(config, "num_attention_heads", 32))
+    return 3 * h * dtype.itemsize + 2 * 4 * heads
 
 
 def scaled_activation_bytes(bytes_per_token: int, dtype: torch.dtype) -> int:
@@ -224,14 +247,20 @@ def scaled_activation_bytes(bytes_per_token: int, dtype: torch.dtype) -> int:
     return bytes_per_token * max(1, dtype.itemsize // 2)
 
 
-def cpu_layers_to_checkpoint(tokens: int, bytes_per_token: int, layers: int) -> int:
+def cpu_layers_to_checkpoint(tokens: int, bytes_per_token: int, layers: int, budget: int,
+                             checkpointed_bytes_per_token: int = 0) -> int:
     """How many of `layers` decoder layers a CPU micro-batch of `tokens` tokens must checkpoint so
-    that the activations the other layers keep (bytes_per_token as in cpu_needs_checkpointing) fit
-    in CPU_ACTIVATION_BUDGET: the layers that fit keep theirs and skip the forward's recompute in
-    backward (0 when all fit: cpu_needs_checkpointing)."""
+    that the activations the other layers keep (bytes_per_token as in cpu_needs_checkpointing), and
+    what each checkpointed layer keeps (checkpointed_layer_bytes_per_token), fit in `budget`: the
+    layers that fit keep theirs and skip the forward's recompute in backward (0 when all fit)."""
     per_layer = tokens * bytes_per_token / max(layers, 1)
-    kept = layers if per_layer <= 0 else min(layers, int(CPU_ACTIVATION_BUDGET // per_layer))
-    return layers - kept
+    if per_layer * layers <= budget:
+        return 0
+    per_checkpointed = tokens * checkpointed_bytes_per_token
+    if per_layer <= per_checkpointed:
+        return layers
+    kept = int((budget - layers * per_checkpointed) // (per_layer - per_checkpointed))
+    return layers - max(0, min(layers, kept))
 
 
 # A cold compile cost ~34 s on an H100 (CodeLlama-7B shape) and saved ~30 us a token (10.7k ->

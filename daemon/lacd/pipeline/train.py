@@ -83,7 +83,7 @@ from lacd.child import (
     yield_budget_s,
     yield_child,
 )
-from lacd.pipeline import nf4
+from lacd.pipeline import nf4, plan
 from lacd.pipeline.checkpoint import (
     CHECKPOINT_PREFIX,
     COMPLETE_MARKER,
@@ -96,9 +96,11 @@ from lacd.pipeline.checkpoint import (
 from lacd.pipeline.lora_kernels import (
     apply_fused_kernels,
     checkpoint_first_layers,
+    checkpoint_kwargs,
     compile_layers,
     disable_adapter_upcast,
     fuse_lora_dropout,
+    fuse_rms_norms,
 )
 from lacd.pipeline.loss import evaluate, loss_sum, shared_prefix_length
 from lacd.pipeline.packing import (
@@ -114,6 +116,7 @@ from lacd.pipeline.plan import (
     PlannedStep,
     activation_bytes_per_token,
     auto_lr_scale,
+    checkpointed_layer_bytes_per_token,
     choose_adapter_compute,
     choose_attention,
     choose_device,
@@ -204,6 +207,8 @@ class LoRARecipe:
     oom_above_tokens: int | None = field(default_factory=lambda: _test_oom_limit())  # tests only: TEST_OOM_ENV
     checkpointed_layers: int | None = None  # of the largest row, when each row checkpoints only what it must
     _activation_bytes: int = 0  # per token (plan.activation_bytes_per_token), for the per-row choice
+    _checkpointed_bytes: int = 0  # per token of a checkpointed layer (plan.checkpointed_layer_bytes_per_token)
+    activation_budget: int | None = None  # CPU: plan.cpu_activation_budget when the model was loaded
 
     # ---- setup
 
@@ -245,6 +250,7 @@ class LoRARecipe:
             "train_setup", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             attention=self.attention, adapter_compute=self._adapter_compute_name(),
             gradient_checkpointing=self.checkpointing, checkpointed_layers=self.checkpointed_layers,
+            activation_budget_gib=round(self.activation_budget / 2**30, 2) if self.activation_budget else None,
             compiled=self.compiled,
             fused_kernels=self.fused_kernels, shared_prefix=self.prefix_len, learning_rate=self.learning_rate,
             torch=torch.__version__, gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
@@ -345,6 +351,9 @@ class LoRARecipe:
         compiling = should_compile(spec.compile, self.device, planned) and not (
             spec.compile == "auto" and self.precision == "nf4" and nf4.backend(self.device) != nf4.BITSANDBYTES)
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
+        if self.device.type == "cpu":
+            fuse_rms_norms(model)
+            self.activation_budget = plan.cpu_activation_budget()  # with the base weights loaded
         per_token = scaled_activation_bytes(
             activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None), self.dtype)
         self.offload = spec.gradient_checkpointing == OFFLOAD and self.device.type == "cuda"
@@ -354,12 +363,13 @@ class LoRARecipe:
         else:
             self.checkpointing = needs_checkpointing(
                 spec.gradient_checkpointing, self.device, self._largest_micro_batch(), per_token,
-                int(getattr(model.config, "vocab_size", 32000)),
+                int(getattr(model.config, "vocab_size", 32000)), cpu_budget=self.activation_budget or 0,
             )
         if self.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(self.device))
             if self.device.type == "cpu" and spec.gradient_checkpointing == "auto":  # only the layers over budget
                 self._activation_bytes = per_token
+                self._checkpointed_bytes = checkpointed_layer_bytes_per_token(model.config, self.dtype)
                 self.checkpointed_layers = self._checkpoint_for(model, self._largest_micro_batch())
         targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
         lora = LoraConfig(
@@ -377,7 +387,8 @@ class LoRARecipe:
 
     def _checkpoint_for(self, model: torch.nn.Module, tokens: int) -> int:
         """Checkpoint only the layers a CPU row of `tokens` tokens must (plan.cpu_layers_to_checkpoint)."""
-        count = cpu_layers_to_checkpoint(tokens, self._activation_bytes, model.config.num_hidden_layers)
+        count = cpu_layers_to_checkpoint(tokens, self._activation_bytes, model.config.num_hidden_layers,
+                                         self.activation_budget or 0, self._checkpointed_bytes)
         return checkpoint_first_layers(model, count)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
