@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from lacd.child import EXIT_ERROR, PARENT_PID_ENV, child_env, error_from_log, read_tail
+from lacd.child import EXIT_ERROR, PARENT_PID_ENV, child_env, error_from_log, read_tail, trim_heap
 
 SLEEPER = "from lacd.child import die_with_parent; import time; die_with_parent(); print('ready', flush=True); time.sleep(60)"
 PARENT = f"""
@@ -75,3 +75,19 @@ def test_children_get_the_allocator_settings_unless_the_user_chose_their_own(mon
     assert child_env()["MALLOC_MMAP_THRESHOLD_"] == child_env(lean_heap=False)["MALLOC_MMAP_THRESHOLD_"] == "131072"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_trim_heap_gives_freed_heap_pages_back():
+    """Freed buffers in the middle of glibc's heap (the last one still held, so the heap's top is
+    not free) stay resident until trim_heap hands their pages back."""
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    buffers = [bytearray(b"x" * 100_000) for _ in range(2000)]  # ~200 MB of 100 KB heap chunks
+    last = buffers.pop()
+    del buffers
+    before = resident()
+    assert trim_heap() is True
+    assert before - resident() > 100_000_000
+    assert len(last) == 100_000

@@ -90,6 +90,22 @@ def child_malloc_env(lean_heap: bool = True) -> dict[str, str]:
     return {name: value for name, value in wanted.items() if name not in os.environ}
 
 
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc's malloc_trim(0)); False where the C
+    library has no malloc_trim. The train child calls it after each CPU step: on glibc's own heap
+    (child_malloc_env(lean_heap=False)) rows of other shapes would otherwise leave the last step's
+    freed buffers in place and the resident size grows from step to step."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def source_root() -> Path:
     """The folder that holds the lacd package (daemon/ in a checkout)."""
     return Path(__file__).resolve().parents[1]

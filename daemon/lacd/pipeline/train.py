@@ -80,6 +80,7 @@ from lacd.child import (
     stop_child,
     wait_any,
     watch_pause_requests,
+    trim_heap,
     yield_budget_s,
     yield_child,
 )
@@ -489,6 +490,8 @@ class LoRARecipe:
             self._step_aside_if_asked(index > first)
             step_started = time.monotonic()
             loss, tokens, labelled = self._optimizer_step(self.steps[index])
+            if self.device.type == "cpu":
+                trim_heap()
             step_s = time.monotonic() - step_started
             self.counters.step = index + 1
             self.counters.tokens += tokens
