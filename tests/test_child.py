@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from lacd.child import EXIT_ERROR, PARENT_PID_ENV, child_env, error_from_log, read_tail, trim_heap
+from lacd.child import EXIT_ERROR, PARENT_PID_ENV, HeapWatch, child_env, error_from_log, read_tail, trim_heap
 
 SLEEPER = "from lacd.child import die_with_parent; import time; die_with_parent(); print('ready', flush=True); time.sleep(60)"
 PARENT = f"""
@@ -91,3 +91,12 @@ def test_trim_heap_gives_freed_heap_pages_back():
     assert trim_heap() is True
     assert before - resident() > 100_000_000
     assert len(last) == 100_000
+
+
+def test_the_heap_is_trimmed_only_once_it_has_grown_past_the_bound():
+    watch = HeapWatch(growth=1.5)
+    assert watch.check(1000) is False and watch.first == 1000  # the first check sets the bound
+    assert watch.check(1500) is False  # grown by half: not past it
+    assert watch.check(1501) is True  # past it: trimmed (glibc here)
+    assert watch.check() is True and watch.first == 1000  # this process's own resident size is far past it
+    assert HeapWatch().check() is False  # a new watch's first check only sets its bound

@@ -80,7 +80,7 @@ from lacd.child import (
     stop_child,
     wait_any,
     watch_pause_requests,
-    trim_heap,
+    HeapWatch,
     yield_budget_s,
     yield_child,
 )
@@ -210,6 +210,7 @@ class LoRARecipe:
     _activation_bytes: int = 0  # per token (plan.activation_bytes_per_token), for the per-row choice
     _checkpointed_bytes: int = 0  # per token of a checkpointed layer (plan.checkpointed_layer_bytes_per_token)
     activation_budget: int | None = None  # CPU: plan.cpu_activation_budget when the model was loaded
+    heap: HeapWatch = field(default_factory=HeapWatch)  # CPU: trims the heap once it has grown (child.HeapWatch)
 
     # ---- setup
 
@@ -491,7 +492,7 @@ class LoRARecipe:
             step_started = time.monotonic()
             loss, tokens, labelled = self._optimizer_step(self.steps[index])
             if self.device.type == "cpu":
-                trim_heap()
+                self.heap.check()
             step_s = time.monotonic() - step_started
             self.counters.step = index + 1
             self.counters.tokens += tokens
