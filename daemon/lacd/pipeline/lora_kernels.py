@@ -71,9 +71,9 @@ def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
 def checkpoint_kwargs(device: torch.device) -> dict[str, Any]:
     """gradient_checkpointing_kwargs of the recipe: non-reentrant; on the CPU a checkpointed layer
     keeps the outputs and log-sum-exps of its flash-attention calls (PyTorch's selective
-    checkpointing), so backward's recompute of the layer skips attention, ~40% of a CPU step: one
-    real 4,079-token step (bench/train_step.py, SmolLM2 bf16, 21 layers checkpointed) 24.5 -> 23.5 s,
-    for ~3.5 KB a token a layer (plan.checkpointed_layer_bytes_per_token counts it)."""
+    checkpointing), so backward's recompute of the layer skips attention (~40% of a CPU step's
+    time): one real 4,079-token step (bench/train_step.py, SmolLM2 bf16, 21 layers checkpointed)
+    24.5 -> 23.5 s, for ~3.5 KB a token a layer (plan.checkpointed_layer_bytes_per_token counts it)."""
     import functools
 
     from torch.utils.checkpoint import create_selective_checkpoint_contexts

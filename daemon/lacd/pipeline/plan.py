@@ -208,9 +208,10 @@ def require_nf4() -> None:
 # Host memory the activations of one CPU micro-batch may take before decoder layers are checkpointed:
 # an eighth of the memory available when the run starts, between 1 and 4 GiB. SmolLM2-135M keeps
 # ~0.9 MB a token in bf16, 3.5 GB at the default 4096 tokens: on a 24 GB machine (~21 GB available,
-# a 2.6 GiB budget) 7-12 of its 30 layers are checkpointed. A real 4,079-token bf16 step
-# (bench/train_step.py): all 30 layers checkpointed 23.5 s and 3.8 GiB peak RSS, 12 layers 19.8-21.7 s
-# and 5.2 GiB, none 19.1 s and 6.5 GiB (the 1 GiB budget before checkpointed 21).
+# a 2.7 GiB budget) 5-7 of its 30 layers are checkpointed. A real 4,079-token bf16 step
+# (bench/train_step.py): 21 layers checkpointed (the fixed 1 GiB budget before) 22.3-24.0 s and
+# 3.9 GiB peak RSS, 12 layers 19.8-21.7 s and 5.2 GiB, none 19.1 s and 6.5 GiB. glibc's heap keeps
+# more than that resident over a run (child.HeapWatch).
 CPU_ACTIVATION_SHARE = 8
 CPU_ACTIVATION_MIN = 1 << 30
 CPU_ACTIVATION_MAX = 4 << 30

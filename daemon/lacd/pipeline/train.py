@@ -72,6 +72,7 @@ from lacd.child import (
     PAUSE_REQUEST,
     YIELD_BUDGET_ENV,
     YIELD_SHARE,
+    HeapWatch,
     child_env,
     die_with_parent,
     error_from_log,
@@ -80,7 +81,6 @@ from lacd.child import (
     stop_child,
     wait_any,
     watch_pause_requests,
-    HeapWatch,
     yield_budget_s,
     yield_child,
 )
