@@ -57,21 +57,23 @@ console.log(JSON.stringify({ engine: "llama.cpp", cases: spec.cases.length, load
 
 
 def served_chats(store_dir: Path, model: str) -> list[dict]:
-    rows = [json.loads(line) for line in (store_dir / "requests.jsonl").read_text().splitlines() if line]
-    return [r["body"] for r in rows if r["path"] == "/api/chat" and r["body"].get("model") == model
-            and r["body"].get("messages")]
+    """The bodies of the /api/chat requests with messages the stand-in served for `model`."""
+    from ollama_standin import read_request_log
+
+    return [r["body"] for r in read_request_log(store_dir) if r["path"] == "/api/chat"
+            and r["body"].get("model") == model and r["body"].get("messages")]
 
 
-def rendered_cases(store, manifest: dict, chats: list[dict]) -> list[dict]:
+def rendered_cases(manifest: dict, chats: list[dict]) -> list[dict]:
     """The prompts as the stand-in rendered them: SYSTEM first when the messages carry none."""
-    from ollama_standin import render_prompt
+    from ollama_standin import DEFAULT_NUM_PREDICT, render_prompt
 
     cases = []
     for body in chats:
         messages = list(body["messages"])
         if messages[0]["role"] != "system" and manifest["system"]:
             messages.insert(0, {"role": "system", "content": manifest["system"]})
-        limit = int((body.get("options") or {}).get("num_predict") or 128)
+        limit = int((body.get("options") or {}).get("num_predict") or DEFAULT_NUM_PREDICT)
         cases.append({"prompt": render_prompt(manifest["template"], messages), "max_tokens": limit})
     return cases
 
@@ -128,7 +130,7 @@ def main() -> int:
         return 1
     spec = {"model": str(store.blob_path(manifest["model"])), "threads": args.threads,
             "stop": (manifest.get("parameters") or {}).get("stop") or [],
-            "cases": rendered_cases(store, manifest, chats)}
+            "cases": rendered_cases(manifest, chats)}
     library = ROOT / "tests" / "llamacpp" / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / "spec.json").write_text(json.dumps(spec))
