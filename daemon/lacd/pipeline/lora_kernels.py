@@ -5,11 +5,13 @@ decoder layers, and gradient checkpointing of only some layers, keeping attentio
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import structlog
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from lacd.pipeline.trainspec import TrainError
 
@@ -63,8 +65,7 @@ _SAVED_IN_CHECKPOINTS = (torch.ops.aten._scaled_dot_product_flash_attention_for_
 
 
 def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import CheckpointPolicy
-
+    """The selective checkpoint policy, called for every op of a checkpointed layer's forward."""
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_IN_CHECKPOINTS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -74,10 +75,6 @@ def checkpoint_kwargs(device: torch.device) -> dict[str, Any]:
     checkpointing), so backward's recompute of the layer skips attention (~40% of a CPU step's
     time): one real 4,079-token step (bench/train_step.py, SmolLM2 bf16, 21 layers checkpointed)
     24.5 -> 23.5 s, for ~3.5 KB a token a layer (plan.checkpointed_layer_bytes_per_token counts it)."""
-    import functools
-
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if device.type == "cpu":
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
