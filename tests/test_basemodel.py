@@ -76,6 +76,38 @@ def test_gguf_file_is_converted_once(tiny_gguf, tmp_path):
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
 
 
+def test_a_conversion_parses_the_gguf_once_and_restores_gguf_py(tiny_gguf, tmp_path, monkeypatch):
+    """transformers' config, tokenizer and weight-name loaders and lacd's tensor stream share one
+    parse of the file during a conversion (each would parse all its metadata again); gguf-py's
+    names are what they were afterwards, also when the conversion fails."""
+    import gguf
+
+    import lacd.basemodel
+
+    _, gguf_file = tiny_gguf
+    opened: list[str] = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            opened.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    converted = resolve_base(str(gguf_file), tmp_path / "state")
+    assert opened == [str(gguf_file.resolve())]
+    assert gguf.GGUFReader is CountingReader
+    same_as_gguf(converted, gguf_file)
+
+    def fail(*args):
+        assert gguf.GGUFReader is not CountingReader  # inside the conversion
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lacd.basemodel, "_stream_tensors", fail)
+    with pytest.raises(OSError, match="disk full"):
+        resolve_base(str(gguf_file), tmp_path / "other")
+    assert gguf.GGUFReader is CountingReader
+
+
 def test_broken_gguf_and_unknown_specs_say_what_is_wrong(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really")
