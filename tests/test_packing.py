@@ -309,11 +309,13 @@ def test_cpu_rms_norm_and_checkpoints_that_keep_attention_change_no_gradient(tin
     from lacd.pipeline.lora_kernels import checkpoint_kwargs, fuse_lora_dropout, fuse_rms_norms
 
     class CountFlash(TorchDispatchMode):  # entered first, so it sees only the calls that really run
-        calls = 0
+        calls = norms = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
                 self.calls += 1
+            if func is torch.ops.aten.linalg_vector_norm.default:  # _RMSNorm's, not transformers'
+                self.norms += 1
             return func(*args, **(kwargs or {}))
 
     torch.set_num_threads(1)
@@ -328,15 +330,18 @@ def test_cpu_rms_norm_and_checkpoints_that_keep_attention_change_no_gradient(tin
         if mode != "plain":
             kwargs = checkpoint_kwargs(torch.device("cpu")) if mode == "ours" else {"use_reentrant": False}
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()  # the kernels package transformers runs here once restored every norm's forward
+        model.eval()
         model.train()
         torch.manual_seed(0)
         with CountFlash() as counter:
             summed = loss_sum(model, batch)
             summed.backward()
         grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-        runs[mode] = float(summed.detach()), grads, counter.calls
-    loss, grads, flash = runs["plain"]
+        runs[mode] = float(summed.detach()), grads, counter.calls, counter.norms
+    loss, grads, flash, _ = runs["plain"]
     assert runs["checkpointed"][2] == 2 * flash > 0 and runs["ours"][2] == flash
+    assert runs["plain"][3] == 0 and runs["ours"][3] >= 2 * model.config.num_hidden_layers + 1
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for mode in ("checkpointed", "ours"):
         assert runs[mode][0] == pytest.approx(loss, rel=1e-6 if dtype == torch.float32 else 1e-2)

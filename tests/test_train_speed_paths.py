@@ -23,6 +23,7 @@ from lacd.pipeline.lora_kernels import (
     apply_fused_kernels,
     checkpoint_first_layers,
     fuse_lora_dropout,
+    fuse_lora_sum,
 )
 from lacd.pipeline.loss import loss_sum
 from lacd.pipeline.plan import (
@@ -319,6 +320,45 @@ def test_input_dropout_linear_computes_what_an_explicit_mask_does():
     torch.testing.assert_close(out, reference)
     torch.testing.assert_close(grads[0], x.grad)
     torch.testing.assert_close(grads[1], weight.grad)
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: dict, seed: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward and backward from a fixed RNG state (the same dropout masks): loss, LoRA grads."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = loss_sum(model, batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_sum_by_addmm_changes_no_loss_or_gradient(tiny_dir):
+    """fuse_lora_sum (the adapter's product added by one addmm) on top of the fused dropout: the
+    same loss and LoRA gradients as peft's forward, fp32 with dropout (the same masks drawn), and
+    in bf16 under autocast within bf16 rounding; peft's own forward with the adapter disabled."""
+    batch = collate_packed(random_lessons(5, seed=7))
+    reference = tiny_lora_model(tiny_dir, lora_dropout=0.1).train()
+    fuse_lora_dropout(reference)
+    model = tiny_lora_model(tiny_dir, lora_dropout=0.1).train()
+    fuse_lora_dropout(model)
+    assert fuse_lora_sum(model) == 7 * model.config.num_hidden_layers
+    assert fuse_lora_sum(model) == 0  # already fused
+    assert list(model.state_dict()) == list(reference.state_dict())
+    want_loss, want = _loss_and_grads(reference, batch, seed=11)
+    got_loss, got = _loss_and_grads(model, batch, seed=11)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = _loss_and_grads(reference, batch, seed=11)
+        got_loss, got = _loss_and_grads(model, batch, seed=11)
+    assert got_loss == pytest.approx(want_loss, rel=2e-2)
+    for name, grad in want.items():
+        scale = float(grad.abs().max())
+        assert float((got[name] - grad).abs().max()) <= 0.05 * scale, name
+    with torch.no_grad(), model.disable_adapter(), reference.disable_adapter():
+        model.eval()
+        reference.eval()
+        assert float(loss_sum(model, batch)) == float(loss_sum(reference, batch))
 
 
 def test_cpu_keep_mask_drops_each_element_with_probability_p():

@@ -101,6 +101,7 @@ from lacd.pipeline.lora_kernels import (
     compile_layers,
     disable_adapter_upcast,
     fuse_lora_dropout,
+    fuse_lora_sum,
     fuse_rms_norms,
 )
 from lacd.pipeline.loss import evaluate, loss_sum, shared_prefix_length
@@ -383,6 +384,7 @@ class LoRARecipe:
         if self.compute_dtype is not None:
             disable_adapter_upcast(model)
         fuse_lora_dropout(model)
+        fuse_lora_sum(model)
         self.compiled = compiling and compile_layers(model, fall_back=spec.compile == "auto")
         model.train()
         return model
