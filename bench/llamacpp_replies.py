@@ -65,17 +65,12 @@ def served_chats(store_dir: Path, model: str) -> list[dict]:
 
 
 def rendered_cases(manifest: dict, chats: list[dict]) -> list[dict]:
-    """The prompts as the stand-in rendered them: SYSTEM first when the messages carry none."""
-    from ollama_standin import DEFAULT_NUM_PREDICT, render_prompt
+    """The prompts as the stand-in's /api/chat rendered them (its own chat_prompt)."""
+    from ollama_standin import DEFAULT_NUM_PREDICT, chat_prompt
 
-    cases = []
-    for body in chats:
-        messages = list(body["messages"])
-        if messages[0]["role"] != "system" and manifest["system"]:
-            messages.insert(0, {"role": "system", "content": manifest["system"]})
-        limit = int((body.get("options") or {}).get("num_predict") or DEFAULT_NUM_PREDICT)
-        cases.append({"prompt": render_prompt(manifest["template"], messages), "max_tokens": limit})
-    return cases
+    return [{"prompt": chat_prompt(manifest, body["messages"]),
+             "max_tokens": int((body.get("options") or {}).get("num_predict") or DEFAULT_NUM_PREDICT)}
+            for body in chats]  # fmt: skip
 
 
 def replay_standin(store_dir: Path, port: int, threads: int, chats: list[dict], model: str) -> dict:

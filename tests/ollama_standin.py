@@ -432,6 +432,13 @@ def _render_simple(template: str, messages: list[dict]) -> str:
     return _ACTION.sub(lambda m: values[m.group(1)], head)
 
 
+def chat_prompt(manifest: dict, messages: list[dict]) -> str:
+    """The prompt /api/chat completes: the model's SYSTEM first when the messages carry none, in its TEMPLATE."""
+    if manifest["system"] and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": manifest["system"]}, *messages]
+    return render_prompt(manifest["template"], messages)
+
+
 # --------------------------------------------------------------------------- models in memory
 
 
@@ -838,9 +845,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
             self._answer(body, {"model": name, "message": {"role": "assistant", "content": ""},
                                 "done": True, "done_reason": "load"})  # fmt: skip
             return
-        if messages[0]["role"] != "system" and manifest["system"]:
-            messages.insert(0, {"role": "system", "content": manifest["system"]})
-        prompt = render_prompt(manifest["template"], messages)
+        prompt = chat_prompt(manifest, messages)
         result = self._complete(name, manifest, prompt, body)
         content = result.pop("response")
         self._answer(body, {"model": name, "message": {"role": "assistant", "content": content}, **result})
