@@ -129,8 +129,9 @@ def smol(node, tmp_path_factory):
         skip_outside_ci("go is not installed: the ChatML TEMPLATE (.Messages) needs it")
     with StandIn(tmp_path_factory.mktemp("smol") / "ollama", engine="llamacpp", threads=2) as server:
         client = ollama.Client(host=server.host)
-        client.create(model=SMOL, files={"model.gguf": client.create_blob(gguf)}, template=tpl.ollama_template("chatml"),
-                      system=default_system_prompt(), parameters={"stop": tpl.stop_tokens("chatml"), "num_ctx": 1024})
+        client.create(model=SMOL, files={"model.gguf": client.create_blob(gguf)},
+                      template=tpl.ollama_template("chatml"), system=default_system_prompt(),
+                      parameters={"stop": tpl.stop_tokens("chatml"), "num_ctx": 1024})
         yield server, client
 
 
@@ -146,6 +147,7 @@ def fresh(client: ollama.Client) -> None:
     client.chat(model=SMOL, messages=[], keep_alive=0)
 
 
+@pytest.mark.slow
 def test_llamacpp_engine_replies_as_llama_cpp_completes_the_rendered_prompt(smol, node, tmp_path):
     """Token for token complete.mjs's reply; prompt_eval_count the whole prompt's tokens as the
     transformers engine counts them (its tokenizer agrees with llama.cpp's on this prompt)."""
@@ -164,6 +166,7 @@ def test_llamacpp_engine_replies_as_llama_cpp_completes_the_rendered_prompt(smol
     assert reply.prompt_eval_count == len(tokenizer(server.prompts[-1])["input_ids"])
 
 
+@pytest.mark.slow
 def test_llamacpp_engine_reuses_the_shared_prefix_without_changing_a_reply(smol):
     """The second request evaluates only what follows the whole 512-token batch it shares with the
     first (lacd's system prompt is ~700 tokens) and replies as it does alone on a new context;
@@ -186,6 +189,7 @@ def test_llamacpp_engine_reuses_the_shared_prefix_without_changing_a_reply(smol)
     assert second.prompt_eval_count == alone.prompt_eval_count > 700  # the whole prompt, not what was evaluated
 
 
+@pytest.mark.slow
 def test_llamacpp_engine_num_predict_and_stop(smol):
     _, client = smol
     question = "Write a Python function that adds two numbers."
