@@ -1,7 +1,7 @@
 """Benchmark: the evaluate stage's /api/chat replies through llama.cpp, the engine inside Ollama (issue 14).
 
     PYTHONPATH=daemon:tests python bench/llamacpp_replies.py --store STORE [--model lacd-coder:v1]
-        [--threads 2] [--standin-port 0]
+        [--threads 2] [--standin-port 0] [--standin-engine transformers|llamacpp]
 
 No Ollama can be installed here, so a timed `lacd train` registers with the stand-in
 (tests/ollama_standin.py), which generates with transformers: the GGUF dequantized to fp32, one
@@ -14,7 +14,9 @@ Printed as JSON: the load seconds, the generation seconds, the reply tokens, the
 No prompt cache is kept between requests (Ollama's runner reuses a common prefix; not measured).
 
 --standin-port N also replays the same requests through a stand-in started on STORE at port N
-(`--threads` torch threads), for its load and generation seconds in the same command.
+(`--threads` threads; --standin-engine, default transformers; its llamacpp engine keeps the common
+prompt prefix between requests, in whole 512-token batches), for its load and generation seconds in
+the same command.
 """
 
 from __future__ import annotations
@@ -65,20 +67,16 @@ def served_chats(store_dir: Path, model: str) -> list[dict]:
 
 
 def rendered_cases(manifest: dict, chats: list[dict]) -> list[dict]:
-    """The prompts as the stand-in rendered them: SYSTEM first when the messages carry none."""
-    from ollama_standin import DEFAULT_NUM_PREDICT, render_prompt
+    """The prompts as the stand-in's /api/chat rendered them (its own chat_prompt)."""
+    from ollama_standin import DEFAULT_NUM_PREDICT, chat_prompt
 
-    cases = []
-    for body in chats:
-        messages = list(body["messages"])
-        if messages[0]["role"] != "system" and manifest["system"]:
-            messages.insert(0, {"role": "system", "content": manifest["system"]})
-        limit = int((body.get("options") or {}).get("num_predict") or DEFAULT_NUM_PREDICT)
-        cases.append({"prompt": render_prompt(manifest["template"], messages), "max_tokens": limit})
-    return cases
+    return [{"prompt": chat_prompt(manifest, body["messages"]),
+             "max_tokens": int((body.get("options") or {}).get("num_predict") or DEFAULT_NUM_PREDICT)}
+            for body in chats]  # fmt: skip
 
 
-def replay_standin(store_dir: Path, port: int, threads: int, chats: list[dict], model: str) -> dict:
+def replay_standin(store_dir: Path, port: int, threads: int, chats: list[dict], model: str,
+                   engine: str = "transformers") -> dict:
     """The same requests through a stand-in process on a scratch copy of the store (its request log
     stays as it was; the blobs are linked, not copied)."""
     import ollama
@@ -87,7 +85,7 @@ def replay_standin(store_dir: Path, port: int, threads: int, chats: list[dict], 
     shutil.copytree(store_dir / "manifests", scratch / "manifests")
     (scratch / "blobs").symlink_to((store_dir / "blobs").resolve())
     command = [sys.executable, str(ROOT / "tests" / "ollama_standin.py"), "--port", str(port), "--store", str(scratch),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--engine", engine]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = ollama.Client(host=f"http://127.0.0.1:{port}")
@@ -104,7 +102,7 @@ def replay_standin(store_dir: Path, port: int, threads: int, chats: list[dict], 
         for body in chats:
             tokens += client.chat(model=model, messages=body["messages"], options=body.get("options"),
                                   stream=False).eval_count or 0
-        return {"engine": "stand-in (transformers)", "cases": len(chats), "load_s": round(loaded - started, 1),
+        return {"engine": f"stand-in ({engine})", "cases": len(chats), "load_s": round(loaded - started, 1),
                 "generate_s": round(time.perf_counter() - loaded, 1), "reply_tokens": tokens}
     finally:
         proc.terminate()
@@ -118,6 +116,7 @@ def main() -> int:
     parser.add_argument("--model", default="lacd-coder:v1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--standin-port", type=int, default=0)
+    parser.add_argument("--standin-engine", choices=("transformers", "llamacpp"), default="transformers")
     args = parser.parse_args()
 
     from ollama_standin import Store
@@ -142,7 +141,8 @@ def main() -> int:
         return 1
     print(done.stdout.strip().splitlines()[-1])
     if args.standin_port:
-        print(json.dumps(replay_standin(args.store, args.standin_port, args.threads, chats, args.model)))
+        print(json.dumps(replay_standin(args.store, args.standin_port, args.threads, chats, args.model,
+                                        args.standin_engine)))
     return 0
 
 

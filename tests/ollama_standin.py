@@ -11,8 +11,16 @@ In-process (pytest)::
 As its own process, so a test can kill it to simulate "Ollama down" and start it again on the same
 port and store::
 
-    python tests/ollama_standin.py --port 18000 --store /tmp/store
+    python tests/ollama_standin.py --port 18000 --store /tmp/store [--engine llamacpp] [--threads N]
     proc = start_process(store, port)       # waits until the port answers
+
+Two engines generate (``--engine``, ``StandIn(engine=...)``, else ``$STANDIN_ENGINE``, else transformers):
+- ``transformers`` (the default; CI's): the GGUF dequantized to fp32 and run by transformers (slow to
+  load: ~19 s for a 135M model), ``--threads`` torch threads (default 1);
+- ``llamacpp``: llama.cpp, the engine inside Ollama, through node-llama-cpp (tests/llamacpp/serve.mjs,
+  a child process; needs node and ``npm ci`` in tests/llamacpp): the registered file as it is, one
+  model and one context kept loaded, the prompt prefix shared with the request before not evaluated
+  again (whole batches of it: see serve.mjs), ``--threads`` llama.cpp threads (default 2).
 
 State lives under the store folder: ``blobs/sha256-<hex>`` (like Ollama's own blob store),
 ``manifests/<name>.json`` (one per model tag) and ``requests.jsonl`` (the request log, in both modes).
@@ -40,9 +48,11 @@ What is real and what is not:
   tests/gotemplate, Go's own text/template filled as Ollama fills it, built once with the local
   ``go``; a TEMPLATE Go cannot parse is refused at create with 400, as Ollama does. Older
   templates are filled here only when made of {{ .System }}, {{ .Prompt }} and {{ .Response }};
-- /api/generate and /api/chat load the registered GGUF with transformers (dequantized, on the CPU)
-  and decode greedily: temperature, top_k, seed and similar options are ignored; ``num_predict``
-  (default 32 here, unlimited in Ollama) and ``stop`` are honoured.
+- /api/generate and /api/chat load the registered GGUF in the engine and decode greedily;
+  ``num_predict`` (default 32 here, unlimited in Ollama) and ``stop`` are honoured. transformers
+  ignores temperature, top_k, seed, repeat_penalty, num_ctx and similar options; llama.cpp honours
+  num_ctx and num_batch, samples when temperature is above 0 and applies a repeat penalty only when
+  one is set (llamacpp_options). Both report prompt_eval_count as Ollama does: the whole prompt's tokens.
 """
 
 from __future__ import annotations
@@ -71,6 +81,8 @@ from urllib.parse import quote, unquote, urlsplit
 import numpy as np
 
 DEFAULT_NUM_PREDICT = 32
+DEFAULT_NUM_CTX = 4096  # Ollama's context size when num_ctx is not set
+DEFAULT_NUM_BATCH = 512  # Ollama's prompt batch size when num_batch is not set
 DEFAULT_KEEP_ALIVE_S = 300.0
 QUANTIZABLE = ("F32", "F16", "BF16")
 QUANTIZE_TYPES = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_K_S": "Q4_K_S", "Q4_K_M": "Q4_K_M",
@@ -266,7 +278,8 @@ def stub_gguf(path: Path, file_type: int = 1, name: str = "stub") -> Path:
     return Path(path)
 
 
-LLAMACPP_MODULES = Path(__file__).resolve().with_name("llamacpp") / "node_modules" / "@node-llama-cpp"
+LLAMACPP = Path(__file__).resolve().with_name("llamacpp")  # node-llama-cpp: `npm ci` there
+LLAMACPP_MODULES = LLAMACPP / "node_modules" / "@node-llama-cpp"
 
 
 class _QuantizeParams(ctypes.Structure):
@@ -432,6 +445,13 @@ def _render_simple(template: str, messages: list[dict]) -> str:
     return _ACTION.sub(lambda m: values[m.group(1)], head)
 
 
+def chat_prompt(manifest: dict, messages: list[dict]) -> str:
+    """The prompt /api/chat completes: the model's SYSTEM first when the messages carry none, in its TEMPLATE."""
+    if manifest["system"] and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": manifest["system"]}, *messages]
+    return render_prompt(manifest["template"], messages)
+
+
 # --------------------------------------------------------------------------- models in memory
 
 
@@ -475,7 +495,11 @@ class Engine:
                 return
             digest = entry["manifest"]["model"]
             if not any(e["manifest"]["model"] == digest for e in self.loaded.values()):
-                self.weights.pop(digest, None)
+                self._release(digest)
+
+    def _release(self, digest: str) -> None:
+        """Drop the weights of a blob no running model uses any more."""
+        self.weights.pop(digest, None)
 
     def close(self) -> None:
         """Drop every loaded model now, in the calling thread.
@@ -547,6 +571,152 @@ def _finish(tokenizer: Any, tokens: list[int], limit: int, stops: list[str]) -> 
     if cuts:
         return text[: min(cuts)], "stop"
     return text, "stop" if ended or len(tokens) < limit else "length"
+
+
+def context_size(options: dict | None) -> int:
+    """num_ctx, or Ollama's default."""
+    return int((options or {}).get("num_ctx") or DEFAULT_NUM_CTX)
+
+
+def llamacpp_missing() -> str | None:
+    """Why the llama.cpp engine cannot run here (no node, no node-llama-cpp), or None."""
+    if shutil.which("node") is None:
+        return "the llama.cpp engine needs node on PATH"
+    if not (LLAMACPP / "node_modules" / "node-llama-cpp").is_dir():
+        return f"the llama.cpp engine needs node-llama-cpp: run `npm ci --omit=optional --ignore-scripts` in {LLAMACPP}"
+    return None
+
+
+def llamacpp_options(options: dict) -> dict:
+    """Ollama's options as node-llama-cpp's generateCompletion takes them (the one place they are mapped).
+
+    As the transformers engine: greedy unless temperature is set above 0, num_predict 32 when unset,
+    no repeat penalty unless one is set. A temperature above 0 samples with top_k, top_p, min_p and
+    seed, Ollama's defaults (40, 0.9, 0.0, random) where unset. A negative num_predict generates until
+    the context is full.
+    """
+    def get(key: str, default: Any) -> Any:
+        return default if options.get(key) is None else options[key]
+
+    limit = int(options.get("num_predict") or DEFAULT_NUM_PREDICT)
+    mapped = {"maxTokens": max(limit, 0), "disableContextShift": limit < 0, "temperature": float(get("temperature", 0)),
+              "customStopTriggers": _stops(options.get("stop")), "repeatPenalty": False}  # fmt: skip
+    if mapped["temperature"] > 0:
+        mapped.update(topK=int(get("top_k", 40)), topP=float(get("top_p", 0.9)), minP=float(get("min_p", 0.0)))
+        if int(get("seed", -1)) >= 0:
+            mapped["seed"] = int(options["seed"])
+    penalties = ("repeat_penalty", "frequency_penalty", "presence_penalty")
+    last = int(get("repeat_last_n", 64))
+    if any(options.get(key) is not None for key in penalties) and last != 0:
+        mapped["repeatPenalty"] = {"penalty": float(get("repeat_penalty", 1.0)),
+                                   "lastTokens": context_size(options) if last < 0 else last,
+                                   "frequencyPenalty": float(get("frequency_penalty", 0.0)),
+                                   "presencePenalty": float(get("presence_penalty", 0.0))}  # fmt: skip
+    return mapped
+
+
+class LlamaCppEngine(Engine):
+    """Generates with llama.cpp, the engine inside Ollama: tests/llamacpp/serve.mjs (node-llama-cpp's
+    prebuilt CPU binary) as a long-lived child process that keeps one model and one context loaded and
+    does not evaluate again the prompt prefix it shares with the tokens already in the context, as
+    Ollama's runner reuses its cache slot, in whole batches of num_batch tokens (512), so that a reply
+    is the one the prompt gets on a new context. The same interface and answers as Engine."""
+
+    def __init__(self, store: Store, threads: int = 2):
+        super().__init__(store, threads)
+        self.proc: subprocess.Popen | None = None
+        self.log = store.root / "runtime" / "llamacpp.log"  # the child's stderr
+        self.cached: list[int] = []  # per completion, the prompt tokens not evaluated again
+
+    def generate(self, manifest: dict, prompt: str, options: dict) -> dict:
+        """A completion of a rendered prompt: Engine.generate's answer, the options as llamacpp_options maps them."""
+        with self.lock:
+            spec = self._weights(manifest, options)
+            answer = self._ask({"op": "generate", **spec, "prompt": prompt, "options": llamacpp_options(options)})
+            self.cached.append(answer["cached"])
+        return {"response": answer["text"], "done_reason": answer["done_reason"],
+                "prompt_eval_count": answer["prompt_tokens"], "eval_count": answer["reply_tokens"]}  # fmt: skip
+
+    def close(self) -> None:
+        """Drop every model and stop the child."""
+        super().close()
+        with self.lock:
+            self._stop()
+
+    def _weights(self, manifest: dict, options: dict | None = None) -> dict:
+        """Have the child load the blob with the context and batch sizes asked for (one model at a time)."""
+        digest = manifest["model"]
+        options = options or manifest["parameters"]
+        size = context_size(options)
+        spec = {"model": str(self.store.blob_path(digest)), "context_size": size,
+                "batch_size": min(int(options.get("num_batch") or DEFAULT_NUM_BATCH), size)}  # fmt: skip
+        if self.weights.get(digest) != spec:
+            self._ask({"op": "load", **spec})
+            self.weights = {digest: spec}
+        return spec
+
+    def _release(self, digest: str) -> None:
+        if self.weights.pop(digest, None) is not None and self.proc is not None and self.proc.poll() is None:
+            self._ask({"op": "unload"})
+
+    def _ask(self, request: dict) -> dict:
+        """Send one request to the child (started if needed), return its answer; ApiError(500) on failure."""
+        proc = self._child()
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except OSError:
+            line = ""
+        if not line:
+            self._stop()
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise ApiError(500, f"the llama.cpp engine (node {LLAMACPP / 'serve.mjs'}) exited:\n{tail}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ApiError(500, f"llama.cpp: {answer['error']}")
+        return answer
+
+    def _child(self) -> subprocess.Popen:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc
+        missing = llamacpp_missing()
+        if missing:
+            raise ApiError(500, missing)
+        self.weights.clear()  # a new child has nothing loaded
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([shutil.which("node") or "node", "serve.mjs", str(self.threads)], cwd=LLAMACPP,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         encoding="utf-8")  # fmt: skip
+        return self.proc
+
+    def _stop(self) -> None:
+        """End the child: the end of its input makes it dispose the model and exit."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+ENGINES = {"transformers": Engine, "llamacpp": LlamaCppEngine}
+
+
+def make_engine(store: Store, kind: str | None = None, threads: int | None = None) -> Engine:
+    """The engine named (else $STANDIN_ENGINE, else transformers), on its default threads unless given."""
+    kind = kind or os.environ.get("STANDIN_ENGINE") or "transformers"
+    if kind not in ENGINES:
+        raise ValueError(f"unknown stand-in engine {kind!r}: choose one of {', '.join(ENGINES)}")
+    return ENGINES[kind](store, threads) if threads else ENGINES[kind](store)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -794,7 +964,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
         for name, entry in self.server.engine.running():
             item = _model_entry(entry["manifest"], name)
             item.update(expires_at=entry["expires_at"].isoformat(), size_vram=0,
-                        context_length=int(entry["manifest"]["parameters"].get("num_ctx", 4096)))  # fmt: skip
+                        context_length=context_size(entry["manifest"]["parameters"]))  # fmt: skip
             models.append(item)
         self._send_json(200, {"models": models})
 
@@ -838,9 +1008,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
             self._answer(body, {"model": name, "message": {"role": "assistant", "content": ""},
                                 "done": True, "done_reason": "load"})  # fmt: skip
             return
-        if messages[0]["role"] != "system" and manifest["system"]:
-            messages.insert(0, {"role": "system", "content": manifest["system"]})
-        prompt = render_prompt(manifest["template"], messages)
+        prompt = chat_prompt(manifest, messages)
         result = self._complete(name, manifest, prompt, body)
         content = result.pop("response")
         self._answer(body, {"model": name, "message": {"role": "assistant", "content": content}, **result})
@@ -1049,10 +1217,11 @@ class StandInServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, port: int, store: Path, threads: int = 1, verbose: bool = False):
+    def __init__(self, port: int, store: Path, threads: int | None = None, verbose: bool = False,
+                 engine: str | None = None):
         super().__init__(("127.0.0.1", port), OllamaHandler)
         self.store = Store(store)
-        self.engine = Engine(self.store, threads)
+        self.engine = make_engine(self.store, engine, threads)
         self.verbose = verbose
         self.requests: list[dict] = []
         self.prompts: list[str] = []  # every rendered prompt sent to the model, in order
@@ -1069,8 +1238,8 @@ class StandInServer(ThreadingHTTPServer):
 class StandIn:
     """An in-process stand-in on a free port (or a given one); a context manager for tests."""
 
-    def __init__(self, store: Path, port: int = 0, threads: int = 1):
-        self.server = StandInServer(port, Path(store), threads)
+    def __init__(self, store: Path, port: int = 0, threads: int | None = None, engine: str | None = None):
+        self.server = StandInServer(port, Path(store), threads, engine=engine)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
@@ -1144,21 +1313,31 @@ def start_process(store: Path, port: int, timeout: float = 30.0) -> subprocess.P
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python tests/ollama_standin.py --port N --store DIR``: serve until killed."""
+    """``python tests/ollama_standin.py --port N --store DIR [--engine llamacpp]``: serve until killed."""
     parser = argparse.ArgumentParser(description="Ollama stand-in for lacd's tests")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for generation")
+    parser.add_argument("--engine", choices=ENGINES, default=os.environ.get("STANDIN_ENGINE") or "transformers",
+                        help="what generates: transformers (the default) or llamacpp (Ollama's engine, through "
+                             "node-llama-cpp); default $STANDIN_ENGINE")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="generation threads (transformers: torch's, default 1; "
+                                                    "llamacpp: llama.cpp's, default 2)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
-    server = StandInServer(args.port, args.store, args.threads, args.verbose)
-    print(f"ollama stand-in (pid {os.getpid()}) listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    if args.engine not in ENGINES:  # from $STANDIN_ENGINE, which choices does not check
+        parser.error(f"unknown engine {args.engine!r}: choose one of {', '.join(ENGINES)}")
+    if args.engine == "llamacpp" and llamacpp_missing():
+        parser.error(llamacpp_missing())
+    server = StandInServer(args.port, args.store, args.threads, args.verbose, args.engine)
+    print(f"ollama stand-in (pid {os.getpid()}) listening on http://127.0.0.1:{server.server_address[1]} "
+          f"({args.engine} engine)", flush=True)  # fmt: skip
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        server.engine.close()
 
 
 if __name__ == "__main__":
