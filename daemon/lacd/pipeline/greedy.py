@@ -24,13 +24,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lacd.pipeline.memplan import Shape
+
 
 def cache_bytes_per_token(model: Any) -> int:
     """Bytes of key/value cache one token takes in `model` (every layer's keys and values)."""
-    config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return config.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size()
+    shape = Shape.of(model.config.get_text_config(decoder=True))
+    return shape.kv_cache_bytes_per_token(next(model.parameters()).element_size())
 
 
 def prefix_cache(model: Any, prefix: Sequence[int], device: Any) -> DynamicCache:

@@ -70,6 +70,10 @@ class Shape:
             tied=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
+    def kv_cache_bytes_per_token(self, element_size: int) -> int:
+        """Bytes of key/value cache one token takes (every layer's keys and values)."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * element_size
+
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of one layer's seven linear projections."""
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
