@@ -269,7 +269,8 @@ def test_run_log_says_which_device_dtype_and_attention(tiny_dir, tmp_path, atten
 
 def test_rows_checkpoint_only_their_layers_over_budget_and_train_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
     """With a budget that the tiny model's rows pass, each row checkpoints only the layers it must
-    (the largest row's count logged): the adapter is the one trained without checkpointing."""
+    (the largest row's count logged): the adapter is the one trained without checkpointing. The CPU
+    path's budget, so on the CPU also where CUDA is present."""
     from safetensors.torch import load_file
 
     from lacd.pipeline import plan
@@ -282,7 +283,7 @@ def test_rows_checkpoint_only_their_layers_over_budget_and_train_the_same_adapte
         spec = TrainSpec(base_dir=tiny_dir, dataset_dir=tmp_path / "dataset", out_dir=tmp_path / mode / "adapter",
                          checkpoint_dir=tmp_path / mode / "ckpt", progress_path=tmp_path / mode / "progress.json",
                          lora_r=4, lora_alpha=8, epochs=1, tokens_per_batch=128, checkpoint_every=100,
-                         num_threads=1, learning_rate=1e-2, gradient_checkpointing=mode)
+                         num_threads=1, learning_rate=1e-2, gradient_checkpointing=mode, device="cpu")
         dtype = cpu_dtype("auto")  # bf16 on a CPU with native bf16: adapters computed under autocast, no upcast
         config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
         per_row = scaled_activation_bytes(activation_bytes_per_token(config, 0.05, dtype == torch.float32), dtype)
