@@ -222,6 +222,9 @@ def test_activation_estimate_grows_with_dropout_and_upcast():
     plain = activation_bytes_per_token(Config, 0.0, False)
     assert 4e6 < plain < 7e6  # measured about 5.6 MB per token for CodeLlama-7B (bench/train_gpu.py)
     assert plain < activation_bytes_per_token(Config, 0.05, False) < activation_bytes_per_token(Config, 0.05, True)
+    # the CPU's RMSNorm function keeps each norm's bf16 input, not two fp32 copies: 4 h fewer bytes a layer
+    fused = activation_bytes_per_token(Config, 0.05, False, fused_norms=True)
+    assert activation_bytes_per_token(Config, 0.05, False) - fused == 32 * 4 * 4096
 
 
 def test_shuffled_packing_mixes_lengths_and_stays_within_budget():
@@ -286,7 +289,8 @@ def test_rows_checkpoint_only_their_layers_over_budget_and_train_the_same_adapte
                          num_threads=1, learning_rate=1e-2, gradient_checkpointing=mode, device="cpu")
         dtype = cpu_dtype("auto")  # bf16 on a CPU with native bf16: adapters computed under autocast, no upcast
         config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
-        per_row = scaled_activation_bytes(activation_bytes_per_token(config, 0.05, dtype == torch.float32), dtype)
+        per_row = scaled_activation_bytes(  # the CPU recipe's estimate: its RMSNorm function keeps bf16 inputs
+            activation_bytes_per_token(config, 0.05, dtype == torch.float32, fused_norms=True), dtype)
         checkpointed = checkpointed_layer_bytes_per_token(config, dtype)
         # one of the 2 layers of a 128-token row keeps its activations, the other what a checkpointed layer keeps
         monkeypatch.setattr(plan, "cpu_activation_budget", lambda: 65 * per_row + 128 * checkpointed)

@@ -195,7 +195,9 @@ def _gguf_parsed_once() -> Iterator[None]:
     ``gguf.GGUFReader``, which parses every metadata field (SmolLM2's 49k-token vocabulary and
     merges: ~3 s each here), and its weight-name map rebuilds ``gguf.get_tensor_name_map`` for
     every module of the model (~400 times, ~2 s). Both are read-only once built, so the
-    conversion shares them: ~19 -> ~9 s for SmolLM2 (the first cycle's format stage).
+    conversion shares them: ~19 -> ~9 s for SmolLM2 (the first cycle's format stage). The two
+    names are replaced in gguf-py's module while the conversion runs, for the whole process:
+    the daemon runs one stage at a time, and nothing else in it reads GGUF files meanwhile.
     """
     import gguf
 

@@ -99,10 +99,12 @@ def compute_context(device: torch.device, compute_dtype: torch.dtype | None) -> 
     return torch.autocast(device_type=device.type, dtype=compute_dtype)
 
 
-def activation_bytes_per_token(config: Any, lora_dropout: float, adapter_upcast: bool) -> int:
+def activation_bytes_per_token(config: Any, lora_dropout: float, adapter_upcast: bool, *,
+                               fused_norms: bool = False) -> int:
     """Rough bytes of activations kept for backward per token, without gradient checkpointing.
 
-    Per decoder layer in bf16: two fp32 RMSNorm inputs (8 h), the normed inputs of the
+    Per decoder layer in bf16: two fp32 RMSNorm inputs (8 h; the bf16 inputs, 4 h, with the CPU's
+    norm function, lora_kernels.fuse_rms_norms: fused_norms), the normed inputs of the
     adapters (4 h), q, k, v and the attention output (8 h), the MLP's gate, up, SiLU and
     product (8 i); LoRA dropout (fuse_lora_dropout) a 1-byte mask of each of the 7 adapter
     inputs (6 h + i), peft's fp32 upcast a fp32 copy (24 h + 4 i). Calibrated against the
@@ -111,7 +113,7 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, adapter_upcast:
     h = int(getattr(config, "hidden_size", 4096))
     i = int(getattr(config, "intermediate_size", 4 * h))
     layers = int(getattr(config, "num_hidden_layers", 32))
-    per_layer = 20 * h + 8 * i
+    per_layer = (16 if fused_norms else 20) * h + 8 * i
     if lora_dropout > 0:
         per_layer += 6 * h + i
     if adapter_upcast:

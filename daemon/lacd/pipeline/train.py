@@ -354,11 +354,12 @@ class LoRARecipe:
         compiling = should_compile(spec.compile, self.device, planned) and not (
             spec.compile == "auto" and self.precision == "nf4" and nf4.backend(self.device) != nf4.BITSANDBYTES)
         self.fused_kernels = apply_fused_kernels(model, spec.fused_kernels, self.device, compiling)
+        fused_norms = False
         if self.device.type == "cpu":
-            fuse_rms_norms(model)
+            fused_norms = fuse_rms_norms(model) > 0
             self.activation_budget = plan.cpu_activation_budget()  # with the base weights loaded
-        per_token = scaled_activation_bytes(
-            activation_bytes_per_token(model.config, spec.lora_dropout, self.compute_dtype is None), self.dtype)
+        per_token = scaled_activation_bytes(activation_bytes_per_token(
+            model.config, spec.lora_dropout, self.compute_dtype is None, fused_norms=fused_norms), self.dtype)
         self.offload = spec.gradient_checkpointing == OFFLOAD and self.device.type == "cuda"
         if self.plan is not None and spec.gradient_checkpointing == "auto":
             self.checkpointing = self.plan.gradient_checkpointing
